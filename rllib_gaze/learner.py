@@ -1,0 +1,156 @@
+"""GazePPOLearner: RLlib's PPO loss, unchanged, plus the return-guided contrastive loss on the gaze.
+
+Per training iteration:
+  1. the learner connector builds the train batch (GAE value targets included);
+  2. every minibatch: PPO loss on the module's forward pass; anchors from the minibatch's
+     pre-attention maps are mined against the memory of *earlier* iterations, and the triplet
+     loss on gaze-attended maps is added. Its inputs are detached, so its gradient reaches only
+     the gaze's parameters; PPO's gradient trains everything, the gaze included;
+  3. after the last minibatch, this iteration's maps and returns (each row once, from the first
+     epoch) enter the memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.typing import ModuleID, TensorType
+
+from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets, triplet_cosine_loss
+from rllib_gaze.gaze import GAZE_PARAM_NAMES
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
+
+
+class GazePPOLearner(PPOTorchLearner):
+    """PPOTorchLearner + a per-module feature/return memory and the triplet loss on the gaze.
+
+    Reads its settings from ``GazePPOConfig`` (``config.contrastive_*``, ``config.return_*``).
+    Under ``num_learners > 1`` each learner keeps its own memory, filled from its own shard.
+    """
+
+    @override(PPOTorchLearner)
+    def build(self) -> None:
+        super().build()
+        self._buffers: dict[ModuleID, FeatureReturnBuffer] = {}
+        self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._rows_left_to_stage: dict[ModuleID, int] = {}
+
+    @override(PPOTorchLearner)
+    def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
+        # ppo_rgb uses Adam(eps=1e-5); RLlib's default is eps=1e-8.
+        params = self.get_parameters(self._module[module_id])
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer=torch.optim.Adam(params, eps=config.adam_eps),
+            params=params,
+            lr_or_lr_schedule=config.lr,
+        )
+
+    def _make_batch_if_necessary(self, training_data):
+        # The one place the whole post-connector train batch is seen: remember its size, so that
+        # exactly one epoch's worth of rows is staged for the memory.
+        batch = super()._make_batch_if_necessary(training_data)
+        self._rows_left_to_stage = {mid: len(b) for mid, b in batch.policy_batches.items()}
+        self._staged = {mid: [] for mid in batch.policy_batches}
+        return batch
+
+    @override(PPOTorchLearner)
+    def compute_loss_for_module(self, *, module_id: ModuleID, config, batch: dict[str, Any],
+                                fwd_out: dict[str, TensorType]) -> TensorType:
+        loss = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+        if GAZE_PARAMS in fwd_out:
+            self._log_gaze_stats(module_id, fwd_out[GAZE_PARAMS].detach())
+        if not config.contrastive:
+            return loss
+
+        features = fwd_out[PRE_ATTENTION_FEATURES].detach()
+        returns = batch[Columns.VALUE_TARGETS].detach()
+        self._stage(module_id, features, returns, batch.get(Columns.LOSS_MASK))
+        if Columns.LOSS_MASK in batch:
+            mask = batch[Columns.LOSS_MASK]
+            features, returns = features[mask], returns[mask]
+        contrastive = self._contrastive_loss(module_id, config, features, returns)
+        return loss + config.contrastive_coeff * contrastive
+
+    def _contrastive_loss(self, module_id: ModuleID, config, features: torch.Tensor,
+                          returns: torch.Tensor) -> torch.Tensor:
+        """Triplet loss on the gaze for anchors taken from ``features (B, C, h, w)``."""
+        buffer = self._buffers.get(module_id)
+        zero = features.new_zeros(())
+        metrics = {"contrastive_loss": zero, "contrastive_valid_anchor_frac": 0.0,
+                   "contrastive_active_triplet_frac": 0.0,
+                   "contrastive_buffer_fill": 0.0 if buffer is None else len(buffer) / buffer.capacity}
+        if buffer is None or len(buffer) == 0 or features.shape[0] == 0:
+            self.metrics.log_dict(metrics, key=module_id, window=1)
+            return zero
+
+        if features.shape[0] > config.contrastive_num_anchors:
+            keep = torch.randperm(features.shape[0], device=features.device)[:config.contrastive_num_anchors]
+            features, returns = features[keep], returns[keep]
+        _, _, bank_returns = buffer.filled()
+        threshold = (config.return_threshold if config.return_threshold is not None
+                     else torch.quantile(bank_returns, config.return_quantile).item())
+        triplets = mine_triplets(
+            features.flatten(1), returns, buffer, k=config.contrastive_k, label_rule=config.label_rule,
+            threshold=threshold, relative_gap=config.relative_gap * bank_returns.std(unbiased=False).item(),
+            chunk_size=config.mining_chunk_size,
+        )
+        metrics["contrastive_return_threshold"] = threshold
+        metrics["contrastive_return_spread"] = bank_returns.std(unbiased=False).item()
+        metrics["contrastive_valid_anchor_frac"] = triplets.valid_fraction
+        loss = zero
+        n = triplets.anchor.numel()
+        if n > 0:
+            bank, _, _ = buffer.filled()
+            shape = features.shape[1:]
+            stacked = torch.cat([features[triplets.anchor], bank[triplets.positive].view(n, *shape),
+                                 bank[triplets.negative].view(n, *shape)])
+            attended, _ = self.module[module_id].unwrapped().gaze(stacked)
+            loss, active = triplet_cosine_loss(*attended.split(n), margin=config.contrastive_margin)
+            metrics["contrastive_active_triplet_frac"] = active
+        metrics["contrastive_loss"] = loss
+        self.metrics.log_dict(metrics, key=module_id, window=1)
+        return loss
+
+    def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor | None) -> None:
+        """Keep this minibatch's rows for the memory until one epoch's worth has been seen."""
+        take = min(self._rows_left_to_stage.get(module_id, 0), features.shape[0])
+        if take <= 0:
+            return
+        self._rows_left_to_stage[module_id] -= take
+        keep = slice(0, take)
+        f, r = features[keep], returns[keep]
+        if mask is not None:
+            f, r = f[mask[keep]], r[mask[keep]]
+        self._staged.setdefault(module_id, []).append((f, r))
+
+    @override(PPOTorchLearner)
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        for module_id, staged in self._staged.items():
+            if not staged:
+                continue
+            features = torch.cat([f for f, _ in staged])
+            returns = torch.cat([r for _, r in staged])
+            if module_id not in self._buffers:
+                config = self.config.get_config_for_module(module_id)
+                self._buffers[module_id] = FeatureReturnBuffer(
+                    config.contrastive_buffer_capacity, features[0].numel(), device=features.device)
+            self._buffers[module_id].push(features.flatten(1), returns)
+        self._staged = {}
+
+    def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor) -> None:
+        if params.dim() == 2:  # foveal (B, 5)
+            stats = {}
+            for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
+                stats[f"gaze_{name}_mean"] = column.mean()
+                stats[f"gaze_{name}_std"] = column.std(unbiased=False)
+        else:                  # patch (B, h, w) weights
+            stats = {"gaze_weight_mean": params.mean(), "gaze_weight_std": params.std(unbiased=False)}
+        self.metrics.log_dict(stats, key=module_id, window=1)
