@@ -113,7 +113,7 @@ class GazePPOLearner(PPOTorchLearner):
             attended, _ = self.module[module_id].unwrapped().gaze(stacked)
             loss, active = triplet_cosine_loss(*attended.split(n), margin=config.contrastive_margin)
             metrics["contrastive_active_triplet_frac"] = active
-        metrics["contrastive_loss"] = loss
+        metrics["contrastive_loss"] = loss.detach()
         self.metrics.log_dict(metrics, key=module_id, window=1)
         return loss
 

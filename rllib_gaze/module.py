@@ -163,7 +163,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         batch) the encoder runs under no_grad: no graph over thousands of images is kept."""
         if embeddings is None:
             with torch.no_grad():
-                embeddings = self.encode(batch[Columns.OBS])["features"]
+                return self.vf(self.encode(batch[Columns.OBS])["features"]).squeeze(-1)
         return self.vf(embeddings).squeeze(-1)
 
     @override(InferenceOnlyAPI)

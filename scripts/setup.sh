@@ -25,14 +25,16 @@ if command -v apt-get >/dev/null 2>&1; then
   elif ! mesa_ok; then
     . /etc/os-release
     if [ "${VERSION_CODENAME:-}" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo "setup: adding bookworm-backports for Mesa >= 24.3 (software Vulkan)"
-      as_root tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<SRC
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+      # Same mirror and keyring as the machine's own Debian sources.
+      mirror=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+      [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+      if [ -z "$mirror" ]; then
+        echo "setup: cannot find this machine's Debian mirror; add bookworm-backports to apt's sources yourself" >&2
+        exit 1
+      fi
+      echo "setup: adding bookworm-backports ($mirror) for Mesa >= 24.3 (software Vulkan)"
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" \
+        | as_root tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null
     fi
     as_root apt-get update -qq
     if [ "${VERSION_CODENAME:-}" = bookworm ]; then
@@ -52,11 +54,10 @@ stamp="$VENV/.rllib_gaze_installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VPY" -m pip install -q --upgrade pip
   if ! have_nvidia && ! "$VPY" -c "import torch" 2>/dev/null; then
-    # On these machines torch 2.13.0 is a CPU wheel on local disk; elsewhere take PyPI's CPU index.
-    "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null \
-      || "$VPY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # On these machines torch 2.13.0 is a CPU wheel on local disk; elsewhere PyPI's default build.
+    "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null || "$VPY" -m pip install -q torch
   fi
-  "$VPY" -m pip install -q -e ".[dev]"
+  "$VPY" -m pip install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   touch "$stamp"
 fi
 echo "setup: ready ($("$VPY" -c 'import ray, torch, mani_skill; print(f"ray {ray.__version__}, torch {torch.__version__}, mani_skill {mani_skill.__version__}")'))"

@@ -1,0 +1,60 @@
+import pytest
+
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.tune.registry import get_trainable_cls
+
+from rllib_gaze import GazePPO, GazePPOConfig
+from rllib_gaze.learner import GazePPOLearner
+from rllib_gaze.module import GazePPOModule
+
+
+def test_defaults_mirror_ppo_rgb():
+    c = GazePPOConfig()
+    assert (c.lr, c.gamma, c.lambda_, c.clip_param, c.num_epochs) == (3e-4, 0.8, 0.9, 0.2, 4)
+    assert (c.entropy_coeff, c.vf_loss_coeff, c.grad_clip, c.use_kl_loss) == (0.0, 0.25, 0.5, False)
+    assert (c.num_envs_per_env_runner, c.rollout_fragment_length) == (512, 50)
+    assert c.train_batch_size_per_learner == 25_600 and c.minibatch_size == 800
+    assert c.adam_eps == 1e-5
+
+
+def test_plain_ppo_arm_differs_only_in_the_gaze_settings():
+    gaze = GazePPOConfig().to_dict()
+    plain = GazePPOConfig().gaze(attention="none", contrastive=False).to_dict()
+    differing = {k for k in gaze if gaze[k] != plain[k]}
+    assert differing == {"attention", "contrastive"}
+
+
+def test_attention_reaches_the_module_through_model_config():
+    c = GazePPOConfig().gaze(attention="patch", gaze_floor=0.1)
+    assert c.model_config["attention"] == "patch" and c.model_config["gaze_floor"] == 0.1
+    assert c.get_default_rl_module_spec().module_class is GazePPOModule
+    assert c.get_default_learner_class() is GazePPOLearner
+
+
+def test_registered_for_tune_by_name():
+    assert get_trainable_cls("GazePPO") is GazePPO
+    assert isinstance(GazePPO.get_default_config(), PPOConfig)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"attention": "spotlight"}, r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'none'\)"),
+    ({"contrastive_margin": -0.1}, r"contrastive_margin=-0.1 must be >= 0"),
+    ({"attention": "none", "contrastive": True}, r"contrastive=True needs attention"),
+    ({"contrastive_k": 0}, r"contrastive_k=0 must be >= 1"),
+    ({"contrastive_buffer_capacity": 100, "contrastive_num_anchors": 256},
+     r"contrastive_buffer_capacity=100 is smaller than one triplet batch \(contrastive_num_anchors=256\)"),
+    ({"return_quantile": 1.0}, r"return_quantile=1.0 must be in the open interval \(0, 1\)"),
+    ({"return_quantile": 0.0}, r"return_quantile=0.0 must be in the open interval \(0, 1\)"),
+    ({"label_rule": "median"}, r"label_rule='median' is not known; allowed values are \('threshold', 'relative'\)"),
+    ({"gaze_floor": 1.0}, r"gaze_floor=1.0 must be in \[0, 1\)"),
+    ({"contrastive_coeff": -1.0}, r"contrastive_coeff=-1.0 must be >= 0"),
+])
+def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
+    config = GazePPOConfig().environment("clutter").gaze(**options)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_good_options_validate():
+    GazePPOConfig().environment("clutter").gaze(attention="patch", label_rule="relative").validate()
+    GazePPOConfig().environment("clutter").gaze(attention="none", contrastive=False).validate()

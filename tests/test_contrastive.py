@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets, nearest_neighbours, triplet_cosine_loss
+
+
+def buffer_of(features, returns, capacity=None):
+    buf = FeatureReturnBuffer(capacity or len(features), features.shape[1])
+    buf.push(features, returns)
+    return buf
+
+
+def test_buffer_is_a_ring_that_keeps_the_newest_rows():
+    buf = FeatureReturnBuffer(4, 2)
+    buf.push(torch.arange(6.0).view(3, 2), torch.tensor([0.0, 1.0, 2.0]))
+    buf.push(torch.arange(6.0, 12.0).view(3, 2), torch.tensor([3.0, 4.0, 5.0]))
+    feats, inv_norms, rets = buf.filled()
+    assert len(buf) == 4
+    assert sorted(rets.tolist()) == [2.0, 3.0, 4.0, 5.0]
+    assert torch.allclose(inv_norms, 1.0 / feats.norm(dim=1))
+    buf.push(torch.zeros(9, 2), torch.full((9,), 7.0))  # more rows than capacity
+    assert len(buf) == 4 and torch.all(buf.filled()[2] == 7.0)
+
+
+def test_buffer_state_round_trip():
+    buf = buffer_of(torch.randn(5, 3), torch.arange(5.0), capacity=8)
+    other = FeatureReturnBuffer(8, 3)
+    other.load_state_dict(buf.state_dict())
+    assert len(other) == 5
+    assert torch.equal(other.filled()[0], buf.filled()[0]) and torch.equal(other.filled()[2], buf.filled()[2])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_neighbour_search_is_exact(chunk_size):
+    torch.manual_seed(0)
+    bank, queries = torch.randn(50, 16), torch.randn(9, 16)
+    buf = buffer_of(bank, torch.zeros(50))
+    sims, idx = nearest_neighbours(queries, *buf.filled()[:2], k=5, chunk_size=chunk_size)
+    brute = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    expected_sims, expected_idx = brute.topk(5, dim=1)
+    assert torch.equal(idx, expected_idx)
+    assert torch.allclose(sims, expected_sims, atol=1e-6)
+
+
+def constructed_set():
+    """Buffer rows: directions around the circle; returns chosen so the right triplets are known.
+
+    Anchor 0 points along e0. Its neighbours by similarity: row 0 (e0, return 1), row 1 (close, return 0),
+    row 2 (further, return 1), row 3 (opposite, return 0).
+    """
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    rows = torch.stack([e0, e0 + 0.2 * e1, e0 + 0.6 * e1, -e0])
+    rets = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    return buffer_of(rows, rets)
+
+
+def test_mining_finds_the_known_triplets():
+    buf = constructed_set()
+    anchors = torch.tensor([[1.0, 0.0], [1.0, 0.3]])
+    t = mine_triplets(anchors, torch.tensor([1.0, 0.0]), buf, k=3, threshold=0.5)
+    assert t.anchor.tolist() == [0, 1]
+    # high-return anchor: nearest same-side neighbour is row 0, nearest other-side row 1
+    # low-return anchor at 16.7 degrees: rows by angle 11.3 (row 1), 31.0 (row 2), 0 (row 0);
+    # positive = row 1 (low), negative = nearest high row = row 2
+    assert t.positive.tolist() == [0, 1]
+    assert t.negative.tolist() == [1, 2]
+    assert t.valid_fraction == 1.0
+
+
+def test_anchors_without_a_negative_among_k_neighbours_are_dropped():
+    buf = constructed_set()
+    t = mine_triplets(torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]), buf, k=1, threshold=0.5)
+    assert t.anchor.numel() == 0 and t.valid_fraction == 0.0
+
+
+def test_relative_rule_labels_by_distance_to_the_anchor_return():
+    buf = buffer_of(torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2]]), torch.tensor([0.9, 0.5, 0.1]))
+    t = mine_triplets(torch.tensor([[1.0, 0.05]]), torch.tensor([0.55]), buf, k=3,
+                      label_rule="relative", relative_gap=0.1)
+    assert t.positive.tolist() == [1]          # |0.5 - 0.55| <= 0.1
+    assert t.negative.tolist() == [0]          # nearest of the rest
+
+
+@pytest.mark.parametrize("case", ["empty", "all_equal", "fewer_than_k"])
+def test_degenerate_buffers_give_no_triplets_not_errors(case):
+    if case == "empty":
+        buf = FeatureReturnBuffer(8, 2)
+    elif case == "all_equal":
+        buf = buffer_of(torch.randn(6, 2), torch.ones(6))
+    else:
+        buf = buffer_of(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 0.0]))
+    t = mine_triplets(torch.randn(3, 2), torch.ones(3), buf, k=16, threshold=0.5)
+    if case == "fewer_than_k":
+        assert t.anchor.numel() == 3     # k clipped to the two rows, both labels present
+    else:
+        assert t.anchor.numel() == 0
+
+
+def test_unknown_label_rule_is_rejected():
+    with pytest.raises(ValueError, match="label_rule='nearest'"):
+        mine_triplets(torch.randn(2, 2), torch.ones(2), constructed_set(), k=2, label_rule="nearest")
+
+
+def test_triplet_loss_matches_hand_computation():
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[1.0, 1.0]])   # cos = 1/sqrt2 -> d = 0.2929
+    n = torch.tensor([[0.0, 1.0]])   # cos = 0 -> d = 1
+    loss, active = triplet_cosine_loss(a, p, n, margin=0.2)
+    assert loss.item() == pytest.approx(0.0) and active.item() == 0.0
+    loss, active = triplet_cosine_loss(a, n, p, margin=0.2)  # swapped: 1 - 0.2929 + 0.2
+    assert loss.item() == pytest.approx(1.0 - (1.0 - 2 ** -0.5) + 0.2, abs=1e-6)
+    assert active.item() == 1.0

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from rllib_gaze.gaze import FovealGaze, PatchGaze, build_gaze, cell_centres, gaussian_map
+
+
+def params(mu_x, mu_y, sx, sy, sxy):
+    return torch.tensor([[mu_x, mu_y, sx, sy, sxy]], dtype=torch.float64)
+
+
+def value_at(m, ys, xs, x, y):
+    return m[0, int(torch.argmin((ys - y).abs())), int(torch.argmin((xs - x).abs()))].item()
+
+
+def test_cell_centres_span_minus_one_to_one():
+    ys, xs = cell_centres(4, 8)
+    assert torch.allclose(ys, torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    assert xs[0].item() == pytest.approx(-0.875) and xs[-1].item() == pytest.approx(0.875)
+
+
+def test_peak_is_one_at_the_centre():
+    ys, xs = cell_centres(8, 8, dtype=torch.float64)
+    m = gaussian_map(params(xs[5].item(), ys[2].item(), 0.3, 0.5, 0.0), 8, 8)
+    assert m.max().item() == pytest.approx(1.0)
+    assert m[0, 2, 5].item() == pytest.approx(1.0)
+    assert torch.all(m <= 1.0)
+
+
+def test_value_at_one_sigma_is_exp_minus_half():
+    ys, xs = cell_centres(8, 8, dtype=torch.float64)
+    sx = (xs[6] - xs[3]).item()      # one sigma along x lands exactly on a cell centre
+    sy = (ys[5] - ys[3]).item()
+    m = gaussian_map(params(xs[3].item(), ys[3].item(), sx, sy, 0.0), 8, 8)
+    assert m[0, 3, 6].item() == pytest.approx(math.exp(-0.5))
+    assert m[0, 5, 3].item() == pytest.approx(math.exp(-0.5))
+    # two sigmas along y
+    assert m[0, 7, 3].item() == pytest.approx(math.exp(-2.0))
+
+
+def test_correlation_rotates_the_ellipse():
+    ys, xs = cell_centres(9, 9, dtype=torch.float64)
+    s, rho = (xs[2] - xs[0]).item(), 0.6
+    m = gaussian_map(params(xs[4].item(), ys[4].item(), s, s, rho * s * s), 9, 9)
+    # At (+s, +s) the Mahalanobis distance squared is 2 / (1 + rho); at (+s, -s) it is 2 / (1 - rho).
+    assert m[0, 6, 6].item() == pytest.approx(math.exp(-1.0 / (1 + rho)))
+    assert m[0, 2, 6].item() == pytest.approx(math.exp(-1.0 / (1 - rho)))
+    # along one axis only: exp(-0.5 / (1 - rho^2))
+    assert m[0, 4, 6].item() == pytest.approx(math.exp(-0.5 / (1 - rho * rho)))
+    # the map is symmetric under a 180-degree turn about the centre
+    assert torch.allclose(m[0], torch.flip(m[0], dims=(0, 1)))
+
+
+def test_floor_bounds_every_weight():
+    m = gaussian_map(params(0.9, 0.9, 0.05, 0.05, 0.0), 12, 12, floor=0.2)
+    assert m.min().item() == pytest.approx(0.2, abs=1e-6)
+    assert m.max().item() <= 1.0
+
+
+def test_foveal_starts_centred_and_wide():
+    gaze = FovealGaze(16, 6, 6, init_sigma=1.0)
+    _, p = gaze(torch.rand(4, 16, 6, 6))
+    assert torch.allclose(p[:, :2], torch.zeros(4, 2), atol=0.05)
+    assert torch.allclose(p[:, 2:4], torch.ones(4, 2), atol=0.05)
+    assert torch.allclose(p[:, 4], torch.zeros(4), atol=0.05)
+
+
+def test_foveal_weights_every_channel_of_a_cell_alike():
+    gaze = FovealGaze(5, 6, 7)
+    x = torch.rand(3, 5, 6, 7) + 0.5
+    attended, p = gaze(x)
+    ratio = attended / x
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))
+    assert torch.allclose(ratio[:, 0], gaussian_map(p, 6, 7))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 1e3, 1e6, 1e12])
+def test_foveal_covariance_positive_definite_and_everything_finite(scale):
+    torch.manual_seed(0)
+    gaze = FovealGaze(8, 5, 5, rho_max=0.95)
+    with torch.no_grad():  # extreme head weights push the raw outputs to saturation
+        gaze.head.out.weight.normal_(std=10.0)
+    x = (torch.randn(16, 8, 5, 5) * scale).requires_grad_(True)
+    attended, p = gaze(x)
+    sx, sy, sxy = p[:, 2], p[:, 3], p[:, 4]
+    assert torch.all(sx > 0) and torch.all(sy > 0)
+    assert torch.all(sx * sx * sy * sy - sxy * sxy > 0)
+    assert torch.isfinite(attended).all() and torch.isfinite(p).all()
+    (attended.sum() + p.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(q.grad).all() for q in gaze.parameters())
+
+
+def test_patch_weights_per_cell_in_range():
+    gaze = PatchGaze(4, 3, 5, floor=0.1)
+    x = torch.rand(2, 4, 3, 5) + 0.1
+    attended, w = gaze(x)
+    assert w.shape == (2, 3, 5)
+    assert torch.all(w > 0.1) and torch.all(w < 1.0)
+    assert torch.allclose(attended, x * w.unsqueeze(1))
+
+
+def test_build_gaze_rejects_unknown_mode():
+    assert build_gaze("none", 4, 3, 3) is None
+    with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'none'"):
+        build_gaze("spotlight", 4, 3, 3)

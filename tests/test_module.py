@@ -1,0 +1,80 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from ray.rllib.core.columns import Columns
+
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, GazePPOModule
+
+IMAGE = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+DICT = gym.spaces.Dict({"rgb": IMAGE, "state": gym.spaces.Box(-1, 1, (7,), np.float32)})
+ACTIONS = gym.spaces.Box(-1, 1, (4,), np.float32)
+
+
+def module(obs_space=IMAGE, attention="foveal", **kw):
+    return GazePPOModule(observation_space=obs_space, action_space=ACTIONS,
+                         model_config={"attention": attention, **kw})
+
+
+def obs_batch(space, n=5):
+    if isinstance(space, gym.spaces.Dict):
+        return {k: torch.as_tensor(np.stack([s.sample() for _ in range(n)])) for k, s in space.spaces.items()}
+    return torch.as_tensor(np.stack([space.sample() for _ in range(n)]))
+
+
+@pytest.mark.parametrize("space", [IMAGE, DICT], ids=["box", "dict"])
+@pytest.mark.parametrize("attention", ["foveal", "patch", "none"])
+def test_forward_train_exposes_what_the_learner_needs(space, attention):
+    m = module(space, attention)
+    out = m.forward_train({Columns.OBS: obs_batch(space)})
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (5, 8)          # mean + log-std per action dim
+    assert torch.allclose(out[Columns.ACTION_DIST_INPUTS][:, 4:], torch.full((5, 4), -0.5))
+    assert out[Columns.EMBEDDINGS].shape == (5, 512 if space is DICT else 256)
+    assert out[PRE_ATTENTION_FEATURES].shape == (5, 64, 4, 4)        # NatureCNN on 64x64
+    expected = {"foveal": (5, 5), "patch": (5, 4, 4), "none": None}[attention]
+    assert (out[GAZE_PARAMS].shape if GAZE_PARAMS in out else None) == expected
+
+
+def test_nature_cnn_on_128px_gives_a_12x12_map():
+    m = module(gym.spaces.Box(0, 255, (128, 128, 3), np.uint8))
+    assert m.feature_map_shape == (64, 12, 12)
+
+
+def test_values_without_embeddings_build_no_graph():
+    m = module(DICT)
+    batch = {Columns.OBS: obs_batch(DICT)}
+    values = m.compute_values(batch)
+    assert values.shape == (5,) and not values.requires_grad
+    with_grad = m.compute_values(batch, embeddings=m.forward_train(batch)[Columns.EMBEDDINGS])
+    assert with_grad.requires_grad
+    assert torch.allclose(values, with_grad.detach(), atol=1e-6)
+
+
+def test_inference_only_module_drops_the_value_head_but_keeps_the_gaze():
+    m = GazePPOModule(observation_space=IMAGE, action_space=ACTIONS, inference_only=True,
+                      model_config={"attention": "foveal"})
+    assert not hasattr(m, "vf") and m.gaze is not None
+    m.forward_inference({Columns.OBS: obs_batch(IMAGE)})
+
+
+def test_orthogonal_heads_like_ppo_rgb():
+    m = module()
+    w = m.pi[2].weight
+    assert torch.allclose(w @ w.T, torch.eye(4) * (0.01 * np.sqrt(2)) ** 2, atol=1e-6)
+    assert torch.all(m.pi[0].bias == 0)
+
+
+@pytest.mark.parametrize("space, message", [
+    (gym.spaces.Box(0, 1, (10,), np.float32), "must be a Box of shape"),
+    (gym.spaces.Dict({"depth": IMAGE}), "needs an 'rgb' key"),
+    (gym.spaces.Dict({"rgb": IMAGE, "segmentation": IMAGE}), "unsupported keys"),
+])
+def test_bad_observation_spaces_are_named(space, message):
+    with pytest.raises(ValueError, match=message):
+        module(space)
+
+
+def test_discrete_actions_are_rejected():
+    with pytest.raises(ValueError, match="1-D Box action space"):
+        GazePPOModule(observation_space=IMAGE, action_space=gym.spaces.Discrete(3), model_config={})
