@@ -22,6 +22,7 @@ import torch
 
 from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import SampleBatch
+from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets
@@ -34,14 +35,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int) -> SampleBatch:
-    """A post-GAE train batch of ppo_rgb's shape: rgb uint8 (n, image, image, 3) + state (n, S)."""
+def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int, device: str) -> SampleBatch:
+    """A post-GAE train batch of ppo_rgb's shape on ``device``: rgb uint8 (n, image, image, 3) + state (n, S)."""
     rng = np.random.default_rng(seed)
     mean = rng.normal(0, 0.1, (n, act_dim)).astype(np.float32)
     log_std = np.full((n, act_dim), -0.5, np.float32)
     actions = (mean + np.exp(log_std) * rng.normal(size=(n, act_dim))).astype(np.float32)
     logp = (-0.5 * ((actions - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-    return SampleBatch({
+    return SampleBatch(convert_to_torch_tensor({
         Columns.OBS: {"rgb": rng.integers(0, 256, (n, image, image, 3), dtype=np.uint8),
                       "state": rng.normal(size=(n, state_dim)).astype(np.float32)},
         Columns.ACTIONS: actions,
@@ -50,7 +51,7 @@ def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int
         Columns.ADVANTAGES: rng.normal(size=n).astype(np.float32),
         Columns.VALUE_TARGETS: rng.normal(size=n).astype(np.float32),
         Columns.LOSS_MASK: np.ones(n, dtype=bool),
-    })
+    }, device=device))
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -59,7 +60,7 @@ def overhead(args: argparse.Namespace) -> None:
         "state": gym.spaces.Box(-np.inf, np.inf, (args.state_dim,), np.float32),
     })
     act_space = gym.spaces.Box(-1, 1, (args.act_dim,), np.float32)
-    batch = _synthetic_batch(args.batch, args.image, args.state_dim, args.act_dim, seed=0)
+    batch = _synthetic_batch(args.batch, args.image, args.state_dim, args.act_dim, seed=0, device=args.device)
     learners = {}
     for arm, (attention, contrastive) in ARMS.items():
         config = (GazePPOConfig()
@@ -100,30 +101,32 @@ def overhead(args: argparse.Namespace) -> None:
           f"memory {len(buffer)} rows, device {args.device}, median of {args.repeats}:")
     for arm in ARMS:
         med = statistics.median(times[arm])
-        print(f"  {arm:8s} {med:8.3f} s   ratio to ppo {med / base:.3f}")
+        paired = statistics.median(t / b for t, b in zip(times[arm], times["ppo"]))
+        print(f"  {arm:8s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
 
 
 def mining(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=args.device).manual_seed(0)
-    dim = args.dim
-    anchors = torch.rand(args.anchors, dim, generator=gen, device=args.device)
+    shape = tuple(args.map)
+    anchors = torch.rand(args.anchors, *shape, generator=gen, device=args.device)
     anchor_returns = torch.randn(args.anchors, generator=gen, device=args.device)
-    print(f"mining: {args.anchors} anchors, feature dim {dim}, k={args.k}, chunk {args.chunk}, "
+    print(f"mining: {args.anchors} anchors, feature map {shape}, k={args.k}, chunk {args.chunk}, "
           f"device {args.device}, median of {args.repeats}")
-    for size in args.sizes:
-        buffer = FeatureReturnBuffer(size, dim, device=args.device)
-        buffer.push(torch.rand(size, dim, generator=gen, device=args.device),
-                    torch.randn(size, generator=gen, device=args.device))
-        times = []
-        for _ in range(args.repeats + 1):
-            _sync(args.device)
-            start = time.perf_counter()
-            triplets = mine_triplets(anchors, anchor_returns, buffer, k=args.k, threshold=0.0,
-                                     chunk_size=args.chunk)
-            _sync(args.device)
-            times.append(time.perf_counter() - start)
-        print(f"  memory {size:7d} rows: {1e3 * statistics.median(times[1:]):9.2f} ms "
-              f"({triplets.anchor.numel()} triplets)", flush=True)
+    for pool in args.pools:
+        for size in args.sizes:
+            buffer = FeatureReturnBuffer(size, shape, pool=pool, device=args.device)
+            buffer.push(torch.rand(size, *shape, generator=gen, device=args.device),
+                        torch.randn(size, generator=gen, device=args.device))
+            times = []
+            for _ in range(args.repeats + 1):
+                _sync(args.device)
+                start = time.perf_counter()
+                triplets = mine_triplets(anchors, anchor_returns, buffer, k=args.k, threshold=0.0,
+                                         chunk_size=args.chunk)
+                _sync(args.device)
+                times.append(time.perf_counter() - start)
+            print(f"  pool {pool}, key dim {buffer.keys.shape[1]:5d}, memory {size:6d} rows: "
+                  f"{1e3 * statistics.median(times[1:]):8.2f} ms ({triplets.anchor.numel()} triplets)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,20 +148,30 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("mining", help="neighbour search + triplet selection time vs memory size")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--dim", type=int, default=64 * 12 * 12, help="flattened feature map (NatureCNN on 128px)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--pools", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--map", type=int, nargs=3, default=[64, 12, 12], metavar=("C", "H", "W"),
+                   help="feature map shape (NatureCNN on 128px: 64 12 12)")
     p.add_argument("--anchors", type=int, default=256)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=mining)
 
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormal floats to zero on CPU (slow denormal arithmetic then "
+                             "adds noise that depends on each arm's weights, not on its work)")
     args = parser.parse_args(argv)
+    if not args.keep_denormals:
+        torch.set_flush_denormal(True)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk", "dim"):
+    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
+    for name in ("sizes", "pools", "map"):
+        if any(v < 1 for v in getattr(args, name, [1])):
+            parser.error(f"--{name}={getattr(args, name)}: every value must be >= 1")
     args.func(args)
 
 

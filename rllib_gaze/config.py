@@ -63,13 +63,14 @@ class GazePPOConfig(PPOConfig):
         self.contrastive_coeff = 1.0
         self.contrastive_margin = 0.2
         self.contrastive_k = 16
-        self.contrastive_num_anchors = 256
+        self.contrastive_num_anchors = 128
         self.contrastive_buffer_capacity = 8192
         self.label_rule = "threshold"
         self.return_quantile = 0.5
         self.return_threshold = None
         self.relative_gap = 0.5
         self.mining_chunk_size = 4096
+        self.mining_pool = 2
 
     def gaze(
         self,
@@ -90,6 +91,7 @@ class GazePPOConfig(PPOConfig):
         return_threshold: float | None = NotProvided,
         relative_gap: float | None = NotProvided,
         mining_chunk_size: int | None = NotProvided,
+        mining_pool: int | None = NotProvided,
         adam_eps: float | None = NotProvided,
     ) -> "GazePPOConfig":
         """Sets the attention and contrastive-loss settings.
@@ -112,6 +114,8 @@ class GazePPOConfig(PPOConfig):
             return_threshold: a fixed threshold instead of the quantile (``None``: use quantile).
             relative_gap: see ``label_rule``.
             mining_chunk_size: memory rows compared per matmul in the exact neighbour search.
+            mining_pool: neighbours are searched on feature maps averaged over ``pool x pool``
+                cells (1: the raw maps); 2 cuts the search cost ~4x.
             adam_eps: Adam's epsilon (ppo_rgb: 1e-5).
         """
         for name, value in list(locals().items()):
@@ -177,6 +181,8 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"relative_gap={c.relative_gap!r} must be >= 0")
     if c.mining_chunk_size < 1:
         errors.append(f"mining_chunk_size={c.mining_chunk_size!r} must be >= 1")
+    if not isinstance(c.mining_pool, int) or c.mining_pool < 1:
+        errors.append(f"mining_pool={c.mining_pool!r} must be an integer >= 1")
     if c.adam_eps <= 0:
         errors.append(f"adam_eps={c.adam_eps!r} must be > 0")
     return errors

@@ -15,19 +15,37 @@ import torch
 LABEL_RULES = ("threshold", "relative")
 
 
-class FeatureReturnBuffer:
-    """Ring buffer of detached, flattened pre-attention feature maps ``(N, D)`` and returns ``(N,)``.
+def search_keys(maps: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """Unit-norm neighbour-search keys ``(N, D')`` of feature maps ``(N, C, H, W)``.
 
-    Lives on one device (the learner's), so mining runs where the learner runs. Each row also keeps
-    its inverse L2 norm so cosine similarities need one matmul per chunk.
+    ``pool > 1`` averages ``pool x pool`` cells first (ceil mode), cutting the cost of the exact
+    search by about ``pool^2`` while keeping the layout of what is where.
+    """
+    maps = maps.float()
+    if pool > 1:
+        maps = torch.nn.functional.avg_pool2d(maps, pool, ceil_mode=True)
+    keys = maps.flatten(1)
+    return keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+class FeatureReturnBuffer:
+    """Ring buffer of detached pre-attention feature maps ``(N, C, H, W)``, their search keys and
+    returns ``(N,)``.
+
+    Lives on one device (the learner's), so mining runs where the learner runs. Memory:
+    ``capacity x (C*H*W + C*H*W/pool^2 + 1)`` floats.
     """
 
-    def __init__(self, capacity: int, feature_dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, capacity: int, map_shape: tuple[int, int, int], pool: int = 1,
+                 device: torch.device | str = "cpu"):
         if capacity < 1:
             raise ValueError(f"capacity={capacity!r}: must be >= 1")
-        self.capacity, self.feature_dim = capacity, feature_dim
-        self.features = torch.zeros(capacity, feature_dim, device=device)
-        self.inv_norms = torch.zeros(capacity, device=device)
+        if pool < 1:
+            raise ValueError(f"pool={pool!r}: must be >= 1")
+        self.capacity, self.map_shape, self.pool = capacity, tuple(map_shape), pool
+        self.maps = torch.zeros(capacity, *map_shape, device=device)
+        key_dim = search_keys(torch.zeros(1, *map_shape), pool).shape[1]
+        self.keys = torch.zeros(capacity, key_dim, device=device)
         self.returns = torch.zeros(capacity, device=device)
         self.size = 0
         self._next = 0
@@ -36,31 +54,31 @@ class FeatureReturnBuffer:
         return self.size
 
     @torch.no_grad()
-    def push(self, features: torch.Tensor, returns: torch.Tensor) -> None:
-        """Add ``features (N, D)`` (any leading shape flattened to D) and ``returns (N,)``."""
-        features = features.detach().reshape(features.shape[0], -1).to(self.features)
+    def push(self, maps: torch.Tensor, returns: torch.Tensor) -> None:
+        """Add ``maps (N, C, H, W)`` and ``returns (N,)``; the oldest rows make room."""
+        maps = maps.detach().to(self.maps)
         returns = returns.detach().reshape(-1).to(self.returns)
-        if features.shape[0] > self.capacity:  # only the newest rows would survive anyway
-            features, returns = features[-self.capacity:], returns[-self.capacity:]
-        n = features.shape[0]
-        idx = (self._next + torch.arange(n, device=self.features.device)) % self.capacity
-        self.features[idx] = features
-        self.inv_norms[idx] = 1.0 / features.norm(dim=1).clamp_min(1e-8)
+        if maps.shape[0] > self.capacity:  # only the newest rows would survive anyway
+            maps, returns = maps[-self.capacity:], returns[-self.capacity:]
+        n = maps.shape[0]
+        idx = (self._next + torch.arange(n, device=self.maps.device)) % self.capacity
+        self.maps[idx] = maps
+        self.keys[idx] = search_keys(maps, self.pool)
         self.returns[idx] = returns
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the filled part: features ``(N, D)``, inverse norms ``(N,)``, returns ``(N,)``."""
-        return self.features[:self.size], self.inv_norms[:self.size], self.returns[:self.size]
+        """Views of the filled part: maps ``(N, C, H, W)``, keys ``(N, D')``, returns ``(N,)``."""
+        return self.maps[:self.size], self.keys[:self.size], self.returns[:self.size]
 
     def state_dict(self) -> dict:
-        return {"features": self.features[:self.size].cpu(), "returns": self.returns[:self.size].cpu(),
+        return {"maps": self.maps[:self.size].cpu(), "returns": self.returns[:self.size].cpu(),
                 "next": self._next}
 
     def load_state_dict(self, state: dict) -> None:
         self.size, self._next = 0, 0
-        self.push(state["features"], state["returns"])
+        self.push(state["maps"], state["returns"])
         self._next = state["next"] % self.capacity
 
 
@@ -80,34 +98,32 @@ class Triplets:
 
 
 @torch.no_grad()
-def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_inv_norms: torch.Tensor,
-                       k: int, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k cosine neighbours of ``queries (A, D)`` in ``bank (N, D)``, in chunks of the bank.
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                       chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k neighbours of unit-norm ``queries (A, D)`` among unit-norm ``bank (N, D)`` rows
+    by cosine similarity, one matmul per ``chunk_size`` rows of the bank.
 
-    Returns ``(similarities (A, k'), indices (A, k'))`` sorted most similar first, ``k' = min(k, N)``.
+    Returns ``(similarities (A, k'), indices (A, k'))``, most similar first, ``k' = min(k, N)``.
     """
     k = min(k, bank.shape[0])
-    q = queries.float()
-    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    best_sim = q.new_full((q.shape[0], 0), float("-inf"))
-    best_idx = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
+    best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
+    best_idx = torch.zeros(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], chunk_size):
-        sims = (q @ bank[start:start + chunk_size].float().T) * bank_inv_norms[start:start + chunk_size]
-        sims, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+        sims, idx = (queries @ bank[start:start + chunk_size].T).topk(min(k, bank.shape[0] - start, chunk_size), dim=1)
         best_sim, order = torch.cat([best_sim, sims], 1).topk(min(k, best_sim.shape[1] + sims.shape[1]), dim=1)
         best_idx = torch.cat([best_idx, idx + start], 1).gather(1, order)
     return best_sim, best_idx
 
 
 @torch.no_grad()
-def mine_triplets(anchor_features: torch.Tensor, anchor_returns: torch.Tensor,
+def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
                   buffer: FeatureReturnBuffer, *, k: int, label_rule: str = "threshold",
                   threshold: float = 0.0, relative_gap: float = 0.0,
                   chunk_size: int = 4096) -> Triplets:
     """For each anchor, pick the nearest positive and the nearest negative among its k neighbours.
 
     Args:
-        anchor_features: ``(A, D)`` (flattened pre-attention maps); anchor_returns: ``(A,)``.
+        anchor_maps: ``(A, C, H, W)`` pre-attention maps; anchor_returns: ``(A,)``.
         label_rule: ``"threshold"``: a state is "high" when its return >= ``threshold``; neighbours
             on the anchor's side are positives, the others negatives. ``"relative"``: neighbours
             whose return is within ``relative_gap`` of the anchor's are positives, the rest negatives.
@@ -116,12 +132,12 @@ def mine_triplets(anchor_features: torch.Tensor, anchor_returns: torch.Tensor,
     """
     if label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule={label_rule!r}: allowed values are {LABEL_RULES}")
-    num_anchors = anchor_features.shape[0]
-    empty = torch.zeros(0, dtype=torch.long, device=anchor_features.device)
+    num_anchors = anchor_maps.shape[0]
+    empty = torch.zeros(0, dtype=torch.long, device=anchor_maps.device)
     if len(buffer) == 0 or num_anchors == 0:
         return Triplets(empty, empty, empty, num_anchors)
-    bank, inv_norms, bank_returns = buffer.filled()
-    _, nbr = nearest_neighbours(anchor_features.reshape(num_anchors, -1), bank, inv_norms, k, chunk_size)
+    _, bank_keys, bank_returns = buffer.filled()
+    _, nbr = nearest_neighbours(search_keys(anchor_maps, buffer.pool), bank_keys, k, chunk_size)
     nbr_returns = bank_returns[nbr]                                     # (A, k)
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
     if label_rule == "threshold":
@@ -142,14 +158,28 @@ def mine_triplets(anchor_features: torch.Tensor, anchor_returns: torch.Tensor,
     )
 
 
-def triplet_cosine_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                        margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triplet margin loss on cosine distance ``1 - cos``; inputs ``(T, ...)`` flattened per row.
+def attended_cosine(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(T,)`` of the attended maps ``x * wx`` and ``y * wy``.
+
+    ``x, y``: detached maps ``(T, C, H, W)``; ``wx, wy``: attention weights ``(T, H, W)``. Because a
+    weight is shared by all channels of a cell, the channel sums are taken once, without grad, and
+    only ``(T, H, W)`` tensors carry the gradient to the weights: the same value as
+    ``cosine_similarity((x * wx).flatten(1), (y * wy).flatten(1))`` at a fraction of the cost.
+    """
+    with torch.no_grad():
+        xy = (x * y).sum(1)
+        xx = (x * x).sum(1)
+        yy = (y * y).sum(1)
+    dot = (wx * wy * xy).flatten(1).sum(1)
+    norm_x = (wx * wx * xx).flatten(1).sum(1).clamp_min(1e-16).sqrt()
+    norm_y = (wy * wy * yy).flatten(1).sum(1).clamp_min(1e-16).sqrt()
+    return dot / (norm_x * norm_y)
+
+
+def triplet_margin_loss(cos_ap: torch.Tensor, cos_an: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triplet margin loss on cosine distance ``d = 1 - cos``, from cosines ``(T,)``.
 
     Returns ``(mean loss (), share of active triplets ())``; active = loss > 0.
     """
-    a, p, n = (x.flatten(1) for x in (anchor, positive, negative))
-    d_ap = 1.0 - torch.nn.functional.cosine_similarity(a, p, dim=1, eps=1e-8)
-    d_an = 1.0 - torch.nn.functional.cosine_similarity(a, n, dim=1, eps=1e-8)
-    per_triplet = torch.relu(d_ap - d_an + margin)
+    per_triplet = torch.relu((1.0 - cos_ap) - (1.0 - cos_an) + margin)
     return per_triplet.mean(), (per_triplet > 0).float().mean()

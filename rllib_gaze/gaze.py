@@ -70,7 +70,7 @@ class _MapHead(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        raw = self.out(self.body(torch.nan_to_num(features)))
+        raw = self.out(self.body(features))
         return torch.nan_to_num(raw).clamp(-_RAW_LIMIT, _RAW_LIMIT)
 
 
@@ -111,9 +111,13 @@ class FovealGaze(nn.Module):
         sxy = rho * sigma[:, 0] * sigma[:, 1]
         return torch.cat([mu, sigma, sxy.unsqueeze(-1)], dim=-1)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` -> weights ``(B, H, W)`` and params ``(B, 5)``."""
         params = self.params_from_raw(self.head(features))
-        weights = gaussian_map(params, self.height, self.width, self.floor)
+        return gaussian_map(params, self.height, self.width, self.floor), params
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, params = self.attention_map(features)
         return features * weights.unsqueeze(1), params
 
 
@@ -133,9 +137,14 @@ class PatchGaze(nn.Module):
         nn.init.normal_(self.head.out.weight, std=1e-3)
         nn.init.constant_(self.head.out.bias, 2.0)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` -> weights ``(B, H, W)``, twice (the weights are the parameters)."""
         logits = self.head(features).view(-1, self.height, self.width)
         weights = self.floor + (1.0 - self.floor) * torch.sigmoid(logits)
+        return weights, weights
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, _ = self.attention_map(features)
         return features * weights.unsqueeze(1), weights
 
 

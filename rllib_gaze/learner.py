@@ -12,6 +12,7 @@ Per training iteration:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
-from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets, triplet_cosine_loss
+from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
 
@@ -39,6 +40,7 @@ class GazePPOLearner(PPOTorchLearner):
         self._buffers: dict[ModuleID, FeatureReturnBuffer] = {}
         self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._rows_left_to_stage: dict[ModuleID, int] = {}
+        self._stage_fraction: dict[ModuleID, float] = {}
 
     @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
@@ -53,9 +55,13 @@ class GazePPOLearner(PPOTorchLearner):
 
     def _make_batch_if_necessary(self, training_data):
         # The one place the whole post-connector train batch is seen: remember its size, so that
-        # exactly one epoch's worth of rows is staged for the memory.
+        # exactly one epoch's worth of rows is staged for the memory, subsampled uniformly when the
+        # batch holds more rows than the memory can keep.
         batch = super()._make_batch_if_necessary(training_data)
         self._rows_left_to_stage = {mid: len(b) for mid, b in batch.policy_batches.items()}
+        self._stage_fraction = {
+            mid: min(1.0, self.config.get_config_for_module(mid).contrastive_buffer_capacity / max(len(b), 1))
+            for mid, b in batch.policy_batches.items()}
         self._staged = {mid: [] for mid in batch.policy_batches}
         return batch
 
@@ -70,16 +76,16 @@ class GazePPOLearner(PPOTorchLearner):
 
         features = fwd_out[PRE_ATTENTION_FEATURES].detach()
         returns = batch[Columns.VALUE_TARGETS].detach()
-        self._stage(module_id, features, returns, batch.get(Columns.LOSS_MASK))
-        if Columns.LOSS_MASK in batch:
-            mask = batch[Columns.LOSS_MASK]
-            features, returns = features[mask], returns[mask]
-        contrastive = self._contrastive_loss(module_id, config, features, returns)
+        rows = (batch[Columns.LOSS_MASK].nonzero().squeeze(1) if Columns.LOSS_MASK in batch
+                else torch.arange(features.shape[0], device=features.device))
+        self._stage(module_id, features, returns, rows)
+        anchors = rows[torch.randperm(rows.numel(), device=rows.device)[:config.contrastive_num_anchors]]
+        contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors])
         return loss + config.contrastive_coeff * contrastive
 
     def _contrastive_loss(self, module_id: ModuleID, config, features: torch.Tensor,
                           returns: torch.Tensor) -> torch.Tensor:
-        """Triplet loss on the gaze for anchors taken from ``features (B, C, h, w)``."""
+        """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``."""
         buffer = self._buffers.get(module_id)
         zero = features.new_zeros(())
         metrics = {"contrastive_loss": zero, "contrastive_valid_anchor_frac": 0.0,
@@ -89,60 +95,57 @@ class GazePPOLearner(PPOTorchLearner):
             self.metrics.log_dict(metrics, key=module_id, window=1)
             return zero
 
-        if features.shape[0] > config.contrastive_num_anchors:
-            keep = torch.randperm(features.shape[0], device=features.device)[:config.contrastive_num_anchors]
-            features, returns = features[keep], returns[keep]
-        _, _, bank_returns = buffer.filled()
+        bank_maps, _, bank_returns = buffer.filled()
         threshold = (config.return_threshold if config.return_threshold is not None
                      else torch.quantile(bank_returns, config.return_quantile).item())
+        spread = bank_returns.std(unbiased=False).item()
         triplets = mine_triplets(
-            features.flatten(1), returns, buffer, k=config.contrastive_k, label_rule=config.label_rule,
-            threshold=threshold, relative_gap=config.relative_gap * bank_returns.std(unbiased=False).item(),
-            chunk_size=config.mining_chunk_size,
+            features, returns, buffer, k=config.contrastive_k, label_rule=config.label_rule,
+            threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
         )
         metrics["contrastive_return_threshold"] = threshold
-        metrics["contrastive_return_spread"] = bank_returns.std(unbiased=False).item()
+        metrics["contrastive_return_spread"] = spread
         metrics["contrastive_valid_anchor_frac"] = triplets.valid_fraction
         loss = zero
         n = triplets.anchor.numel()
         if n > 0:
-            bank, _, _ = buffer.filled()
-            shape = features.shape[1:]
-            stacked = torch.cat([features[triplets.anchor], bank[triplets.positive].view(n, *shape),
-                                 bank[triplets.negative].view(n, *shape)])
-            attended, _ = self.module[module_id].unwrapped().gaze(stacked)
-            loss, active = triplet_cosine_loss(*attended.split(n), margin=config.contrastive_margin)
+            anchor, positive, negative = (features[triplets.anchor], bank_maps[triplets.positive],
+                                          bank_maps[triplets.negative])
+            gaze = self.module[module_id].unwrapped().gaze
+            weights, _ = gaze.attention_map(torch.cat([anchor, positive, negative]))  # one batched call
+            w_a, w_p, w_n = weights.split(n)
+            loss, active = triplet_margin_loss(attended_cosine(anchor, positive, w_a, w_p),
+                                               attended_cosine(anchor, negative, w_a, w_n),
+                                               margin=config.contrastive_margin)
             metrics["contrastive_active_triplet_frac"] = active
         metrics["contrastive_loss"] = loss.detach()
         self.metrics.log_dict(metrics, key=module_id, window=1)
         return loss
 
     def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor | None) -> None:
-        """Keep this minibatch's rows for the memory until one epoch's worth has been seen."""
+               rows: torch.Tensor) -> None:
+        """Keep this minibatch's valid ``rows`` for the memory until one epoch's worth has been seen."""
         take = min(self._rows_left_to_stage.get(module_id, 0), features.shape[0])
         if take <= 0:
             return
         self._rows_left_to_stage[module_id] -= take
-        keep = slice(0, take)
-        f, r = features[keep], returns[keep]
-        if mask is not None:
-            f, r = f[mask[keep]], r[mask[keep]]
-        self._staged.setdefault(module_id, []).append((f, r))
+        rows = rows[rows < take]
+        fraction = self._stage_fraction.get(module_id, 1.0)
+        if fraction < 1.0:
+            rows = rows[torch.randperm(rows.numel(), device=rows.device)[:math.ceil(rows.numel() * fraction)]]
+        self._staged.setdefault(module_id, []).append((features[rows], returns[rows]))
 
     @override(PPOTorchLearner)
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         for module_id, staged in self._staged.items():
-            if not staged:
-                continue
-            features = torch.cat([f for f, _ in staged])
-            returns = torch.cat([r for _, r in staged])
-            if module_id not in self._buffers:
-                config = self.config.get_config_for_module(module_id)
-                self._buffers[module_id] = FeatureReturnBuffer(
-                    config.contrastive_buffer_capacity, features[0].numel(), device=features.device)
-            self._buffers[module_id].push(features.flatten(1), returns)
+            for features, returns in staged:
+                if module_id not in self._buffers:
+                    config = self.config.get_config_for_module(module_id)
+                    self._buffers[module_id] = FeatureReturnBuffer(
+                        config.contrastive_buffer_capacity, features.shape[1:], pool=config.mining_pool,
+                        device=features.device)
+                self._buffers[module_id].push(features, returns)
         self._staged = {}
 
     def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor) -> None:

@@ -48,6 +48,7 @@ def test_registered_for_tune_by_name():
     ({"label_rule": "median"}, r"label_rule='median' is not known; allowed values are \('threshold', 'relative'\)"),
     ({"gaze_floor": 1.0}, r"gaze_floor=1.0 must be in \[0, 1\)"),
     ({"contrastive_coeff": -1.0}, r"contrastive_coeff=-1.0 must be >= 0"),
+    ({"mining_pool": 0}, r"mining_pool=0 must be an integer >= 1"),
 ])
 def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
     config = GazePPOConfig().environment("clutter").gaze(**options)

@@ -1,43 +1,58 @@
 import pytest
 import torch
 
-from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets, nearest_neighbours, triplet_cosine_loss
+from rllib_gaze.contrastive import (FeatureReturnBuffer, attended_cosine, mine_triplets, nearest_neighbours,
+                                    search_keys, triplet_margin_loss)
 
 
-def buffer_of(features, returns, capacity=None):
-    buf = FeatureReturnBuffer(capacity or len(features), features.shape[1])
-    buf.push(features, returns)
+def maps(rows):
+    """Vectors (N, D) as 1x1 feature maps (N, D, 1, 1): D channels, one cell."""
+    return torch.as_tensor(rows, dtype=torch.float32).view(len(rows), -1, 1, 1)
+
+
+def buffer_of(rows, returns, capacity=None):
+    m = maps(rows)
+    buf = FeatureReturnBuffer(capacity or len(m), m.shape[1:])
+    buf.push(m, torch.as_tensor(returns, dtype=torch.float32))
     return buf
 
 
 def test_buffer_is_a_ring_that_keeps_the_newest_rows():
-    buf = FeatureReturnBuffer(4, 2)
-    buf.push(torch.arange(6.0).view(3, 2), torch.tensor([0.0, 1.0, 2.0]))
-    buf.push(torch.arange(6.0, 12.0).view(3, 2), torch.tensor([3.0, 4.0, 5.0]))
-    feats, inv_norms, rets = buf.filled()
+    buf = FeatureReturnBuffer(4, (2, 1, 1))
+    buf.push(maps(torch.arange(6.0).view(3, 2)), torch.tensor([0.0, 1.0, 2.0]))
+    buf.push(maps(torch.arange(6.0, 12.0).view(3, 2)), torch.tensor([3.0, 4.0, 5.0]))
+    stored, keys, rets = buf.filled()
     assert len(buf) == 4
     assert sorted(rets.tolist()) == [2.0, 3.0, 4.0, 5.0]
-    assert torch.allclose(inv_norms, 1.0 / feats.norm(dim=1))
-    buf.push(torch.zeros(9, 2), torch.full((9,), 7.0))  # more rows than capacity
+    assert torch.allclose(keys, torch.nn.functional.normalize(stored.flatten(1), dim=1))
+    buf.push(torch.zeros(9, 2, 1, 1), torch.full((9,), 7.0))  # more rows than capacity
     assert len(buf) == 4 and torch.all(buf.filled()[2] == 7.0)
 
 
 def test_buffer_state_round_trip():
     buf = buffer_of(torch.randn(5, 3), torch.arange(5.0), capacity=8)
-    other = FeatureReturnBuffer(8, 3)
+    other = FeatureReturnBuffer(8, (3, 1, 1))
     other.load_state_dict(buf.state_dict())
     assert len(other) == 5
     assert torch.equal(other.filled()[0], buf.filled()[0]) and torch.equal(other.filled()[2], buf.filled()[2])
 
 
+def test_pooled_search_keys_average_cells_before_normalising():
+    m = torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3)
+    keys = search_keys(m, pool=2)              # ceil mode: 3x3 cells -> 2x2 blocks
+    pooled = torch.nn.functional.avg_pool2d(m, 2, ceil_mode=True)
+    assert keys.shape == (1, 8)
+    assert torch.allclose(keys, torch.nn.functional.normalize(pooled.flatten(1), dim=1))
+    assert torch.allclose(search_keys(m, pool=1), torch.nn.functional.normalize(m.flatten(1), dim=1))
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_chunked_neighbour_search_is_exact(chunk_size):
     torch.manual_seed(0)
-    bank, queries = torch.randn(50, 16), torch.randn(9, 16)
-    buf = buffer_of(bank, torch.zeros(50))
-    sims, idx = nearest_neighbours(queries, *buf.filled()[:2], k=5, chunk_size=chunk_size)
-    brute = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
-    expected_sims, expected_idx = brute.topk(5, dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(50, 16), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(9, 16), dim=1)
+    sims, idx = nearest_neighbours(queries, bank, k=5, chunk_size=chunk_size)
+    expected_sims, expected_idx = (queries @ bank.T).topk(5, dim=1)
     assert torch.equal(idx, expected_idx)
     assert torch.allclose(sims, expected_sims, atol=1e-6)
 
@@ -56,7 +71,7 @@ def constructed_set():
 
 def test_mining_finds_the_known_triplets():
     buf = constructed_set()
-    anchors = torch.tensor([[1.0, 0.0], [1.0, 0.3]])
+    anchors = maps([[1.0, 0.0], [1.0, 0.3]])
     t = mine_triplets(anchors, torch.tensor([1.0, 0.0]), buf, k=3, threshold=0.5)
     assert t.anchor.tolist() == [0, 1]
     # high-return anchor: nearest same-side neighbour is row 0, nearest other-side row 1
@@ -69,13 +84,13 @@ def test_mining_finds_the_known_triplets():
 
 def test_anchors_without_a_negative_among_k_neighbours_are_dropped():
     buf = constructed_set()
-    t = mine_triplets(torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]), buf, k=1, threshold=0.5)
+    t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([1.0]), buf, k=1, threshold=0.5)
     assert t.anchor.numel() == 0 and t.valid_fraction == 0.0
 
 
 def test_relative_rule_labels_by_distance_to_the_anchor_return():
-    buf = buffer_of(torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2]]), torch.tensor([0.9, 0.5, 0.1]))
-    t = mine_triplets(torch.tensor([[1.0, 0.05]]), torch.tensor([0.55]), buf, k=3,
+    buf = buffer_of([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2]], [0.9, 0.5, 0.1])
+    t = mine_triplets(maps([[1.0, 0.05]]), torch.tensor([0.55]), buf, k=3,
                       label_rule="relative", relative_gap=0.1)
     assert t.positive.tolist() == [1]          # |0.5 - 0.55| <= 0.1
     assert t.negative.tolist() == [0]          # nearest of the rest
@@ -84,12 +99,12 @@ def test_relative_rule_labels_by_distance_to_the_anchor_return():
 @pytest.mark.parametrize("case", ["empty", "all_equal", "fewer_than_k"])
 def test_degenerate_buffers_give_no_triplets_not_errors(case):
     if case == "empty":
-        buf = FeatureReturnBuffer(8, 2)
+        buf = FeatureReturnBuffer(8, (2, 1, 1))
     elif case == "all_equal":
         buf = buffer_of(torch.randn(6, 2), torch.ones(6))
     else:
-        buf = buffer_of(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 0.0]))
-    t = mine_triplets(torch.randn(3, 2), torch.ones(3), buf, k=16, threshold=0.5)
+        buf = buffer_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
+    t = mine_triplets(maps(torch.randn(3, 2)), torch.ones(3), buf, k=16, threshold=0.5)
     if case == "fewer_than_k":
         assert t.anchor.numel() == 3     # k clipped to the two rows, both labels present
     else:
@@ -98,15 +113,28 @@ def test_degenerate_buffers_give_no_triplets_not_errors(case):
 
 def test_unknown_label_rule_is_rejected():
     with pytest.raises(ValueError, match="label_rule='nearest'"):
-        mine_triplets(torch.randn(2, 2), torch.ones(2), constructed_set(), k=2, label_rule="nearest")
+        mine_triplets(maps(torch.randn(2, 2)), torch.ones(2), constructed_set(), k=2, label_rule="nearest")
 
 
 def test_triplet_loss_matches_hand_computation():
-    a = torch.tensor([[1.0, 0.0]])
-    p = torch.tensor([[1.0, 1.0]])   # cos = 1/sqrt2 -> d = 0.2929
-    n = torch.tensor([[0.0, 1.0]])   # cos = 0 -> d = 1
-    loss, active = triplet_cosine_loss(a, p, n, margin=0.2)
+    cos_ap, cos_an = torch.tensor([2 ** -0.5]), torch.tensor([0.0])   # d_ap = 0.2929, d_an = 1
+    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=0.2)
     assert loss.item() == pytest.approx(0.0) and active.item() == 0.0
-    loss, active = triplet_cosine_loss(a, n, p, margin=0.2)  # swapped: 1 - 0.2929 + 0.2
+    loss, active = triplet_margin_loss(cos_an, cos_ap, margin=0.2)    # swapped: 1 - 0.2929 + 0.2
     assert loss.item() == pytest.approx(1.0 - (1.0 - 2 ** -0.5) + 0.2, abs=1e-6)
     assert active.item() == 1.0
+
+
+def test_attended_cosine_equals_cosine_of_the_attended_maps():
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 5, 4, 3), torch.rand(6, 5, 4, 3)
+    wx = torch.rand(6, 4, 3, requires_grad=True)
+    wy = torch.rand(6, 4, 3, requires_grad=True)
+    fast = attended_cosine(x, y, wx, wy)
+    slow = torch.nn.functional.cosine_similarity((x * wx.unsqueeze(1)).flatten(1),
+                                                 (y * wy.unsqueeze(1)).flatten(1), dim=1)
+    assert torch.allclose(fast, slow, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.sum(), [wx, wy])
+    g_slow = torch.autograd.grad(slow.sum(), [wx, wy])
+    for a, b in zip(g_fast, g_slow):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -105,3 +105,21 @@ def test_optimizer_uses_ppo_rgb_adam_eps(trained):
     _, learner, _, _ = trained
     (optimizer,) = [o for _, o in learner._named_optimizers.items()]
     assert optimizer.defaults["eps"] == 1e-5
+
+
+def test_memory_subsamples_an_iteration_larger_than_its_capacity():
+    config = tiny_config(contrastive_buffer_capacity=48, contrastive_num_anchors=16)
+    runner = SingleAgentEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    episodes = runner.sample(num_timesteps=128)
+    batch = train_batch(learner, episodes)
+    learner.update(episodes=episodes, num_epochs=2, minibatch_size=64,
+                   timesteps={"num_env_steps_sampled_lifetime": 128})
+    buffer = learner._buffers[MID]
+    stored = buffer.filled()[2].tolist()
+    targets = batch[Columns.VALUE_TARGETS][batch[Columns.LOSS_MASK]].tolist()
+    assert 44 <= len(buffer) <= 48   # about capacity / rows of each minibatch, rounded up
+    # a uniform draw from the whole epoch, not just its first minibatch's rows
+    first_minibatch = set(round(t, 5) for t in batch[Columns.VALUE_TARGETS][:64].tolist())
+    assert any(round(r, 5) not in first_minibatch for r in stored)
+    assert all(any(abs(r - t) < 1e-5 for t in targets) for r in stored)
