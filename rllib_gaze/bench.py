@@ -1,13 +1,15 @@
 """Benchmarks: what the gaze and the contrastive loss cost next to plain PPO.
 
     python -m rllib_gaze.bench overhead [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
-    python -m rllib_gaze.bench mining   [--device cpu|cuda] [--sizes 1024 4096 16384] ...
+    python -m rllib_gaze.bench mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
+    python -m rllib_gaze.bench parts    [--device cpu|cuda] [--memory 8192] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
 attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full method) on the same
 batch, interleaved round by round so machine noise hits every arm alike, with the contrastive
 memory already full (its steady state). ``mining`` times the exact neighbour search + triplet
-selection against memories of growing size. Both print figures; neither asserts anything.
+selection against memories of growing size; ``parts`` times each step of the contrastive path
+alone. They print figures; none asserts anything.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ray.rllib.policy.sample_batch import SampleBatch
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import FeatureReturnBuffer, mine_triplets
+from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
+from rllib_gaze.gaze import FovealGaze
 
 ARMS = {"ppo": ("none", False), "gaze-rl": ("foveal", False), "gaze": ("foveal", True)}
 
@@ -129,6 +132,47 @@ def mining(args: argparse.Namespace) -> None:
                   f"{1e3 * statistics.median(times[1:]):8.2f} ms ({triplets.anchor.numel()} triplets)", flush=True)
 
 
+def parts(args: argparse.Namespace) -> None:
+    """Time each step of the contrastive path alone, at the learner's shapes."""
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    shape = tuple(args.map)
+    gaze = FovealGaze(*shape).to(args.device)
+    buffer = FeatureReturnBuffer(args.memory, shape, pool=args.pool, device=args.device)
+    buffer.push(torch.rand(args.memory, *shape, generator=gen, device=args.device),
+                torch.randn(args.memory, generator=gen, device=args.device))
+    minibatch = torch.rand(args.minibatch, *shape, generator=gen, device=args.device)
+    returns = torch.randn(args.minibatch, generator=gen, device=args.device)
+    anchors, anchor_returns = minibatch[:args.anchors], returns[:args.anchors]
+    triplets = mine_triplets(anchors, anchor_returns, buffer, k=args.k, threshold=0.0)
+    bank = buffer.filled()[0]
+    a, p, n = anchors[triplets.anchor], bank[triplets.positive], bank[triplets.negative]
+
+    def loss_forward_backward():
+        weights, _ = gaze.attention_map(torch.cat([a, p, n]))
+        w_a, w_p, w_n = weights.split(a.shape[0])
+        loss, _ = triplet_margin_loss(attended_cosine(a, p, w_a, w_p), attended_cosine(a, n, w_a, w_n), 0.2)
+        loss.backward()
+
+    steps = {
+        "neighbour search + triplet selection": lambda: mine_triplets(anchors, anchor_returns, buffer, k=args.k,
+                                                                      threshold=0.0),
+        "gaze + triplet loss, forward and backward": loss_forward_backward,
+        f"memory push of {args.minibatch} rows (once per iteration per {args.minibatch} rows)":
+            lambda: buffer.push(minibatch, returns),
+    }
+    print(f"contrastive path per minibatch: {args.anchors} anchors ({triplets.anchor.numel()} triplets), memory "
+          f"{args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, median of {args.repeats}")
+    for name, step in steps.items():
+        times = []
+        for _ in range(args.repeats + 1):
+            _sync(args.device)
+            start = time.perf_counter()
+            step()
+            _sync(args.device)
+            times.append(time.perf_counter() - start)
+        print(f"  {name:60s} {1e3 * statistics.median(times[1:]):8.2f} ms", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rllib_gaze.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2])
     p.add_argument("--map", type=int, nargs=3, default=[64, 12, 12], metavar=("C", "H", "W"),
                    help="feature map shape (NatureCNN on 128px: 64 12 12)")
-    p.add_argument("--anchors", type=int, default=256)
+    p.add_argument("--anchors", type=int, default=128, help="GazePPOConfig default: 128")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
@@ -161,12 +205,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormal floats to zero on CPU (slow denormal arithmetic then "
                              "adds noise that depends on each arm's weights, not on its work)")
+    p = sub.add_parser("parts", help="each step of the contrastive path alone")
+    p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+    p.add_argument("--map", type=int, nargs=3, default=[64, 12, 12], metavar=("C", "H", "W"))
+    p.add_argument("--memory", type=int, default=8192)
+    p.add_argument("--pool", type=int, default=2)
+    p.add_argument("--minibatch", type=int, default=800)
+    p.add_argument("--anchors", type=int, default=128)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=parts)
+
     args = parser.parse_args(argv)
     if not args.keep_denormals:
         torch.set_flush_denormal(True)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk"):
+    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk", "memory", "pool"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     for name in ("sizes", "pools", "map"):

@@ -123,3 +123,16 @@ def test_memory_subsamples_an_iteration_larger_than_its_capacity():
     first_minibatch = set(round(t, 5) for t in batch[Columns.VALUE_TARGETS][:64].tolist())
     assert any(round(r, 5) not in first_minibatch for r in stored)
     assert all(any(abs(r - t) < 1e-5 for t in targets) for r in stored)
+
+
+@pytest.mark.gpu
+def test_memory_and_mining_live_on_the_learners_gpu():
+    config = tiny_config().learners(num_gpus_per_learner=1)
+    runner = SingleAgentEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    for lifetime in (128, 256):
+        results = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
+                                 timesteps={"num_env_steps_sampled_lifetime": lifetime})
+    buffer = learner._buffers[MID]
+    assert buffer.maps.device.type == "cuda" and buffer.keys.device.type == "cuda"
+    assert results[MID]["contrastive_valid_anchor_frac"].peek() > 0
