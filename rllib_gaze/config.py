@@ -150,6 +150,12 @@ class GazePPOConfig(PPOConfig):
 def gaze_config_errors(c: GazePPOConfig) -> list[str]:
     """Every problem with the gaze settings of ``c``, each naming the value and what is allowed."""
     errors = []
+    user_model_config = c._model_config if isinstance(c._model_config, dict) else {}
+    for key in _MODULE_KEYS:
+        if key in user_model_config and user_model_config[key] != getattr(c, key):
+            errors.append(f"model_config[{key!r}]={user_model_config[key]!r} disagrees with .gaze({key}="
+                          f"{getattr(c, key)!r}); set it only through .gaze({key}=...) so the module and the "
+                          "learner see the same value")
     if c.attention not in ATTENTION_MODES:
         errors.append(f"attention={c.attention!r} is not known; allowed values are {ATTENTION_MODES}")
     if c.contrastive and c.attention == "none":

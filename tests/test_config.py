@@ -56,6 +56,12 @@ def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
         config.validate()
 
 
+def test_attention_set_behind_gaze_s_back_is_refused():
+    config = GazePPOConfig().environment("clutter").rl_module(model_config={"attention": "patch"})
+    with pytest.raises(ValueError, match=r"model_config\['attention'\]='patch' disagrees with .gaze\(attention='foveal'\)"):
+        config.validate()
+
+
 def test_good_options_validate():
     GazePPOConfig().environment("clutter").gaze(attention="patch", label_rule="relative").validate()
     GazePPOConfig().environment("clutter").gaze(attention="none", contrastive=False).validate()
