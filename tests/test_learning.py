@@ -1,8 +1,8 @@
 """GazePPO (foveal gaze + contrastive loss) learns the clutter task on CPU within ~25 s.
 
 Thresholds come from measured runs of exactly this config and seed (docs/benchmarks.md,
-"Learning test"): first report 2.0, mean of the last four reports 7.5; a random policy scores
-about 2.8. The asserted levels leave about 2.5 of margin either way.
+"Learning test"): first report 2.45, mean of the last four reports 6.65; a random policy scores
+about 2.8. The asserted levels (first < 4.0, last four > 4.5) leave 1.5-2 of margin.
 """
 
 import math
@@ -31,5 +31,5 @@ def test_full_method_improves_on_the_clutter_task(ray_session):
         algo.stop()
     print("clutter episode_return_mean per reporting iteration:", [round(float(r), 2) for r in returns])
     assert len(returns) >= 6, returns
-    assert returns[0] < 4.5, returns
-    assert sum(returns[-4:]) / 4 > 5.0, returns
+    assert returns[0] < 4.0, returns
+    assert sum(returns[-4:]) / 4 > 4.5, returns

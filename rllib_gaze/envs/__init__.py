@@ -9,21 +9,29 @@ from __future__ import annotations
 
 from ray import tune
 
+from rllib_gaze.envs.bridge import BatchedEnvBridge
 from rllib_gaze.envs.clutter import ClutterEnv
 
 CLUTTER = "clutter"
 
 
-def make_clutter(env_config: dict) -> ClutterEnv:
-    """Tune env creator for ``"clutter"``; RLlib passes ``num_envs`` in vector_entry_point mode."""
-    cfg = dict(env_config)
+def _bridge_options(cfg: dict, name: str) -> dict:
+    """Pop the bridge's own options out of an env_config; check RLlib passed ``num_envs``."""
     if "num_envs" not in cfg:
         raise ValueError(
-            f"env {CLUTTER!r} is a batched VectorEnv: set "
+            f"env {name!r} is a batched VectorEnv: set "
             "config.env_runners(gym_env_vectorize_mode='vector_entry_point') so RLlib passes num_envs")
-    return ClutterEnv(**cfg)
+    return {"ignore_terminations": bool(cfg.pop("ignore_terminations", False)),
+            "bootstrap_at_done": bool(cfg.pop("bootstrap_at_done", True))}
+
+
+def make_clutter(env_config: dict) -> BatchedEnvBridge:
+    """Tune env creator for ``"clutter"``; RLlib passes ``num_envs`` in vector_entry_point mode."""
+    cfg = dict(env_config)
+    bridge = _bridge_options(cfg, CLUTTER)
+    return BatchedEnvBridge(ClutterEnv(**cfg), **bridge)
 
 
 tune.register_env(CLUTTER, make_clutter)
 
-__all__ = ["CLUTTER", "ClutterEnv", "make_clutter"]
+__all__ = ["CLUTTER", "BatchedEnvBridge", "ClutterEnv", "make_clutter"]

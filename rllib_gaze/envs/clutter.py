@@ -5,8 +5,9 @@ same size and colours (green filled squares, red hollow squares) drift around on
 background; only the agent and the target decide the reward. It is the CPU-scale testbed for the
 gaze: an encoder that looks everywhere sees mostly clutter.
 
-API shape: a ``gymnasium.vector.VectorEnv`` with next-step autoreset (what RLlib's env runner
-expects), numpy out, batched torch state inside, like a GPU-batched ManiSkill env behind a bridge.
+API shape: the same as a GPU-batched ManiSkill env (torch tensors with a leading ``num_envs``
+axis, partial resets through ``reset(options={"env_idx": ...})``, no autoreset), so RLlib sees it
+through the same ``BatchedEnvBridge`` as ManiSkill, and it runs on CPU or GPU (``device``).
 """
 
 from __future__ import annotations
@@ -14,24 +15,21 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector.utils import batch_space
 
 _AGENT_RGB = (220, 40, 40)
 _TARGET_RGB = (40, 200, 60)
 
 
-class ClutterEnv(gym.vector.VectorEnv):
-    """Batched "reach the target among distractors" task.
+class ClutterEnv:
+    """Batched "reach the target among distractors" task (ManiSkill's batched-env API).
 
     Observation: ``(N, S, S, 3)`` uint8 images (``S = image_size``); with ``include_state`` a Dict
     ``{"rgb": (N, S, S, 3), "state": (N, 2)}`` where state is the agent's own position.
     Action: ``(N, 2)`` in [-1, 1], the agent's velocity. Reward: ``1 - tanh(5 * distance)`` plus
     ``10 x`` the distance closed this step, so staying on the target pays until ``max_episode_steps`` truncates the episode. Success
     is distance < ``success_radius``; with ``terminate_on_success`` it also ends the episode.
-    ``infos["success"]`` is a ``(N,)`` bool array.
+    ``info["success"]`` is a ``(N,)`` bool tensor. All outputs are torch tensors on ``device``.
     """
-
-    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int = 1, *, image_size: int = 64, num_distractors: int = 6,
                  max_episode_steps: int = 50, include_state: bool = False, step_size: float = 0.08,
@@ -59,8 +57,6 @@ class ClutterEnv(gym.vector.VectorEnv):
             gym.spaces.Dict({"rgb": rgb, "state": gym.spaces.Box(0.0, 1.0, (2,), np.float32)})
             if include_state else rgb)
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
 
         n, d = num_envs, num_distractors
         self.agent = torch.zeros(n, 2, device=self.device)
@@ -71,22 +67,22 @@ class ClutterEnv(gym.vector.VectorEnv):
         self.background = torch.zeros(n, image_size, image_size, 3, dtype=torch.uint8, device=self.device)
         self.elapsed = torch.zeros(n, dtype=torch.long, device=self.device)
         self._distance = torch.zeros(n, device=self.device)
-        self._needs_reset = torch.zeros(n, dtype=torch.bool, device=self.device)
         coords = (torch.arange(image_size, device=self.device, dtype=torch.float32) + 0.5) / image_size
         self._ys, self._xs = coords.view(1, -1, 1), coords.view(1, 1, -1)
         self._half = 0.06  # object half-size, in units of the image side
 
-    # --- gymnasium API --------------------------------------------------------------------------
+    # --- batched-env API (as ManiSkill's) --------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Reset the sub-envs in ``options["env_idx"]`` (default: all); observations of all sub-envs."""
         if seed is not None:
             self._gen.manual_seed(seed)
-        self._reset_envs(torch.arange(self.num_envs, device=self.device))
-        self._needs_reset[:] = False
-        return self._observe(), {"success": np.zeros(self.num_envs, dtype=bool)}
+        idx = (options or {}).get("env_idx")
+        idx = torch.arange(self.num_envs, device=self.device) if idx is None else torch.as_tensor(idx, device=self.device)
+        self._reset_envs(idx.long().reshape(-1))
+        return self._observe(), {}
 
     def step(self, actions):
-        actions = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=self.device).clamp(-1, 1)
-        resetting = self._needs_reset.clone()
+        actions = torch.as_tensor(actions, dtype=torch.float32, device=self.device).clamp(-1, 1)
         self.agent = (self.agent + self.step_size * actions).clamp(self._half, 1 - self._half)
         self.distractors = self.distractors + self.velocities
         bounced = (self.distractors < self._half) | (self.distractors > 1 - self._half)
@@ -102,17 +98,7 @@ class ClutterEnv(gym.vector.VectorEnv):
         success = distance < self.success_radius
         terminated = success.clone() if self.terminate_on_success else torch.zeros_like(success)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
-
-        # Next-step autoreset: envs that finished last step ignore this action and start anew.
-        if resetting.any():
-            self._reset_envs(resetting.nonzero().squeeze(1))
-            reward[resetting] = 0.0
-            success[resetting] = False
-            terminated[resetting] = False
-            truncated[resetting] = False
-        self._needs_reset = terminated | truncated
-        return (self._observe(), reward.cpu().numpy().astype(np.float32), terminated.cpu().numpy(),
-                truncated.cpu().numpy(), {"success": success.cpu().numpy()})
+        return self._observe(), reward, terminated, truncated, {"success": success}
 
     # --- internals --------------------------------------------------------------------------------
     def _rand(self, *shape) -> torch.Tensor:
@@ -162,7 +148,6 @@ class ClutterEnv(gym.vector.VectorEnv):
             img = torch.where(mask.unsqueeze(-1), colour, img)
         img = torch.where(self._square(self.target, yes).unsqueeze(-1), green, img)
         img = torch.where(self._square(self.agent, no).unsqueeze(-1), red, img)
-        rgb = img.cpu().numpy()
         if self.include_state:
-            return {"rgb": rgb, "state": self.agent.cpu().numpy().astype(np.float32)}
-        return rgb
+            return {"rgb": img, "state": self.agent.clone()}
+        return img
