@@ -51,6 +51,10 @@ class GazePPOConfig(PPOConfig):
         self.train_batch_size_per_learner = 512 * 50
         self.minibatch_size = 512 * 50 // 32
         self.adam_eps = 1e-5
+        # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
+        from rllib_gaze.envs.metrics import SuccessMetrics
+
+        self.callbacks_class = SuccessMetrics
 
         # Gaze (module side).
         self.attention = "foveal"

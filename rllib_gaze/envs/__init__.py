@@ -13,6 +13,7 @@ from rllib_gaze.envs.bridge import BatchedEnvBridge
 from rllib_gaze.envs.clutter import ClutterEnv
 
 CLUTTER = "clutter"
+MANISKILL = "maniskill"
 
 
 def _bridge_options(cfg: dict, name: str) -> dict:
@@ -32,6 +33,18 @@ def make_clutter(env_config: dict) -> BatchedEnvBridge:
     return BatchedEnvBridge(ClutterEnv(**cfg), **bridge)
 
 
-tune.register_env(CLUTTER, make_clutter)
+def make_maniskill_env(env_config: dict) -> BatchedEnvBridge:
+    """Tune env creator for ``"maniskill"``: ``env_config`` holds ``env_id`` and the options of
+    ``rllib_gaze.envs.maniskill.make_maniskill``, plus the bridge's ``ignore_terminations`` and
+    ``bootstrap_at_done``."""
+    from rllib_gaze.envs.maniskill import make_maniskill  # imports ManiSkill only when used
 
-__all__ = ["CLUTTER", "BatchedEnvBridge", "ClutterEnv", "make_clutter"]
+    cfg = dict(env_config)
+    bridge = _bridge_options(cfg, MANISKILL)
+    return BatchedEnvBridge(make_maniskill(**cfg), **bridge)
+
+
+tune.register_env(CLUTTER, make_clutter)
+tune.register_env(MANISKILL, make_maniskill_env)
+
+__all__ = ["CLUTTER", "MANISKILL", "BatchedEnvBridge", "ClutterEnv", "make_clutter", "make_maniskill_env"]

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.rllib.utils.spaces.space_utils import unsquash_action
 
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.envs import BatchedEnvBridge, make_clutter
 from rllib_gaze.envs.clutter import ClutterEnv
+
+from episodes import plain_loop_episodes, rllib_episodes, summary
 
 
 def test_next_step_autoreset_ignores_the_action_and_resets_only_finished_envs():
@@ -48,37 +48,6 @@ def test_termination_reporting(bootstrap_at_done, ignore_terminations, expected)
         (bool(term[0]), bool(trunc[0]))
 
 
-def run_plain_loop(env: ClutterEnv, module, seed, num_steps):
-    """Step the batched env directly (same-step partial resets), choosing actions as RLlib would
-    with explore=False: the module's deterministic mean, unsquashed into the action space."""
-    obs, _ = env.reset(seed=seed)
-    current = [{"obs": [obs[i].clone()], "rewards": []} for i in range(env.num_envs)]
-    finished = []
-    for _ in range(num_steps):
-        with torch.no_grad():
-            inputs = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
-        mean = inputs[:, : inputs.shape[1] // 2].numpy()
-        actions = np.stack([unsquash_action(a, env.single_action_space) for a in mean])
-        obs, rew, term, trunc, _ = env.step(torch.as_tensor(actions))
-        done = term | trunc
-        for i in range(env.num_envs):
-            current[i]["obs"].append(obs[i].clone())
-            current[i]["rewards"].append(float(rew[i]))
-        if done.any():
-            idx = done.nonzero().squeeze(1)
-            obs, _ = env.reset(options={"env_idx": idx})
-            for i in idx.tolist():
-                finished.append(current[i])
-                current[i] = {"obs": [obs[i].clone()], "rewards": []}
-    return finished
-
-
-def summary(episodes):
-    """Order-free fingerprint of complete episodes: length, rewards, first and last observation."""
-    return sorted((len(e["rewards"]), tuple(np.round(e["rewards"], 5)), e["obs"][0].numpy().tobytes(),
-                   e["obs"][-1].numpy().tobytes()) for e in episodes)
-
-
 def test_rllib_sees_the_same_episodes_as_a_plain_loop():
     env_config = {"image_size": 32, "num_distractors": 2, "max_episode_steps": 7, "seed": 3}
     config = (GazePPOConfig()
@@ -88,10 +57,9 @@ def test_rllib_sees_the_same_episodes_as_a_plain_loop():
               .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
               .debugging(seed=11))
     runner = SingleAgentEnvRunner(config=config)
-    rllib = [{"obs": [torch.as_tensor(o) for o in e.get_observations()], "rewards": [float(r) for r in e.get_rewards()]}
-             for e in runner.sample(num_episodes=6)]
+    rllib = rllib_episodes(runner.sample(num_episodes=6))
     assert all(len(e["rewards"]) == 7 for e in rllib)
-    plain = run_plain_loop(ClutterEnv(3, **env_config), runner.module, seed=runner._seed, num_steps=14)
+    plain = plain_loop_episodes(ClutterEnv(3, **env_config), runner.module, seed=runner._seed, num_steps=14)
     assert len(plain) == 6
     assert summary(rllib) == summary(plain)
 
@@ -99,3 +67,23 @@ def test_rllib_sees_the_same_episodes_as_a_plain_loop():
 def test_creator_rejects_a_missing_num_envs():
     with pytest.raises(ValueError, match="gym_env_vectorize_mode='vector_entry_point'"):
         make_clutter({"image_size": 32})
+
+
+def test_success_metrics_reach_rllib_results(ray_session):
+    # Steps of 0.5 reach any target within a few steps of a 6-step episode; ~half the episodes succeed
+    # under a random policy, and success_once >= success_at_end always.
+    config = (GazePPOConfig()
+              .environment("clutter", env_config={"image_size": 24, "num_distractors": 0, "max_episode_steps": 6,
+                                                  "step_size": 0.5, "success_radius": 0.3, "seed": 0})
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=8, rollout_fragment_length=12,
+                           gym_env_vectorize_mode="vector_entry_point")
+              .training(train_batch_size_per_learner=96, minibatch_size=48, num_epochs=1)
+              .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
+              .debugging(seed=0))
+    algo = config.build_algo()
+    try:
+        runners = algo.train()["env_runners"]
+    finally:
+        algo.stop()
+    assert 0.0 < runners["success_once"] <= 1.0
+    assert runners["success_at_end"] <= runners["success_once"]

@@ -1,0 +1,137 @@
+"""ManiSkill3 tasks as batched envs for RLlib (through ``BatchedEnvBridge``).
+
+- GPU (``sim_backend="physx_cuda"``): one ManiSkill env object simulates and renders all
+  ``num_envs`` sub-envs of an env runner (ManiSkill's own batching).
+- CPU (``"physx_cpu"``): ManiSkill allows one sub-env per env object there, so ``CPUBatch``
+  holds ``num_envs`` objects behind the same batched API.
+
+Observations are ppo_rgb's: ``{"rgb": (N, S, S, 3) uint8, "state": (N, D) float32}`` from
+``FlattenRGBDObservationWrapper`` (camera size ``S``, default 128); actions ``pd_joint_delta_pos``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+VULKAN_HELP = (
+    "ManiSkill renders camera observations through Vulkan and found no usable Vulkan device. "
+    "Without a GPU, install Mesa >= 24.3 lavapipe (Debian 12: `apt-get install -t bookworm-backports "
+    "mesa-vulkan-drivers libvulkan1`; scripts/setup.sh does this); on NVIDIA GPU nodes install "
+    "libvulkan1 and the NVIDIA driver's Vulkan ICD. Check with `vulkaninfo --summary`."
+)
+SIM_BACKENDS = ("auto", "physx_cuda", "physx_cpu")
+
+
+def _check_env_id(env_id: str) -> None:
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    if env_id not in REGISTERED_ENVS:
+        close = difflib.get_close_matches(env_id, list(REGISTERED_ENVS), n=5)
+        hint = f"; did you mean {close}?" if close else f"; known ids include {sorted(REGISTERED_ENVS)[:10]}"
+        raise ValueError(f"env_id={env_id!r} is not a registered ManiSkill task{hint}")
+
+
+def _make_one(env_id: str, num_envs: int, sim_backend: str, camera_size: int, include_state: bool,
+              control_mode: str, reconfiguration_freq: int | None, max_episode_steps: int | None,
+              extra: dict) -> gym.Env:
+    from mani_skill.utils.wrappers.flatten import FlattenRGBDObservationWrapper
+
+    kwargs = dict(num_envs=num_envs, obs_mode="rgb", sim_backend=sim_backend, control_mode=control_mode,
+                  sensor_configs={"width": camera_size, "height": camera_size},
+                  reconfiguration_freq=reconfiguration_freq, **extra)
+    if sim_backend == "physx_cpu":
+        kwargs["render_backend"] = "cpu"
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    try:
+        env = gym.make(env_id, **kwargs)
+    except RuntimeError as err:
+        if any(s in str(err) for s in ("rendering device", "ErrorIncompatibleDriver", "vk::", "Vulkan")):
+            raise RuntimeError(f"{VULKAN_HELP} (ManiSkill said: {err})") from err
+        raise
+    env = FlattenRGBDObservationWrapper(env, rgb=True, depth=False, state=include_state)
+    if "rgb" not in env.unwrapped.single_observation_space.spaces:
+        env.close()
+        raise ValueError(f"env_id={env_id!r} gives no camera image in obs_mode 'rgb'; GazePPO needs one")
+    return env
+
+
+class CPUBatch:
+    """``num_envs`` single-env CPU ManiSkill objects behind ManiSkill's batched API.
+
+    ``reset(options={"env_idx": idx})`` resets those objects and returns every sub-env's latest
+    observation; ``step(actions (N, A))`` steps each object with its row. Tensors come back
+    concatenated along a leading ``num_envs`` axis.
+
+    Every reset passes ManiSkill an explicit seed drawn from the sub-env's own generator (seeded by
+    ``reset(seed=s)`` with ``s + i``): unseeded ManiSkill resets draw from torch's *global* RNG, so
+    anything else that uses it (a policy, RLlib) would change which episodes the env produces.
+    """
+
+    def __init__(self, envs: list[gym.Env]):
+        self.envs = envs
+        self.num_envs = len(envs)
+        self._seeders = [np.random.default_rng() for _ in envs]
+        self.device = torch.device("cpu")
+        self.single_observation_space = envs[0].unwrapped.single_observation_space
+        self.single_action_space = envs[0].unwrapped.single_action_space
+        self._last_obs: list[dict] = [None] * self.num_envs
+
+    @staticmethod
+    def _cat(items: list[Any]) -> Any:
+        if isinstance(items[0], dict):
+            return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+        return torch.cat([torch.as_tensor(it).reshape(-1) for it in items])
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        idx = (options or {}).get("env_idx")
+        idx = range(self.num_envs) if idx is None else torch.as_tensor(idx).reshape(-1).tolist()
+        for i in idx:
+            if seed is not None:
+                self._seeders[i] = np.random.default_rng(seed + i)
+            self._last_obs[i], _ = self.envs[i].reset(seed=int(self._seeders[i].integers(2**31)))
+        return self._cat(self._last_obs), {}
+
+    def step(self, actions: torch.Tensor):
+        results = [env.step(actions[i:i + 1]) for i, env in enumerate(self.envs)]
+        self._last_obs = [r[0] for r in results]
+        success = [r[4].get("success", torch.zeros(1, dtype=torch.bool)) for r in results]
+        return (self._cat(self._last_obs), self._cat([r[1] for r in results]), self._cat([r[2] for r in results]),
+                self._cat([r[3] for r in results]), {"success": self._cat(success)})
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_maniskill(num_envs: int, env_id: str = "PushCube-v1", *, sim_backend: str = "auto",
+                   camera_size: int = 128, include_state: bool = True, control_mode: str = "pd_joint_delta_pos",
+                   reconfiguration_freq: int | None = None, max_episode_steps: int | None = None,
+                   **extra: Any):
+    """A batched ManiSkill env: GPU-batched with ``physx_cuda``, a ``CPUBatch`` with ``physx_cpu``.
+
+    ``sim_backend="auto"`` picks ``physx_cuda`` when torch sees a GPU. ``extra`` goes to ``gym.make``.
+    """
+    if sim_backend not in SIM_BACKENDS:
+        raise ValueError(f"sim_backend={sim_backend!r}: allowed values are {SIM_BACKENDS}")
+    if camera_size < 16:
+        raise ValueError(f"camera_size={camera_size!r}: must be >= 16")
+    _check_env_id(env_id)
+    if sim_backend == "auto":
+        sim_backend = "physx_cuda" if torch.cuda.is_available() else "physx_cpu"
+    if sim_backend == "physx_cuda" and not torch.cuda.is_available():
+        raise ValueError("sim_backend='physx_cuda' needs a CUDA GPU and torch sees none; use 'physx_cpu' or 'auto'")
+    args = (sim_backend, camera_size, include_state, control_mode, reconfiguration_freq, max_episode_steps, extra)
+    if sim_backend == "physx_cuda":
+        env = _make_one(env_id, num_envs, *args)
+        env.num_envs, env.device = num_envs, env.unwrapped.device
+        env.single_observation_space = env.unwrapped.single_observation_space
+        env.single_action_space = env.unwrapped.single_action_space
+        return env
+    return CPUBatch([_make_one(env_id, 1, *args) for _ in range(num_envs)])
