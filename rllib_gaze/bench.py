@@ -3,6 +3,7 @@
     python -m rllib_gaze.bench overhead [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
     python -m rllib_gaze.bench mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
     python -m rllib_gaze.bench parts    [--device cpu|cuda] [--memory 8192] ...
+    python -m rllib_gaze.bench envs     [--num-envs 256] [--steps 10240] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
 attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full method) on the same
@@ -22,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from ray import tune
 from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import SampleBatch
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
@@ -173,6 +175,87 @@ def parts(args: argparse.Namespace) -> None:
         print(f"  {name:60s} {1e3 * statistics.median(times[1:]):8.2f} ms", flush=True)
 
 
+class ZeroCostEnv:
+    """A batched env (ManiSkill API) whose step costs nothing: constant uint8 images + state."""
+
+    def __init__(self, num_envs: int, image_size: int = 128, max_episode_steps: int = 50):
+        self.num_envs, self.device, self.max_episode_steps = num_envs, torch.device("cpu"), max_episode_steps
+        self.single_observation_space = gym.spaces.Dict({
+            "rgb": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+            "state": gym.spaces.Box(-np.inf, np.inf, (25,), np.float32)})
+        self.single_action_space = gym.spaces.Box(-1, 1, (8,), np.float32)
+        self._obs = {"rgb": torch.zeros(num_envs, image_size, image_size, 3, dtype=torch.uint8),
+                     "state": torch.zeros(num_envs, 25)}
+        self._elapsed = torch.zeros(num_envs, dtype=torch.long)
+
+    def reset(self, *, seed=None, options=None):
+        idx = (options or {}).get("env_idx")
+        self._elapsed[slice(None) if idx is None else idx] = 0
+        return self._obs, {}
+
+    def step(self, actions):
+        self._elapsed += 1
+        truncated = self._elapsed >= self.max_episode_steps
+        zeros = torch.zeros(self.num_envs, dtype=torch.bool)
+        return self._obs, torch.zeros(self.num_envs), zeros, truncated, {"success": zeros}
+
+
+def envs(args: argparse.Namespace) -> None:
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from rllib_gaze.envs import BatchedEnvBridge, make_clutter
+    from rllib_gaze.envs.maniskill import make_maniskill
+
+    def zero_cost(cfg: dict) -> BatchedEnvBridge:
+        return BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"]))
+
+    tune.register_env("bench_zero_cost", zero_cost)
+    cases = {
+        "zero-cost": ("bench_zero_cost", {"image_size": args.image}, args.num_envs, args.steps),
+        "clutter": ("clutter", {"image_size": 64, "num_distractors": 6}, args.num_envs, args.steps),
+        f"maniskill {args.maniskill_env} (physx_cpu)": (
+            "maniskill", {"env_id": args.maniskill_env, "camera_size": args.image, "sim_backend": "physx_cpu"},
+            args.maniskill_envs, args.maniskill_steps),
+    }
+    if torch.cuda.is_available():
+        cases[f"maniskill {args.maniskill_env} (physx_cuda)"] = (
+            "maniskill", {"env_id": args.maniskill_env, "camera_size": args.image, "sim_backend": "physx_cuda"},
+            args.gpu_envs, args.steps)
+    makers = {"bench_zero_cost": zero_cost,
+              "clutter": make_clutter,
+              "maniskill": lambda cfg: BatchedEnvBridge(make_maniskill(**cfg))}
+    print(f"env-steps/s: bare loop over the bridged env vs RLlib's SingleAgentEnvRunner.sample(random_actions=True) "
+          f"on the same env, one process, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    for name, (env_name, env_config, num_envs, steps) in cases.items():
+        bare_env = makers[env_name]({**env_config, "num_envs": num_envs})
+        bare_env.reset(seed=0)
+        config = (GazePPOConfig().environment(env_name, env_config=env_config)
+                  .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
+                               gym_env_vectorize_mode="vector_entry_point"))
+        runner = SingleAgentEnvRunner(config=config)
+        runner.sample(num_timesteps=num_envs, random_actions=True)  # warm up (first reset)
+
+        def bare() -> float:
+            start = time.perf_counter()
+            for _ in range(max(1, steps // num_envs)):
+                bare_env.step(bare_env.action_space.sample())
+            return max(1, steps // num_envs) * num_envs / (time.perf_counter() - start)
+
+        def through_rllib() -> float:
+            start = time.perf_counter()
+            episodes = runner.sample(num_timesteps=steps, random_actions=True)
+            return sum(e.env_steps() for e in episodes) / (time.perf_counter() - start)
+
+        rates = {"bare": [], "rllib": []}
+        for _ in range(args.repeats):
+            rates["bare"].append(bare())
+            rates["rllib"].append(through_rllib())
+        b, r = statistics.median(rates["bare"]), statistics.median(rates["rllib"])
+        print(f"  {name:36s} {num_envs:5d} envs: bare {b:10.0f}  rllib {r:10.0f}  rllib/bare {r / b:.3f}", flush=True)
+        runner.stop()
+        bare_env.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rllib_gaze.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormal floats to zero on CPU (slow denormal arithmetic then "
                              "adds noise that depends on each arm's weights, not on its work)")
+    p = sub.add_parser("envs", help="env-steps/s through RLlib's env runner vs a bare loop")
+    p.add_argument("--num-envs", type=int, default=256)
+    p.add_argument("--steps", type=int, default=256 * 40, help="env steps per measurement")
+    p.add_argument("--image", type=int, default=64, help="camera/image size of the zero-cost and ManiSkill envs")
+    p.add_argument("--maniskill-env", default="PushCube-v1")
+    p.add_argument("--maniskill-envs", type=int, default=2, help="CPU ManiSkill sub-envs (one object each)")
+    p.add_argument("--maniskill-steps", type=int, default=120)
+    p.add_argument("--gpu-envs", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=envs)
+
     p = sub.add_parser("parts", help="each step of the contrastive path alone")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
     p.add_argument("--map", type=int, nargs=3, default=[64, 12, 12], metavar=("C", "H", "W"))
@@ -216,12 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=parts)
 
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     if not args.keep_denormals:
         torch.set_flush_denormal(True)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk", "memory", "pool"):
+    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk", "memory", "pool", "num_envs",
+                 "steps", "image", "maniskill_envs", "maniskill_steps", "gpu_envs"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     for name in ("sizes", "pools", "map"):

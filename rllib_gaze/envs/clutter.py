@@ -67,9 +67,12 @@ class ClutterEnv:
         self.background = torch.zeros(n, image_size, image_size, 3, dtype=torch.uint8, device=self.device)
         self.elapsed = torch.zeros(n, dtype=torch.long, device=self.device)
         self._distance = torch.zeros(n, device=self.device)
-        coords = (torch.arange(image_size, device=self.device, dtype=torch.float32) + 0.5) / image_size
-        self._ys, self._xs = coords.view(1, -1, 1), coords.view(1, 1, -1)
         self._half = 0.06  # object half-size, in units of the image side
+        # Pixel offsets around an object's centre pixel that can lie inside it: a (2r+1)^2 patch.
+        r = int(np.ceil(self._half * image_size)) + 1
+        oy, ox = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+        self._offsets_x = ox.reshape(1, -1).to(self.device)
+        self._offsets_y = oy.reshape(1, -1).to(self.device)
 
     # --- batched-env API (as ManiSkill's) --------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -126,28 +129,38 @@ class ClutterEnv:
         self.elapsed[idx] = 0
         self._distance[idx] = (self.agent[idx] - self.target[idx]).norm(dim=-1)
 
-    def _square(self, centre: torch.Tensor, hollow: torch.Tensor) -> torch.Tensor:
-        """``(N, S, S)`` bool mask of a square per env at ``centre (N, 2)``; ring if ``hollow (N,)``."""
-        dx = (self._xs - centre[:, 0].view(-1, 1, 1)).abs()
-        dy = (self._ys - centre[:, 1].view(-1, 1, 1)).abs()
-        outer = torch.maximum(dx, dy) <= self._half
-        inner = torch.maximum(dx, dy) <= self._half * 0.5
-        return outer & ~(inner & hollow.view(-1, 1, 1))
+    def _paint_square(self, img: torch.Tensor, centre: torch.Tensor, hollow: torch.Tensor,
+                      colour: torch.Tensor) -> None:
+        """Paint one square per env into ``img (N, S*S, 3)`` in place: centre ``(N, 2)`` in [0, 1],
+        a ring where ``hollow (N,)``, ``colour (N, 3)``.
+
+        Only the few pixels around each centre are touched (a scatter, not a full-image pass); a
+        pixel belongs to the square when its centre lies within the half-size, as in a dense test.
+        """
+        s = self.image_size
+        px = (centre[:, 0] * s).floor().long().view(-1, 1) + self._offsets_x      # (N, P)
+        py = (centre[:, 1] * s).floor().long().view(-1, 1) + self._offsets_y
+        dx = ((px.float() + 0.5) / s - centre[:, 0:1]).abs()
+        dy = ((py.float() + 0.5) / s - centre[:, 1:2]).abs()
+        extent = torch.maximum(dx, dy)
+        mask = (extent <= self._half) & ~((extent <= self._half * 0.5) & hollow.view(-1, 1))
+        mask &= (px >= 0) & (px < s) & (py >= 0) & (py < s)
+        env_idx, slot = mask.nonzero(as_tuple=True)
+        img[env_idx, py[env_idx, slot] * s + px[env_idx, slot]] = colour[env_idx]
 
     def _observe(self):
-        img = self.background.clone()
-        n = self.num_envs
-        green = torch.tensor(_TARGET_RGB, dtype=torch.uint8, device=self.device)
-        red = torch.tensor(_AGENT_RGB, dtype=torch.uint8, device=self.device)
+        n, s = self.num_envs, self.image_size
+        img = self.background.clone().view(n, s * s, 3)
+        green = torch.tensor(_TARGET_RGB, dtype=torch.uint8, device=self.device).expand(n, 3)
+        red = torch.tensor(_AGENT_RGB, dtype=torch.uint8, device=self.device).expand(n, 3)
         yes, no = torch.ones(n, dtype=torch.bool, device=self.device), torch.zeros(n, dtype=torch.bool, device=self.device)
         for j in range(self.num_distractors):
             is_green = self.distractor_is_green[:, j]
             # Green distractors are filled (target is hollow); red ones hollow (agent is filled).
-            mask = self._square(self.distractors[:, j], hollow=~is_green)
-            colour = torch.where(is_green.view(-1, 1), green, red).view(n, 1, 1, 3)
-            img = torch.where(mask.unsqueeze(-1), colour, img)
-        img = torch.where(self._square(self.target, yes).unsqueeze(-1), green, img)
-        img = torch.where(self._square(self.agent, no).unsqueeze(-1), red, img)
+            self._paint_square(img, self.distractors[:, j], ~is_green, torch.where(is_green.view(-1, 1), green, red))
+        self._paint_square(img, self.target, yes, green)
+        self._paint_square(img, self.agent, no, red)
+        img = img.view(n, s, s, 3)
         if self.include_state:
             return {"rgb": img, "state": self.agent.clone()}
         return img

@@ -98,3 +98,34 @@ def test_terminate_on_success_option():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClutterEnv(**kwargs)
+
+
+def dense_render(env: ClutterEnv) -> torch.Tensor:
+    """Reference renderer: test every pixel of every square, painting in the env's order."""
+    s, half = env.image_size, env._half
+    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+    xs, ys = coords.view(1, 1, -1), coords.view(1, -1, 1)
+    img = env.background.clone()
+
+    def paint(centre, hollow, colour):
+        nonlocal img
+        extent = torch.maximum((xs - centre[:, 0].view(-1, 1, 1)).abs(), (ys - centre[:, 1].view(-1, 1, 1)).abs())
+        mask = (extent <= half) & ~((extent <= half * 0.5) & hollow.view(-1, 1, 1))
+        img = torch.where(mask.unsqueeze(-1), colour.view(-1, 1, 1, 3), img)
+
+    green, red = torch.tensor([40, 200, 60], dtype=torch.uint8), torch.tensor([220, 40, 40], dtype=torch.uint8)
+    n = env.num_envs
+    for j in range(env.num_distractors):
+        g = env.distractor_is_green[:, j]
+        paint(env.distractors[:, j], ~g, torch.where(g.view(-1, 1), green, red))
+    paint(env.target, torch.ones(n, dtype=torch.bool), green.expand(n, 3))
+    paint(env.agent, torch.zeros(n, dtype=torch.bool), red.expand(n, 3))
+    return img
+
+
+def test_fast_renderer_matches_a_dense_reference():
+    env = ClutterEnv(16, image_size=40, num_distractors=5, seed=2)
+    obs, _ = env.reset()
+    for _ in range(10):   # objects also sit on the image border after bouncing
+        assert torch.equal(obs, dense_render(env))
+        obs = env.step(torch.rand(16, 2) * 2 - 1)[0]
