@@ -44,7 +44,19 @@ def make_maniskill_env(env_config: dict) -> BatchedEnvBridge:
     return BatchedEnvBridge(make_maniskill(**cfg), **bridge)
 
 
+def evaluation_env_config(env_name: str, env_config: dict) -> dict:
+    """ppo_rgb's evaluation setting for ``env_config``: no early termination (every episode runs to
+    the time limit, so ``success_at_end``/``success_once`` compare like with like) and, for
+    ManiSkill, the scene rebuilt every episode (``reconfiguration_freq=1``). Use it with
+    ``config.evaluation(evaluation_config={"explore": False, "env_config": ...})``."""
+    out = {**env_config, "ignore_terminations": True}
+    if env_name == MANISKILL:
+        out["reconfiguration_freq"] = 1
+    return out
+
+
 tune.register_env(CLUTTER, make_clutter)
 tune.register_env(MANISKILL, make_maniskill_env)
 
-__all__ = ["CLUTTER", "MANISKILL", "BatchedEnvBridge", "ClutterEnv", "make_clutter", "make_maniskill_env"]
+__all__ = ["CLUTTER", "MANISKILL", "BatchedEnvBridge", "ClutterEnv", "evaluation_env_config", "make_clutter",
+           "make_maniskill_env"]

@@ -113,16 +113,23 @@ class CPUBatch:
 def make_maniskill(num_envs: int, env_id: str = "PushCube-v1", *, sim_backend: str = "auto",
                    camera_size: int = 128, include_state: bool = True, control_mode: str = "pd_joint_delta_pos",
                    reconfiguration_freq: int | None = None, max_episode_steps: int | None = None,
-                   **extra: Any):
+                   clutter: int = 0, **extra: Any):
     """A batched ManiSkill env: GPU-batched with ``physx_cuda``, a ``CPUBatch`` with ``physx_cpu``.
 
-    ``sim_backend="auto"`` picks ``physx_cuda`` when torch sees a GPU. ``extra`` goes to ``gym.make``.
+    ``sim_backend="auto"`` picks ``physx_cuda`` when torch sees a GPU. ``clutter > 0`` adds that
+    many visual-only distractor objects (``maniskill_clutter``). ``extra`` goes to ``gym.make``.
     """
     if sim_backend not in SIM_BACKENDS:
         raise ValueError(f"sim_backend={sim_backend!r}: allowed values are {SIM_BACKENDS}")
     if camera_size < 16:
         raise ValueError(f"camera_size={camera_size!r}: must be >= 16")
+    if not isinstance(clutter, int) or clutter < 0:
+        raise ValueError(f"clutter={clutter!r}: must be an integer >= 0")
     _check_env_id(env_id)
+    if clutter > 0:
+        from rllib_gaze.envs.maniskill_clutter import cluttered_env_id
+
+        env_id, extra = cluttered_env_id(env_id), {**extra, "clutter": clutter}
     if sim_backend == "auto":
         sim_backend = "physx_cuda" if torch.cuda.is_available() else "physx_cpu"
     if sim_backend == "physx_cuda" and not torch.cuda.is_available():

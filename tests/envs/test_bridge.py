@@ -87,3 +87,30 @@ def test_success_metrics_reach_rllib_results(ray_session):
         algo.stop()
     assert 0.0 < runners["success_once"] <= 1.0
     assert runners["success_at_end"] <= runners["success_once"]
+
+
+def test_deterministic_evaluation_reports_success(ray_session):
+    from rllib_gaze.envs import evaluation_env_config
+
+    env_config = {"image_size": 24, "num_distractors": 0, "max_episode_steps": 6, "step_size": 0.5,
+                  "success_radius": 0.3, "terminate_on_success": True, "seed": 0}
+    assert evaluation_env_config("clutter", env_config)["ignore_terminations"] is True
+    assert evaluation_env_config("maniskill", {"env_id": "PushCube-v1"})["reconfiguration_freq"] == 1
+    config = (GazePPOConfig()
+              .environment("clutter", env_config=env_config)
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=4, rollout_fragment_length=12,
+                           gym_env_vectorize_mode="vector_entry_point")
+              .training(train_batch_size_per_learner=48, minibatch_size=24, num_epochs=1)
+              .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
+              .evaluation(evaluation_interval=1, evaluation_num_env_runners=0, evaluation_duration=4,
+                          evaluation_duration_unit="episodes",
+                          evaluation_config={"explore": False,
+                                             "env_config": evaluation_env_config("clutter", env_config)})
+              .debugging(seed=0))
+    algo = config.build_algo()
+    try:
+        evaluation = algo.train()["evaluation"]["env_runners"]
+    finally:
+        algo.stop()
+    assert evaluation["episode_len_mean"] == 6          # no early termination in evaluation
+    assert 0.0 <= evaluation["success_at_end"] <= evaluation["success_once"] <= 1.0

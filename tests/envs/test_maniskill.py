@@ -100,3 +100,25 @@ def test_cpu_resets_do_not_depend_on_torch_s_global_rng():
         torch.manual_seed(noise)
         return env.reset(options={"env_idx": torch.tensor([0])})[0]["rgb"]
     assert torch.equal(reset_obs_after_noise(0), reset_obs_after_noise(1))
+
+
+def test_cluttered_variant_changes_only_the_image():
+    def roll(clutter):
+        env = make_maniskill(1, env_id="PushCube-v1", camera_size=64, sim_backend="physx_cpu", clutter=clutter)
+        obs, _ = env.reset(seed=1)
+        frames, states, rewards = [obs["rgb"]], [obs["state"]], []
+        for _ in range(3):
+            obs, reward, *_ = env.step(torch.full((1, 8), 0.3))
+            frames.append(obs["rgb"]), states.append(obs["state"]), rewards.append(reward)
+        env.close()
+        return torch.cat(frames), torch.cat(states), torch.cat(rewards)
+
+    plain, cluttered = roll(0), roll(6)
+    assert torch.equal(plain[1], cluttered[1]) and torch.equal(plain[2], cluttered[2])   # same physics and reward
+    changed = (plain[0] != cluttered[0]).any(-1).float().mean().item()
+    assert 0.002 < changed < 0.5, changed     # some, not all, of the image
+
+
+def test_clutter_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match=r"clutter=-1: must be an integer >= 0"):
+        make_maniskill(1, clutter=-1)
