@@ -56,22 +56,25 @@ def build_config(args: argparse.Namespace) -> GazePPOConfig:
 
 
 def summarise(results) -> None:
-    print("\nWhat each trial learned (clutter env, 50-step episodes: random actions score about 3, "
-          "a scripted policy that knows where the target is about 51):")
+    print("\nWhat each trial learned. Return: mean of the first / last 5 reports (clutter env, 50-step episodes:\n"
+          "random actions score about 3, a scripted policy that knows where the target is about 51);\n"
+          "success: share of the last 5 reports' episodes that reached the target at least once.")
     print(f"{'arm':8s} {'seed':>4s} {'env steps':>10s} {'return (first)':>15s} {'return (last)':>14s} "
-          f"{'gaze centre (x, y)':>20s} {'gaze sigma':>11s}")
+          f"{'success (last)':>15s} {'gaze centre (x, y)':>20s} {'gaze sigma':>11s}")
     for result in sorted(results, key=lambda r: (r.config["arm"], r.config["seed"])):
         df = result.metrics_dataframe
         returns = df["env_runners/episode_return_mean"].dropna() if df is not None else []
         first = returns.head(5).mean() if len(returns) else math.nan
         last = returns.tail(5).mean() if len(returns) else math.nan
+        column = "env_runners/success_once"
+        success = df[column].dropna().tail(5).mean() if df is not None and column in df else math.nan
         learner = result.metrics.get("learners", {}).get(MID, {})
         centre = (f"({learner['gaze_mu_x_mean']:+.2f}, {learner['gaze_mu_y_mean']:+.2f})"
                   if "gaze_mu_x_mean" in learner else "-")
         sigma = f"{learner['gaze_sigma_x_mean']:.2f}" if "gaze_sigma_x_mean" in learner else "-"
         steps = int(result.metrics.get("num_env_steps_sampled_lifetime", 0))
         print(f"{result.config['arm']:8s} {result.config['seed']:4d} {steps:10d} {first:15.2f} {last:14.2f} "
-              f"{centre:>20s} {sigma:>11s}")
+              f"{success:15.2f} {centre:>20s} {sigma:>11s}")
 
 
 def main(argv=None) -> None:
