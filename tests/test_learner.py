@@ -21,16 +21,22 @@ def train_batch(learner, episodes):
     return batch[MID]
 
 
-@pytest.fixture
-def trained():
-    """A learner after one 3-epoch update (its memory holds that iteration) and a fresh batch."""
-    config = tiny_config(contrastive_coeff=0.7)
+def one_update(config, num_epochs):
+    """Runner, learner, the first iteration's train batch, after one update on that iteration."""
     runner = SingleAgentEnvRunner(config=config)
     learner = config.build_learner(env=runner.env.unwrapped)
     episodes = runner.sample(num_timesteps=128)
     first = train_batch(learner, episodes)
-    learner.update(episodes=episodes, num_epochs=3, minibatch_size=64,
+    learner.update(episodes=episodes, num_epochs=num_epochs, minibatch_size=64,
                    timesteps={"num_env_steps_sampled_lifetime": 128})
+    return runner, learner, first
+
+
+@pytest.fixture
+def trained():
+    """A learner after one 3-epoch update (its memory holds that iteration) and a fresh batch."""
+    config = tiny_config(contrastive_coeff=0.7)
+    runner, learner, first = one_update(config, num_epochs=3)
     return config, learner, first, train_batch(learner, runner.sample(num_timesteps=128))
 
 
@@ -108,13 +114,8 @@ def test_optimizer_uses_ppo_rgb_adam_eps(trained):
 
 
 def test_memory_subsamples_an_iteration_larger_than_its_capacity():
-    config = tiny_config(contrastive_buffer_capacity=48, contrastive_num_anchors=16)
-    runner = SingleAgentEnvRunner(config=config)
-    learner = config.build_learner(env=runner.env.unwrapped)
-    episodes = runner.sample(num_timesteps=128)
-    batch = train_batch(learner, episodes)
-    learner.update(episodes=episodes, num_epochs=2, minibatch_size=64,
-                   timesteps={"num_env_steps_sampled_lifetime": 128})
+    _, learner, batch = one_update(tiny_config(contrastive_buffer_capacity=48, contrastive_num_anchors=16),
+                                   num_epochs=2)
     buffer = learner._buffers[MID]
     stored = buffer.filled()[2].tolist()
     targets = batch[Columns.VALUE_TARGETS][batch[Columns.LOSS_MASK]].tolist()
