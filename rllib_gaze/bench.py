@@ -28,11 +28,11 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import SampleBatch
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
-from rllib_gaze.config import GazePPOConfig
+from rllib_gaze.config import ARMS, GazePPOConfig
 from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import FovealGaze
 
-ARMS = {"ppo": ("none", False), "gaze-rl": ("foveal", False), "gaze": ("foveal", True)}
+BENCH_ARMS = {arm: ARMS[arm] for arm in ("ppo", "gaze-rl", "gaze")}
 
 
 def _sync(device: str) -> None:
@@ -67,7 +67,7 @@ def overhead(args: argparse.Namespace) -> None:
     act_space = gym.spaces.Box(-1, 1, (args.act_dim,), np.float32)
     batch = _synthetic_batch(args.batch, args.image, args.state_dim, args.act_dim, seed=0, device=args.device)
     learners = {}
-    for arm, (attention, contrastive) in ARMS.items():
+    for arm, (attention, contrastive) in BENCH_ARMS.items():
         config = (GazePPOConfig()
                   .environment(observation_space=obs_space, action_space=act_space)
                   .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0)
@@ -88,14 +88,14 @@ def overhead(args: argparse.Namespace) -> None:
 
     gaze_learner = learners["gaze"]
     while True:  # warm up every arm; fill the full method's memory to capacity
-        for arm in ARMS:
+        for arm in BENCH_ARMS:
             update(arm)
         buffer = gaze_learner._buffers["default_policy"]
         if len(buffer) == buffer.capacity:
             break
-    times = {arm: [] for arm in ARMS}
+    times = {arm: [] for arm in BENCH_ARMS}
     for round_ in range(args.repeats):
-        for arm in ARMS:
+        for arm in BENCH_ARMS:
             times[arm].append(update(arm))
         print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{a} {t[-1]:.3f}s" for a, t in times.items()),
               flush=True)
@@ -104,7 +104,7 @@ def overhead(args: argparse.Namespace) -> None:
     print(f"\nlearner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
           f"rgb {args.image}x{args.image} + state {args.state_dim}, feature map {fmap}, "
           f"memory {len(buffer)} rows, device {args.device}, median of {args.repeats}:")
-    for arm in ARMS:
+    for arm in BENCH_ARMS:
         med = statistics.median(times[arm])
         paired = statistics.median(t / b for t, b in zip(times[arm], times["ppo"]))
         print(f"  {arm:8s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
@@ -203,8 +203,7 @@ class ZeroCostEnv:
 def envs(args: argparse.Namespace) -> None:
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    from rllib_gaze.envs import BatchedEnvBridge, make_clutter
-    from rllib_gaze.envs.maniskill import make_maniskill
+    from rllib_gaze.envs import BatchedEnvBridge, make_clutter, make_maniskill_env
 
     def zero_cost(cfg: dict) -> BatchedEnvBridge:
         return BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"]))
@@ -223,7 +222,7 @@ def envs(args: argparse.Namespace) -> None:
             args.gpu_envs, args.steps)
     makers = {"bench_zero_cost": zero_cost,
               "clutter": make_clutter,
-              "maniskill": lambda cfg: BatchedEnvBridge(make_maniskill(**cfg))}
+              "maniskill": make_maniskill_env}
     print(f"env-steps/s: bare loop over the bridged env vs RLlib's SingleAgentEnvRunner.sample(random_actions=True) "
           f"on the same env, one process, torch threads {torch.get_num_threads()}, median of {args.repeats}")
     for name, (env_name, env_config, num_envs, steps) in cases.items():

@@ -16,6 +16,15 @@ from ray.rllib.utils.annotations import override
 from rllib_gaze.contrastive import LABEL_RULES
 from rllib_gaze.gaze import ATTENTION_MODES
 
+# The compared arms (METHOD.md): name -> (attention, contrastive), i.e. the .gaze() settings that
+# differ between them; everything else is shared.
+ARMS = {
+    "ppo": ("none", False),        # plain CNN baseline
+    "gaze": ("foveal", True),      # the full method
+    "gaze-rl": ("foveal", False),  # foveal gaze trained by RL only
+    "patch": ("patch", True),      # unconstrained per-cell attention + contrastive loss
+}
+
 # Settings of .gaze() that go to the RLModule through model_config.
 _MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max")
 

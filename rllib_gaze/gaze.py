@@ -151,12 +151,17 @@ class PatchGaze(nn.Module):
 ATTENTION_MODES = ("foveal", "patch", "none")
 
 
-def build_gaze(attention: str, in_channels: int, height: int, width: int, **options) -> nn.Module | None:
-    """The attention module for ``attention`` in ``ATTENTION_MODES`` (``None`` for ``"none"``)."""
+def build_gaze(attention: str, in_channels: int, height: int, width: int, *, floor: float = 0.0,
+               sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9) -> nn.Module | None:
+    """The attention module for ``attention`` in ``ATTENTION_MODES`` (``None`` for ``"none"``).
+
+    ``sigma_min``, ``init_sigma`` and ``rho_max`` shape the foveal Gaussian; patch uses ``floor`` only.
+    """
     if attention == "foveal":
-        return FovealGaze(in_channels, height, width, **options)
+        return FovealGaze(in_channels, height, width, floor=floor, sigma_min=sigma_min,
+                          init_sigma=init_sigma, rho_max=rho_max)
     if attention == "patch":
-        return PatchGaze(in_channels, height, width, floor=options.get("floor", 0.0))
+        return PatchGaze(in_channels, height, width, floor=floor)
     if attention == "none":
         return None
     raise ValueError(f"attention={attention!r}: allowed values are {ATTENTION_MODES}")

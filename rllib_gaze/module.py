@@ -94,12 +94,9 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             _, fc, fh, fw = self.cnn(torch.zeros(1, channels, height, width)).shape
         self.feature_map_shape = (fc, fh, fw)
 
-        self.gaze = build_gaze(
-            cfg["attention"], fc, fh, fw,
-            **({"floor": cfg["gaze_floor"], "sigma_min": cfg["gaze_sigma_min"],
-                "init_sigma": cfg["gaze_init_sigma"], "rho_max": cfg["gaze_rho_max"]}
-               if cfg["attention"] == "foveal" else {"floor": cfg["gaze_floor"]}),
-        )
+        self.gaze = build_gaze(cfg["attention"], fc, fh, fw, floor=cfg["gaze_floor"],
+                               sigma_min=cfg["gaze_sigma_min"], init_sigma=cfg["gaze_init_sigma"],
+                               rho_max=cfg["gaze_rho_max"])
         self.image_fc = nn.Sequential(nn.Linear(fc * fh * fw, cfg["image_feature_dim"]), nn.ReLU())
         feature_dim = cfg["image_feature_dim"]
         self.state_fc = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -29,6 +30,16 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def running(config: GazePPOConfig):
+    """The Algorithm built from ``config``, stopped (its actors released) however the block ends."""
+    algo = config.build_algo()
+    try:
+        yield algo
+    finally:
+        algo.stop()
 
 
 def tiny_config(attention: str = "foveal", contrastive: bool = True, **gaze) -> GazePPOConfig:

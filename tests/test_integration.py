@@ -9,14 +9,10 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.test_utils import check_train_results_new_api_stack
 
-from conftest import tiny_config
+from rllib_gaze import ARMS
 
-ARMS = {  # the suite's arms: (attention, contrastive)
-    "ppo": ("none", False),
-    "gaze": ("foveal", True),
-    "gaze-rl": ("foveal", False),
-    "patch": ("patch", True),
-}
+from conftest import running, tiny_config
+
 MID = "default_policy"
 
 
@@ -28,8 +24,7 @@ def finite(value) -> bool:
 def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
     attention, contrastive = ARMS[arm]
     config = tiny_config(attention, contrastive).env_runners(num_env_runners=1)
-    algo = config.build_algo()
-    try:
+    with running(config) as algo:
         for _ in range(2):
             results = algo.train()
             check_train_results_new_api_stack(results)
@@ -41,15 +36,12 @@ def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
         if contrastive:  # the second iteration mines against the first one's memory
             assert learner["contrastive_buffer_fill"] > 0
             assert finite(learner["contrastive_loss"])
-    finally:
-        algo.stop()
 
 
 @pytest.mark.parametrize("num_learners", [1, 2], ids=["one_remote_learner", "two_learners_ddp"])
 def test_remote_learners_train_the_full_method(ray_session, num_learners):
     config = tiny_config().learners(num_learners=num_learners, num_cpus_per_learner=0.5)
-    algo = config.build_algo()
-    try:
+    with running(config) as algo:
         for _ in range(3):
             results = algo.train()
         check_train_results_new_api_stack(results)
@@ -62,21 +54,16 @@ def test_remote_learners_train_the_full_method(ray_session, num_learners):
         assert len(weights) == num_learners
         if num_learners == 2:  # DDP kept both replicas identical
             np.testing.assert_allclose(weights[0], weights[1], rtol=0, atol=1e-6)
-    finally:
-        algo.stop()
 
 
 def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
-    algo = tiny_config().build_algo()
-    try:
+    with running(tiny_config()) as algo:
         algo.train()
         path = algo.save_to_path(str(tmp_path / "ckpt"))
         obs = np.stack([algo.env_runner.env.unwrapped.single_observation_space.sample() for _ in range(6)])
         batch = {Columns.OBS: torch.as_tensor(obs)}
         before = algo.get_module().forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         learner_before = algo.learner_group._learner.module[MID].gaze.head.out.weight.clone()
-    finally:
-        algo.stop()
     restored = Algorithm.from_checkpoint(path)
     try:
         assert type(restored.config).__name__ == "GazePPOConfig" and restored.config.attention == "foveal"

@@ -9,6 +9,8 @@ import math
 
 from rllib_gaze import GazePPOConfig
 
+from conftest import running
+
 
 def test_full_method_improves_on_the_clutter_task(ray_session):
     config = (
@@ -20,15 +22,12 @@ def test_full_method_improves_on_the_clutter_task(ray_session):
         .gaze(attention="foveal", contrastive=True, contrastive_num_anchors=128, contrastive_buffer_capacity=4096)
         .debugging(seed=0)
     )
-    algo = config.build_algo()
     returns = []
-    try:
+    with running(config) as algo:
         for _ in range(12):
             value = algo.train()["env_runners"].get("episode_return_mean")
             if value is not None and not math.isnan(value):   # iterations where no episode ended
                 returns.append(value)
-    finally:
-        algo.stop()
     print("clutter episode_return_mean per reporting iteration:", [round(float(r), 2) for r in returns])
     assert len(returns) >= 6, returns
     assert returns[0] < 4.0, returns

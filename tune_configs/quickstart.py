@@ -18,9 +18,8 @@ import sys
 from ray import tune
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rllib_gaze import GazePPOConfig  # noqa: E402
+from rllib_gaze import ARMS, GazePPOConfig  # noqa: E402
 
-ARMS = {"ppo": ("none", False), "gaze": ("foveal", True), "gaze-rl": ("foveal", False), "patch": ("patch", True)}
 MID = "default_policy"
 
 

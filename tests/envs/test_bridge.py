@@ -7,9 +7,11 @@ import torch
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from rllib_gaze import GazePPOConfig
+
 from rllib_gaze.envs import BatchedEnvBridge, make_clutter
 from rllib_gaze.envs.clutter import ClutterEnv
 
+from conftest import running
 from episodes import plain_loop_episodes, rllib_episodes, summary
 
 
@@ -80,11 +82,8 @@ def test_success_metrics_reach_rllib_results(ray_session):
               .training(train_batch_size_per_learner=96, minibatch_size=48, num_epochs=1)
               .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
               .debugging(seed=0))
-    algo = config.build_algo()
-    try:
+    with running(config) as algo:
         runners = algo.train()["env_runners"]
-    finally:
-        algo.stop()
     assert 0.0 < runners["success_once"] <= 1.0
     assert runners["success_at_end"] <= runners["success_once"]
 
@@ -107,10 +106,7 @@ def test_deterministic_evaluation_reports_success(ray_session):
                           evaluation_config={"explore": False,
                                              "env_config": evaluation_env_config("clutter", env_config)})
               .debugging(seed=0))
-    algo = config.build_algo()
-    try:
+    with running(config) as algo:
         evaluation = algo.train()["evaluation"]["env_runners"]
-    finally:
-        algo.stop()
     assert evaluation["episode_len_mean"] == 6          # no early termination in evaluation
     assert 0.0 <= evaluation["success_at_end"] <= evaluation["success_once"] <= 1.0

@@ -15,6 +15,7 @@ from rllib_gaze import GazePPOConfig
 from rllib_gaze.envs import make_maniskill_env
 from rllib_gaze.envs.maniskill import make_maniskill
 
+from conftest import running
 from episodes import plain_loop_episodes, rllib_episodes, summary
 
 SMALL = {"env_id": "PushCube-v1", "camera_size": 32, "max_episode_steps": 4, "sim_backend": "physx_cpu"}
@@ -46,14 +47,11 @@ def test_rllib_sees_the_same_maniskill_episodes_as_a_plain_loop():
 
 
 def test_gazeppo_trains_on_maniskill_cpu(ray_session):
-    algo = maniskill_config().build_algo()
-    try:
+    with running(maniskill_config()) as algo:
         results = algo.train()
         check_train_results_new_api_stack(results)
         assert results["num_env_steps_sampled_lifetime"] >= 16
         assert "gaze_mu_x_mean" in results["learners"]["default_policy"]
-    finally:
-        algo.stop()
 
 
 def test_unknown_env_id_lists_close_matches():
