@@ -1,0 +1,222 @@
+"""Sample-efficiency report of a suite experiment: success curves (PNG) and a Markdown table.
+
+    python -m rllib_gaze.report EXPERIMENT_DIR [--levels 0.5 0.8] [--out DIR]
+
+Reads every trial's ``params.json`` and ``result.json`` (Tune's files), keeps its evaluation
+points ``(env steps, evaluation success rate)``, and per task and arm averages them over seeds:
+
+- curve: mean over seeds with a 95% Student-t confidence band (no band with one seed);
+- steps to a level: the first evaluation point at which the mean curve reaches the level, over the
+  points every seed of the arm has reached (so one fast seed cannot decide it);
+- final: mean over seeds of each seed's last evaluation;
+- AUC: the mean curve's trapezoid area divided by its step span (mean success over training);
+- ratio vs ppo at a level: ppo's steps / the arm's steps (> 1: the arm needs fewer env steps);
+  "> r" when ppo never reached the level within its last evaluated step (a lower bound).
+
+Works on partial results: running or failed trials count with the points they have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+METRIC_PATH = ("evaluation", "env_runners", "success_once")
+BASELINE = "ppo"
+
+
+@dataclass
+class Curve:
+    """One task x arm: evaluation success over env steps for each seed."""
+
+    task: str
+    arm: str
+    runs: dict[int, list[tuple[int, float]]]  # seed -> [(env steps, success)] in step order
+
+    def mean(self, common_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, mean, low, high)`` over seeds at each evaluated step (the 95% band);
+        ``common_only``: only the steps that every seed has evaluated."""
+        by_step: dict[int, list[float]] = {}
+        for points in self.runs.values():
+            for step, value in points:
+                by_step.setdefault(step, []).append(value)
+        steps = sorted(s for s, v in by_step.items() if not common_only or len(v) == len(self.runs))
+        mean, low, high = [], [], []
+        for step in steps:
+            values = np.asarray(by_step[step], dtype=float)
+            m = float(values.mean())
+            half = _t95(len(values)) * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+            mean.append(m), low.append(max(0.0, m - half)), high.append(min(1.0, m + half))
+        return np.asarray(steps, dtype=float), np.asarray(mean), np.asarray(low), np.asarray(high)
+
+    def steps_to(self, level: float) -> float | None:
+        steps, mean, _, _ = self.mean(common_only=True)
+        reached = np.nonzero(mean >= level)[0]
+        return float(steps[reached[0]]) if len(reached) else None
+
+    def last_step(self) -> float:
+        steps, _, _, _ = self.mean(common_only=True)
+        return float(steps[-1]) if len(steps) else 0.0
+
+    def final(self) -> float:
+        return float(np.mean([points[-1][1] for points in self.runs.values()]))
+
+    def auc(self) -> float:
+        steps, mean, _, _ = self.mean(common_only=True)
+        if len(steps) < 2:
+            return float(mean[0]) if len(mean) else math.nan
+        area = float(np.sum((mean[1:] + mean[:-1]) / 2 * np.diff(steps)))
+        return area / float(steps[-1] - steps[0])
+
+
+def _t95(n: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def load_curves(experiment_dir: str) -> tuple[list[Curve], list[str]]:
+    """Every task x arm with at least one evaluation, and notes on trials without any."""
+    if not os.path.isdir(experiment_dir):
+        raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
+    curves: dict[tuple[str, str], Curve] = {}
+    notes = []
+    trial_dirs = sorted(d for d in os.listdir(experiment_dir) if os.path.exists(os.path.join(experiment_dir, d, "params.json")))
+    if not trial_dirs:
+        raise FileNotFoundError(f"no Tune trials (directories with params.json) in {experiment_dir!r}")
+    for name in trial_dirs:
+        with open(os.path.join(experiment_dir, name, "params.json")) as f:
+            params = json.load(f)
+        if not {"task", "arm", "seed"} <= params.keys():
+            notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
+            continue
+        points = _evaluation_points(os.path.join(experiment_dir, name, "result.json"))
+        if not points:
+            notes.append(f"{name}: no evaluation yet")
+            continue
+        curve = curves.setdefault((params["task"], params["arm"]), Curve(params["task"], params["arm"], {}))
+        curve.runs[int(params["seed"])] = points
+    return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
+
+
+def _evaluation_points(result_file: str) -> list[tuple[int, float]]:
+    points: dict[int, float] = {}
+    if not os.path.exists(result_file):
+        return []
+    with open(result_file) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            value = row
+            for key in METRIC_PATH:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None and math.isfinite(value):
+                points[int(row["num_env_steps_sampled_lifetime"])] = float(value)
+    return sorted(points.items())
+
+
+def _arm_order(arm: str) -> tuple[int, str]:
+    from rllib_gaze.config import ARMS
+
+    names = list(ARMS)
+    return (names.index(arm) if arm in names else len(names), arm)
+
+
+def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
+    """The Markdown sample-efficiency table of one task's curves."""
+    baseline = next((c for c in curves if c.arm == BASELINE), None)
+    head = ["arm", "seeds", "env steps"] + [f"steps to {level:.0%}" for level in levels]
+    if baseline is not None:
+        head += [f"ratio vs ppo at {level:.0%}" for level in levels]
+    head += ["final success", "AUC"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in curves:
+        reached = [c.steps_to(level) for level in levels]
+        cells = [c.arm, str(len(c.runs)), f"{c.last_step():,.0f}"]
+        cells += [f"{s:,.0f}" if s is not None else "never reached" for s in reached]
+        if baseline is not None:
+            cells += [_ratio(baseline, c, level, s) for level, s in zip(levels, reached)]
+        finals = [points[-1][1] for points in c.runs.values()]
+        spread = f" ± {np.std(finals, ddof=1):.2f}" if len(finals) > 1 else ""
+        cells += [f"{c.final():.2f}{spread}", f"{c.auc():.3f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _ratio(baseline: Curve, curve: Curve, level: float, steps: float | None) -> str:
+    if steps is None:
+        return "-"
+    base = baseline.steps_to(level)
+    if base is None:
+        return f"> {baseline.last_step() / steps:.2f}"
+    return f"{base / steps:.2f}"
+
+
+def plot(curves: list[Curve], path: str) -> None:
+    """One task's success curves (mean and 95% band per arm) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for c in curves:
+        steps, mean, low, high = c.mean()
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{c.arm} ({len(c.runs)} seed{'s' * (len(c.runs) > 1)})")
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(title=curves[0].task, xlabel="env steps", ylabel="evaluation success rate", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8)) -> str:
+    """Writes ``report.md`` and ``success_<task>.png`` into ``out_dir`` (default: the experiment
+    dir) and returns the Markdown."""
+    bad = [level for level in levels if not 0.0 < level <= 1.0]
+    if bad:
+        raise ValueError(f"levels {bad}: each level must be in (0, 1]")
+    curves, notes = load_curves(experiment_dir)
+    out_dir = out_dir or experiment_dir
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
+             "Metric: deterministic evaluation success rate (`evaluation/env_runners/success_once`); "
+             "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level.", ""]
+    for task in sorted({c.task for c in curves}):
+        task_curves = [c for c in curves if c.task == task]
+        image = f"success_{task}.png"
+        plot(task_curves, os.path.join(out_dir, image))
+        lines += [f"## {task}", "", f"![{task}]({image})", "", table(task_curves, levels), ""]
+    if not curves:
+        lines += ["No trial has been evaluated yet.", ""]
+    if notes:
+        lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
+    markdown = "\n".join(lines)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment_dir", help="a suite experiment directory (<storage-path>/<name>)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8], help="success levels in (0, 1]")
+    p.add_argument("--out", help="where to write report.md and the PNGs (default: the experiment dir)")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(args.experiment_dir, args.out, tuple(args.levels)))
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The comparison suite: tasks, presets and the Tune grid of tasks x arms x seeds.
+
+``tune_configs/maniskill_suite.py`` is the command; this module is what it runs, importable so the
+tests (and users' own scripts) build exactly the same trials.
+
+Every trial of a task shares one training shape (ppo_rgb's tuned command for that task where it
+has one); the arms differ only in ``attention`` and ``contrastive`` (``rllib_gaze.ARMS``). The
+metric is ppo_rgb's: the success rate of a deterministic evaluation (``explore=False``, episodes
+run to the time limit) every ``eval_interval`` iterations, ``evaluation/env_runners/success_once``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+
+from rllib_gaze.config import ARMS, GazePPOConfig
+from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
+
+METRIC = "evaluation/env_runners/success_once"
+STEPS = "num_env_steps_sampled_lifetime"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One env of the comparison and the training shape every arm uses on it.
+
+    The batch per iteration is ``num_envs x rollout_length x num_env_runners`` env steps; a trial
+    stops after ``budget`` env steps, rounded up to whole evaluation intervals so that the last
+    iteration is evaluated.
+    """
+
+    name: str
+    env: str
+    env_config: dict
+    budget: int                  # env steps per trial
+    num_envs: int = 256          # sub-envs per env runner
+    rollout_length: int = 50     # ppo_rgb's num_steps
+    num_epochs: int = 8
+    num_minibatches: int = 8
+    gamma: float = 0.8
+    eval_interval: int = 10      # iterations between evaluations
+    eval_episodes: int = 16      # ppo_rgb's num_eval_envs: one episode per eval sub-env
+    gaze: dict = field(default_factory=dict)  # .gaze() settings shared by every arm (buffer size...)
+
+    def batch_size(self, num_env_runners: int) -> int:
+        return self.num_envs * self.rollout_length * max(1, num_env_runners)
+
+    def iterations(self, num_env_runners: int) -> int:
+        """Training iterations for ``budget``, rounded up to a multiple of ``eval_interval``."""
+        raw = math.ceil(self.budget / self.batch_size(num_env_runners))
+        return math.ceil(raw / self.eval_interval) * self.eval_interval
+
+
+def _maniskill(env_id: str, budget: int, clutter: int = 0, **shape) -> Task:
+    name = env_id + ("-Clutter" if clutter else "")
+    return Task(name, MANISKILL, {"env_id": env_id, "camera_size": 128, "clutter": clutter}, budget, **shape)
+
+
+# ppo_rgb's tuned RGB commands (examples/baselines/ppo/examples.sh): PushCube-v1 1M steps, 256 envs x
+# 20 steps; PickCube-v1 10M; PushT-v1 25M, 100 steps, gamma 0.99. It has no RGB command for the
+# others; their budgets are ours: PokeCube 3M and StackCube 25M (ppo_rgb's state-based commands),
+# PullCube 2M (PushCube's sibling), LiftPegUpright 10M (PickCube-like). See docs/results.md.
+_PAPER_SHAPES = {
+    "PushCube-v1": dict(budget=1_000_000, rollout_length=20),
+    "PickCube-v1": dict(budget=10_000_000),
+    "PokeCube-v1": dict(budget=3_000_000, rollout_length=20),
+    "PullCube-v1": dict(budget=2_000_000, rollout_length=20),
+    "LiftPegUpright-v1": dict(budget=10_000_000),
+    "PushT-v1": dict(budget=25_000_000, rollout_length=100, gamma=0.99),
+    "StackCube-v1": dict(budget=25_000_000),
+}
+PAPER_CLUTTER = 8  # distractor objects in the cluttered variants
+
+# The diagnostic env at laptop scale: 1024 env steps per iteration, evaluated every 8 iterations.
+DIAGNOSTIC = Task(
+    "clutter", CLUTTER, {"image_size": 64, "num_distractors": 4}, budget=98_304,
+    num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8, eval_episodes=32,
+    gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096},
+)
+
+TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC}
+for _env_id, _shape in _PAPER_SHAPES.items():
+    for _clutter in (0, PAPER_CLUTTER):
+        _task = _maniskill(_env_id, clutter=_clutter, **_shape)
+        TASKS[_task.name] = _task
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named selection of tasks, arms and seeds with the resources each trial asks for."""
+
+    description: str
+    tasks: tuple[Task, ...]
+    arms: tuple[str, ...] = tuple(ARMS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_env_runners: int = 0          # 0: sample in the trial's own process (CPU presets)
+    num_gpus_per_env_runner: float = 0.0
+    num_gpus_per_learner: float = 0.0
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        "CPU, a few minutes: every arm on tiny versions of the diagnostic env and ManiSkill PushCube-v1",
+        tasks=(
+            dataclasses.replace(DIAGNOSTIC, budget=3 * 256, num_envs=16, rollout_length=16, num_epochs=1,
+                                num_minibatches=2, eval_interval=1, eval_episodes=4,
+                                gaze={"contrastive_num_anchors": 32, "contrastive_buffer_capacity": 512}),
+            Task("PushCube-v1", MANISKILL, {"env_id": "PushCube-v1", "camera_size": 64, "sim_backend": "physx_cpu"},
+                 budget=2 * 32, num_envs=2, rollout_length=16, num_epochs=1, num_minibatches=2,
+                 eval_interval=1, eval_episodes=2,
+                 gaze={"contrastive_num_anchors": 16, "contrastive_buffer_capacity": 64}),
+        ),
+        seeds=(0,),
+    ),
+    "local": Preset(
+        "one machine without GPU, under an hour: the sample-efficiency study on the diagnostic env",
+        tasks=(DIAGNOSTIC,),
+    ),
+    "paper": Preset(
+        "GPU cluster: 7 ManiSkill tasks and their cluttered variants, ppo_rgb's step budgets, 3 seeds",
+        tasks=tuple(task for name, task in TASKS.items() if name != DIAGNOSTIC.name),
+        num_env_runners=1, num_gpus_per_env_runner=0.25, num_gpus_per_learner=0.5,
+    ),
+}
+
+
+def pick_preset(cluster_gpus: float) -> tuple[str, str]:
+    """The preset for a run without ``--preset`` and the reason, from the Ray cluster's GPUs."""
+    if cluster_gpus > 0:
+        return "paper", f"the Ray cluster has {cluster_gpus:g} GPU(s)"
+    return "local", "the Ray cluster has no GPU (pass --preset paper to run the GPU study anyway)"
+
+
+def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConfig:
+    """The full GazePPO config of one trial. Arms differ only in ``attention`` and ``contrastive``."""
+    attention, contrastive = ARMS[arm]
+    runners = preset.num_env_runners
+    batch = task.batch_size(runners)
+    env_config = dict(task.env_config)
+    if task.env == MANISKILL and preset.num_gpus_per_env_runner == 0 and runners == 0:
+        env_config.setdefault("sim_backend", "physx_cpu")
+    return (
+        GazePPOConfig()
+        .environment(task.env, env_config=env_config)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=task.num_envs,
+                     rollout_fragment_length=task.rollout_length, num_gpus_per_env_runner=preset.num_gpus_per_env_runner,
+                     gym_env_vectorize_mode="vector_entry_point")
+        .learners(num_learners=0, num_gpus_per_learner=preset.num_gpus_per_learner)
+        .training(train_batch_size_per_learner=batch, minibatch_size=batch // task.num_minibatches,
+                  num_epochs=task.num_epochs, gamma=task.gamma)
+        .evaluation(evaluation_interval=task.eval_interval, evaluation_duration=task.eval_episodes,
+                    evaluation_duration_unit="episodes",
+                    # ManiSkill's GPU simulation allows one per process: evaluate in its own runner.
+                    evaluation_num_env_runners=1 if runners else 0,
+                    evaluation_config={"explore": False, "num_envs_per_env_runner": task.eval_episodes,
+                                       "env_config": evaluation_env_config(task.env, env_config)})
+        .fault_tolerance(restart_failed_env_runners=True)
+        .gaze(attention=attention, contrastive=contrastive, **task.gaze)
+        .debugging(seed=seed)
+        .update_from_dict({"task": task.name, "arm": arm, "suite_iterations": task.iterations(runners)})
+    )
+
+
+def param_space(preset: Preset) -> dict[str, Any]:
+    """Tune's param space for ``preset``: a grid over task x arm x seed. Settings that differ
+    between tasks are looked up from the trial's task, so one experiment holds every trial."""
+    per_task = {t.name: trial_config(t, preset.arms[0], preset.seeds[0], preset).to_dict() for t in preset.tasks}
+    space = dict(next(iter(per_task.values())))
+    for key in space:
+        if any(cfg.get(key) != space[key] for cfg in per_task.values()):
+            space[key] = tune.sample_from(lambda spec, key=key: per_task[spec.config["task"]][key])
+    space["task"] = tune.grid_search(list(per_task))
+    space["arm"] = tune.grid_search(list(preset.arms))
+    space["attention"] = tune.sample_from(lambda spec: ARMS[spec.config["arm"]][0])
+    space["contrastive"] = tune.sample_from(lambda spec: ARMS[spec.config["arm"]][1])
+    space["seed"] = tune.grid_search(list(preset.seeds))
+    return space
+
+
+def trial_label(config: dict) -> str:
+    """``task/arm/seed`` of a trial's config: its Tune name and directory."""
+    return f"{config['task']}_{config['arm']}_seed{config['seed']}"
+
+
+class BudgetStop(tune.Stopper):
+    """Stops each trial after its task's iterations (``suite_iterations`` in its config)."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result["training_iteration"] >= result["config"]["suite_iterations"]
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class SuiteProgress(tune.Callback):
+    """Prints one progress line at most every ``every_s`` seconds (and at each evaluation): env
+    steps done out of the whole experiment's, trials finished, the latest evaluation, and an ETA."""
+
+    def __init__(self, total_steps: int, num_trials: int, every_s: float = 30.0):
+        self.total_steps, self.num_trials, self.every_s = total_steps, num_trials, every_s
+        self._steps: dict[str, int] = {}
+        self._finished: set[str] = set()
+        self._last_print = -math.inf
+        self._t0: float | None = None  # time and steps at the first result: a resumed run starts part-way
+        self._steps0 = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._steps[trial.trial_id] = int(result.get(STEPS, 0))
+        success = result.get("evaluation", {}).get("env_runners", {}).get("success_once")
+        if success is not None and not math.isfinite(success):  # RLlib reports NaN between evaluations
+            success = None
+        now = time.monotonic()
+        if success is None and now - self._last_print < self.every_s:
+            return
+        done = sum(self._steps.values())
+        if self._t0 is None:
+            self._t0, self._steps0 = now, done
+        self._last_print = now
+        rate = (done - self._steps0) / max(now - self._t0, 1e-9)
+        eta = (self.total_steps - done) / rate if rate > 0 else math.inf
+        latest = (f"{trial_label(result['config'])} eval success {success:.2f} at {self._steps[trial.trial_id]:,} steps"
+                  if success is not None else f"{trial_label(result['config'])} at {self._steps[trial.trial_id]:,} steps")
+        print(f"[suite] {done:,}/{self.total_steps:,} env steps ({100 * done / self.total_steps:.0f}%), "
+              f"{len(self._finished)}/{self.num_trials} trials done, ETA {_duration(eta)} | {latest}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finished.add(trial.trial_id)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def planned_steps(preset: Preset) -> int:
+    """Env steps the whole preset trains for (every task x arm x seed)."""
+    per_seed_arm = sum(t.iterations(preset.num_env_runners) * t.batch_size(preset.num_env_runners) for t in preset.tasks)
+    return per_seed_arm * len(preset.arms) * len(preset.seeds)

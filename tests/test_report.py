@@ -1,0 +1,107 @@
+"""The report on a synthetic experiment whose answers are computed by hand (in the comments)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rllib_gaze.report import load_curves, main, table, write_report
+
+STEPS = [1000, 2000, 3000, 4000]
+# (task, arm, seed) -> evaluation success at STEPS (fewer values: the trial stopped early)
+CURVES = {
+    ("clutter", "ppo", 0): [0.0, 0.4, 0.6, 0.9],
+    ("clutter", "ppo", 1): [0.2, 0.4, 0.8, 0.9],      # mean 0.1 0.4 0.7 0.9: 50% at 3000, 80% at 4000
+    ("clutter", "gaze", 0): [0.4, 0.8, 1.0, 1.0],
+    ("clutter", "gaze", 1): [0.6, 0.8, 0.8, 1.0],     # mean 0.5 0.8 0.9 1.0: 50% at 1000, 80% at 2000
+    ("clutter", "gaze-rl", 0): [0.0, 0.0, 0.0, 0.6],
+    ("clutter", "gaze-rl", 1): [0.0, 0.0, 0.9],       # common steps end at 3000: mean 0 0 0.45, never 50%
+    ("clutter", "patch", 0): [0.0, 0.1],              # partial, one seed
+    ("PushCube-v1", "ppo", 0): [0.0, 0.1, 0.2],       # never reaches 50% within 3000 steps
+    ("PushCube-v1", "gaze", 0): [0.0, 0.6, 0.9],      # 50% at 2000: ratio > 3000/2000; 80% at 3000: > 1
+}
+
+
+def _trial(root, name: str, params: dict, rows: list[dict], tail: str = "") -> None:
+    trial = root / name
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps(params))
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    for (task, arm, seed), values in CURVES.items():
+        rows = []
+        for i, (step, value) in enumerate(zip(STEPS, values)):
+            # a training-only iteration in between, as RLlib reports it (NaN success), then the evaluated one
+            rows.append({"training_iteration": 2 * i + 1, "num_env_steps_sampled_lifetime": step - 500,
+                         "evaluation": {"env_runners": {"success_once": math.nan}}})
+            rows.append({"training_iteration": 2 * i + 2, "num_env_steps_sampled_lifetime": step,
+                         "evaluation": {"env_runners": {"success_once": value}}})
+        _trial(tmp_path, f"{task}_{arm}_seed{seed}", {"task": task, "arm": arm, "seed": seed}, rows,
+               tail='{"training_iteration": 99, "num_env_st')  # a line cut short by a killed driver
+    _trial(tmp_path, "clutter_ppo_seed7", {"task": "clutter", "arm": "ppo", "seed": 7},
+           [{"training_iteration": 1, "num_env_steps_sampled_lifetime": 500}])  # not evaluated yet
+    return tmp_path
+
+
+def _rows(markdown_table: str) -> dict[str, list[str]]:
+    lines = markdown_table.strip().splitlines()
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def test_steps_to_level_ratios_final_and_auc_match_hand_computed_values(experiment):
+    curves, notes = load_curves(str(experiment))
+    clutter = [c for c in curves if c.task == "clutter"]
+    assert [c.arm for c in clutter] == ["ppo", "gaze", "gaze-rl", "patch"]
+    rows = _rows(table(clutter, (0.5, 0.8)))
+    # columns: seeds, env steps, to 50%, to 80%, ratio 50%, ratio 80%, final, AUC
+    assert rows["ppo"] == ["2", "4,000", "3,000", "4,000", "1.00", "1.00", "0.90 ± 0.00", "0.533"]  # (0.25+0.55+0.8)/3
+    assert rows["gaze"] == ["2", "4,000", "1,000", "2,000", "3.00", "2.00", "1.00 ± 0.00", "0.817"]  # (0.65+0.85+0.95)/3
+    assert rows["gaze-rl"][:6] == ["2", "3,000", "never reached", "never reached", "-", "-"]
+    assert rows["gaze-rl"][6] == "0.75 ± 0.21"   # last points 0.6 and 0.9
+    assert rows["patch"][:6] == ["1", "2,000", "never reached", "never reached", "-", "-"]
+    assert any("clutter_ppo_seed7" in note and "no evaluation" in note for note in notes)
+
+    push = _rows(table([c for c in curves if c.task == "PushCube-v1"], (0.5, 0.8)))
+    assert push["ppo"][2:6] == ["never reached", "never reached", "-", "-"]
+    assert push["gaze"][2:6] == ["2,000", "3,000", "> 1.50", "> 1.00"]
+
+
+def test_band_is_a_student_t_interval_clipped_to_zero_one(experiment):
+    curves, _ = load_curves(str(experiment))
+    ppo = next(c for c in curves if (c.task, c.arm) == ("clutter", "ppo"))
+    steps, mean, low, high = ppo.mean()
+    assert list(steps) == STEPS and mean == pytest.approx([0.1, 0.4, 0.7, 0.9])
+    # step 3000: values 0.6, 0.8 -> sd 0.1414, t(0.975, 1) = 12.706: half width 12.706 * 0.1 = 1.27 -> clipped
+    assert (low[2], high[2]) == (0.0, 1.0)
+    assert low[1] == high[1] == pytest.approx(0.4)  # both seeds 0.4: no spread
+
+
+def test_write_report_makes_markdown_and_one_png_per_task(experiment, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    markdown = write_report(str(experiment), str(out))
+    assert (out / "report.md").read_text() == markdown
+    for task in ("clutter", "PushCube-v1"):
+        png = out / f"success_{task}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"![{task}](success_{task}.png)" in markdown
+    assert "never reached" in markdown and "> 1.50" in markdown
+
+
+def test_cli_rejects_bad_input_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "no Tune trials" in capsys.readouterr().err
+
+
+def test_cli_rejects_levels_outside_zero_one(experiment, capsys):
+    with pytest.raises(SystemExit):
+        main([str(experiment), "--levels", "0.5", "80"])
+    assert "80" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The suite's presets, Tune grid and flags (no training here; tests/test_suite_job.py runs it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+from ray.tune.search.variant_generator import generate_variants
+
+from rllib_gaze import ARMS, GazePPOConfig
+from rllib_gaze.suite import DIAGNOSTIC, PRESETS, TASKS, param_space, pick_preset, planned_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("maniskill_suite", os.path.join(ROOT, "tune_configs", "maniskill_suite.py"))
+suite_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite_script)
+
+
+def _trials(preset) -> list[GazePPOConfig]:
+    configs = []
+    for _, spec in generate_variants(param_space(preset)):
+        config = GazePPOConfig().update_from_dict(spec)
+        config.validate()
+        configs.append(config)
+    return configs
+
+
+def _differing_keys(a: GazePPOConfig, b: GazePPOConfig) -> set[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k for k in da.keys() | db.keys() if k != "arm" and da.get(k) != db.get(k)}
+
+
+def test_smoke_grid_is_tasks_x_arms_x_seeds_and_arms_differ_only_in_gaze_settings():
+    preset = PRESETS["smoke"]
+    trials = _trials(preset)
+    assert len(trials) == len(preset.tasks) * len(ARMS) * len(preset.seeds)
+    for task in preset.tasks:
+        on_task = {c["arm"]: c for c in trials if c["task"] == task.name}
+        assert set(on_task) == set(ARMS)
+        for arm, config in on_task.items():
+            assert (config.attention, config.contrastive) == ARMS[arm]
+            assert config.env == task.env and config.env_config == task.env_config | (
+                {"sim_backend": "physx_cpu"} if task.env == "maniskill" else {})
+            assert config.train_batch_size_per_learner == task.num_envs * task.rollout_length
+            assert config.evaluation_interval == task.eval_interval
+            assert config.evaluation_config["explore"] is False
+            assert config.evaluation_config["env_config"]["ignore_terminations"] is True
+            assert _differing_keys(config, on_task["ppo"]) <= {"attention", "contrastive"}
+
+
+def test_paper_preset_covers_the_seven_tasks_and_their_cluttered_variants_on_gpu_resources():
+    preset = PRESETS["paper"]
+    names = {t.name for t in preset.tasks}
+    for env_id in ("PushCube-v1", "PickCube-v1", "PokeCube-v1", "PullCube-v1", "LiftPegUpright-v1", "PushT-v1",
+                   "StackCube-v1"):
+        assert {env_id, env_id + "-Clutter"} <= names
+    assert len(preset.seeds) >= 3 and preset.num_gpus_per_env_runner > 0 and preset.num_gpus_per_learner > 0
+    push = next(c for c in _trials(preset) if c["task"] == "PushCube-v1" and c["arm"] == "gaze")
+    assert push.num_gpus_per_env_runner == preset.num_gpus_per_env_runner and push.evaluation_num_env_runners == 1
+    assert push["suite_iterations"] * push.train_batch_size_per_learner >= TASKS["PushCube-v1"].budget == 1_000_000
+
+
+def test_budget_rounds_up_to_whole_evaluation_intervals():
+    iterations = DIAGNOSTIC.iterations(0)
+    assert iterations % DIAGNOSTIC.eval_interval == 0
+    assert (iterations - DIAGNOSTIC.eval_interval) * DIAGNOSTIC.batch_size(0) < DIAGNOSTIC.budget <= iterations * 1024
+    assert planned_steps(PRESETS["local"]) == iterations * 1024 * len(ARMS) * 3
+
+
+def test_preset_is_paper_with_gpus_and_local_without_and_says_why():
+    assert pick_preset(4)[0] == "paper" and "4 GPU" in pick_preset(4)[1]
+    name, why = pick_preset(0)
+    assert name == "local" and "no GPU" in why
+
+
+def test_flags_override_the_preset():
+    args = suite_script.parse_args(["--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze", "--seeds", "3",
+                                    "--budget", "512", "--gpus-per-learner", "0.5"])
+    name, preset = suite_script.chosen_preset(args, cluster_gpus=0)
+    assert name == "smoke" and [t.name for t in preset.tasks] == ["clutter"]
+    assert preset.arms == ("ppo", "gaze") and preset.seeds == (3,) and preset.tasks[0].budget == 512
+    assert preset.num_gpus_per_learner == 0.5
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--preset", "huge"], ["'huge'", "smoke", "local", "paper"]),
+    (["--tasks", "PushCube"], ["'PushCube'", "PushCube-v1"]),
+    (["--arms", "ppo", "attention"], ["'attention'", "gaze-rl", "patch"]),
+    (["--budget", "0"], ["--budget=0", ">= 1"]),
+    (["--num-env-runners", "-1"], ["--num-env-runners=-1"]),
+    (["--gpus-per-learner", "-0.5"], ["--gpus-per-learner=-0.5"]),
+    (["--seeds", "1", "1"], ["each seed once"]),
+    (["--resume", "--preset", "smoke"], ["--resume continues"]),
+])
+def test_bad_flags_fail_before_anything_starts_naming_value_and_allowed(argv, named, capsys, tmp_path):
+    import ray
+
+    with pytest.raises(SystemExit) as exit_info:
+        suite_script.main(argv + ["--storage-path", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for text in named:
+        assert text in err
+    assert not ray.is_initialized()
+
+
+def test_resume_without_an_experiment_says_where_it_looked(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        suite_script.parse_args(["--resume", "--storage-path", str(tmp_path)])
+    assert "no experiment to resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite_script.parse_args(["--resume", "nope", "--storage-path", str(tmp_path)])
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""The suite as users run it on a cluster: `ray start --head` + one worker node on loopback, the
+smoke preset submitted with `ray job submit`, its trials spread over both nodes, the report and
+TensorBoard files written. This is also the end-to-end run of the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _node_ports() -> list[str]:
+    manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
+    return ["--node-manager-port", str(manager), "--object-manager-port", str(objects),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)  # polling a starting process, not timing anything
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+@pytest.fixture
+def loopback_cluster():
+    """A head (1 CPU) and one worker node (1 CPU) on 127.0.0.1, each a `ray start --block` process
+    we stop ourselves (never `ray stop`, which would kill every Ray on the machine). Its own
+    --temp-dir keeps /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
+    temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dashboard = _free_ports(2)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1"]
+    head = subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--temp-dir", temp_dir,
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *common, *_node_ports()],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = [head]
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        address = f"http://127.0.0.1:{dashboard}"
+        client = _wait_for(lambda: _client(JobSubmissionClient, address), 120, "the head's job server")
+        processes.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, *_node_ports()],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for(lambda: _alive_nodes(address) == 2, 120, "the worker node")
+        yield address, client, env
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _client(cls, address):
+    try:
+        return cls(address)
+    except Exception:  # the dashboard is not up yet
+        return None
+
+
+def _alive_nodes(address: str) -> int:
+    from ray.util.state import list_nodes
+
+    try:
+        return sum(node.state == "ALIVE" for node in list_nodes(address=address))
+    except Exception:
+        return 0
+
+
+def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
+    address, client, env = loopback_cluster
+    storage = tmp_path / "results"
+    command = [RAY, "job", "submit", "--address", address, "--submission-id", "smoke-suite", "--",
+               sys.executable, os.path.join(ROOT, "tune_configs", "maniskill_suite.py"),
+               "--preset", "smoke", "--storage-path", str(storage), "--name", "smoke"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    logs = client.get_job_logs("smoke-suite")
+    assert run.returncode == 0 and str(client.get_job_status("smoke-suite")) == "SUCCEEDED", logs[-5000:]
+    assert "[suite] smoke: 8 trials" in logs and "[suite] 3,328/3,328 env steps (100%)" in logs
+
+    experiment = storage / "smoke"
+    trials = sorted(d for d in experiment.iterdir() if (d / "params.json").exists())
+    assert len(trials) == 8
+    for trial in trials:
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert rows[-1]["training_iteration"] == rows[-1]["config"]["suite_iterations"]
+        assert rows[-1]["evaluation"]["env_runners"]["num_episodes"] >= 1
+        assert list(trial.glob("events.out.tfevents.*")) and list(trial.glob("checkpoint_*"))
+    report = (experiment / "report.md").read_text()
+    assert "## clutter" in report and "## PushCube-v1" in report
+    assert (experiment / "success_clutter.png").exists() and (experiment / "success_PushCube-v1.png").exists()
+
+    from ray.util.state import list_actors
+
+    nodes = {actor.node_id for actor in list_actors(address=address, filters=[("class_name", "=", "GazePPO")],
+                                                    detail=True, limit=1000)}
+    assert len(nodes) == 2, f"trials ran on {len(nodes)} node(s)"
