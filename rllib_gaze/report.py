@@ -95,7 +95,8 @@ def load_curves(experiment_dir: str) -> tuple[list[Curve], list[str]]:
         if not {"task", "arm", "seed"} <= params.keys():
             notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
             continue
-        points = _evaluation_points(os.path.join(experiment_dir, name, "result.json"))
+        points = _evaluation_points(os.path.join(experiment_dir, name, "result.json"),
+                                    int(params.get("evaluation_interval") or 1))
         if not points:
             notes.append(f"{name}: no evaluation yet")
             continue
@@ -104,7 +105,7 @@ def load_curves(experiment_dir: str) -> tuple[list[Curve], list[str]]:
     return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
 
 
-def _evaluation_points(result_file: str) -> list[tuple[int, float]]:
+def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, float]]:
     points: dict[int, float] = {}
     if not os.path.exists(result_file):
         return []
@@ -114,12 +115,23 @@ def _evaluation_points(result_file: str) -> list[tuple[int, float]]:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a killed run
                 continue
-            value = row
-            for key in METRIC_PATH:
-                value = value.get(key) if isinstance(value, dict) else None
-            if value is not None and math.isfinite(value):
-                points[int(row["num_env_steps_sampled_lifetime"])] = float(value)
+            value = evaluation_success(row, interval)
+            if value is not None:
+                points[int(row["num_env_steps_sampled_lifetime"])] = value
     return sorted(points.items())
+
+
+def evaluation_success(row: dict, interval: int) -> float | None:
+    """The evaluation success rate of one result row, or None if that iteration did not evaluate.
+
+    RLlib repeats the previous evaluation's metrics in the iteration after it (then NaN), so an
+    iteration counts only when it is a multiple of ``evaluation_interval``."""
+    if row.get("training_iteration", 0) % max(1, interval):
+        return None
+    value = row
+    for key in METRIC_PATH:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _arm_order(arm: str) -> tuple[int, str]:

@@ -21,6 +21,7 @@ from ray import tune
 
 from rllib_gaze.config import ARMS, GazePPOConfig
 from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
+from rllib_gaze.report import evaluation_success
 
 METRIC = "evaluation/env_runners/success_once"
 STEPS = "num_env_steps_sampled_lifetime"
@@ -212,9 +213,7 @@ class SuiteProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._steps[trial.trial_id] = int(result.get(STEPS, 0))
-        success = result.get("evaluation", {}).get("env_runners", {}).get("success_once")
-        if success is not None and not math.isfinite(success):  # RLlib reports NaN between evaluations
-            success = None
+        success = evaluation_success(result, result["config"]["evaluation_interval"])
         now = time.monotonic()
         if success is None and now - self._last_print < self.every_s:
             return

@@ -34,14 +34,17 @@ def _trial(root, name: str, params: dict, rows: list[dict], tail: str = "") -> N
 @pytest.fixture
 def experiment(tmp_path):
     for (task, arm, seed), values in CURVES.items():
-        rows = []
+        rows, previous = [], math.nan
         for i, (step, value) in enumerate(zip(STEPS, values)):
-            # a training-only iteration in between, as RLlib reports it (NaN success), then the evaluated one
+            # evaluation_interval=2, as RLlib reports it: the iteration after an evaluation repeats
+            # its metrics (stale), the others have NaN
             rows.append({"training_iteration": 2 * i + 1, "num_env_steps_sampled_lifetime": step - 500,
-                         "evaluation": {"env_runners": {"success_once": math.nan}}})
+                         "evaluation": {"env_runners": {"success_once": previous}}})
             rows.append({"training_iteration": 2 * i + 2, "num_env_steps_sampled_lifetime": step,
                          "evaluation": {"env_runners": {"success_once": value}}})
-        _trial(tmp_path, f"{task}_{arm}_seed{seed}", {"task": task, "arm": arm, "seed": seed}, rows,
+            previous = value
+        _trial(tmp_path, f"{task}_{arm}_seed{seed}",
+               {"task": task, "arm": arm, "seed": seed, "evaluation_interval": 2}, rows,
                tail='{"training_iteration": 99, "num_env_st')  # a line cut short by a killed driver
     _trial(tmp_path, "clutter_ppo_seed7", {"task": "clutter", "arm": "ppo", "seed": 7},
            [{"training_iteration": 1, "num_env_steps_sampled_lifetime": 500}])  # not evaluated yet
