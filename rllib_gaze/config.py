@@ -61,9 +61,11 @@ class GazePPOConfig(PPOConfig):
         self.minibatch_size = 512 * 50 // 32
         self.adam_eps = 1e-5
         # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
+        # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
         from rllib_gaze.envs.metrics import SuccessMetrics
+        from rllib_gaze.overlay import GazeImages
 
-        self.callbacks_class = SuccessMetrics
+        self.callbacks_class = [SuccessMetrics, GazeImages]
 
         # Gaze (module side).
         self.attention = "foveal"
@@ -84,6 +86,9 @@ class GazePPOConfig(PPOConfig):
         self.relative_gap = 0.5
         self.mining_chunk_size = 4096
         self.mining_pool = 2
+        # TensorBoard drawings of the gaze (off by default).
+        self.gaze_image_interval = 0
+        self.gaze_image_count = 4
 
     def gaze(
         self,
@@ -106,6 +111,8 @@ class GazePPOConfig(PPOConfig):
         mining_chunk_size: int | None = NotProvided,
         mining_pool: int | None = NotProvided,
         adam_eps: float | None = NotProvided,
+        gaze_image_interval: int | None = NotProvided,
+        gaze_image_count: int | None = NotProvided,
     ) -> "GazePPOConfig":
         """Sets the attention and contrastive-loss settings.
 
@@ -130,6 +137,10 @@ class GazePPOConfig(PPOConfig):
             mining_pool: neighbours are searched on feature maps averaged over ``pool x pool``
                 cells (1: the raw maps); 2 cuts the search cost ~4x.
             adam_eps: Adam's epsilon (ppo_rgb: 1e-5).
+            gaze_image_interval: every this many iterations, log ``gaze_image_count`` fixed
+                observations with the gaze drawn on them to TensorBoard (``ray/tune/gaze_images``);
+                0 = never.
+            gaze_image_count: observations in that drawing (1 to 16).
         """
         for name, value in list(locals().items()):
             if name != "self" and value is not NotProvided:
@@ -202,6 +213,10 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"mining_chunk_size={c.mining_chunk_size!r} must be >= 1")
     if not isinstance(c.mining_pool, int) or c.mining_pool < 1:
         errors.append(f"mining_pool={c.mining_pool!r} must be an integer >= 1")
+    if not isinstance(c.gaze_image_interval, int) or c.gaze_image_interval < 0:
+        errors.append(f"gaze_image_interval={c.gaze_image_interval!r} must be an integer >= 0 (0 = off)")
+    if not isinstance(c.gaze_image_count, int) or not 1 <= c.gaze_image_count <= 16:
+        errors.append(f"gaze_image_count={c.gaze_image_count!r} must be an integer in [1, 16]")
     if c.adam_eps <= 0:
         errors.append(f"adam_eps={c.adam_eps!r} must be > 0")
     return errors

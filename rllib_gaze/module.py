@@ -116,13 +116,16 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             _layer_init(nn.Linear(hidden, 1)),
         )
 
-    def encode(self, obs: Any) -> dict[str, torch.Tensor]:
-        """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
-        rgb = obs["rgb"] if isinstance(obs, dict) else obs
+    def image_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, H, W, 3)`` -> the CNN's feature map ``(B, C, h, w)`` the gaze acts on."""
         x = rgb.permute(0, 3, 1, 2).float()
         if self._scale_image:
             x = x / 255.0
-        pre = self.cnn(x)
+        return self.cnn(x)
+
+    def encode(self, obs: Any) -> dict[str, torch.Tensor]:
+        """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
+        pre = self.image_features(obs["rgb"] if isinstance(obs, dict) else obs)
         out = {PRE_ATTENTION_FEATURES: pre}
         attended = pre
         if self.gaze is not None:

@@ -60,7 +60,8 @@ class Task:
 
 def _maniskill(env_id: str, budget: int, clutter: int = 0, **shape) -> Task:
     name = env_id + ("-Clutter" if clutter else "")
-    return Task(name, MANISKILL, {"env_id": env_id, "camera_size": 128, "clutter": clutter}, budget, **shape)
+    return Task(name, MANISKILL, {"env_id": env_id, "camera_size": 128, "clutter": clutter}, budget,
+                gaze={"gaze_image_interval": 50}, **shape)
 
 
 # ppo_rgb's tuned RGB commands (examples/baselines/ppo/examples.sh): PushCube-v1 1M steps, 256 envs x
@@ -82,7 +83,7 @@ PAPER_CLUTTER = 8  # distractor objects in the cluttered variants
 DIAGNOSTIC = Task(
     "clutter", CLUTTER, {"image_size": 64, "num_distractors": 4}, budget=98_304,
     num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8, eval_episodes=32,
-    gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096},
+    gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096, "gaze_image_interval": 32},
 )
 
 TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC}
@@ -110,7 +111,7 @@ PRESETS: dict[str, Preset] = {
         "CPU, a few minutes: every arm on tiny versions of the diagnostic env and ManiSkill PushCube-v1",
         tasks=(
             dataclasses.replace(DIAGNOSTIC, budget=3 * 256, num_envs=16, rollout_length=16, num_epochs=1,
-                                num_minibatches=2, eval_interval=1, eval_episodes=4,
+                                num_minibatches=2, eval_interval=1, eval_episodes=4,  # no gaze images
                                 gaze={"contrastive_num_anchors": 32, "contrastive_buffer_capacity": 512}),
             Task("PushCube-v1", MANISKILL, {"env_id": "PushCube-v1", "camera_size": 64, "sim_backend": "physx_cpu"},
                  budget=2 * 32, num_envs=2, rollout_length=16, num_epochs=1, num_minibatches=2,

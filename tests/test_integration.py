@@ -1,5 +1,7 @@
 """GazePPO inside a real local Ray: every arm trains, DDP with two learners, checkpoints, Tune."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +79,7 @@ def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
 
 def test_tune_runs_gazeppo_by_name(ray_session, tmp_path):
     config = tiny_config().gaze(attention=tune.grid_search(["foveal", "none"]),
-                                contrastive=tune.grid_search([False]))
+                                contrastive=tune.grid_search([False]), gaze_image_interval=1)
     results = tune.Tuner(
         "GazePPO",
         param_space=config,
@@ -90,4 +92,11 @@ def test_tune_runs_gazeppo_by_name(ray_session, tmp_path):
     assert attentions == ["foveal", "none"]
     for r in results:
         assert ("gaze_mu_x_mean" in r.metrics["learners"][MID]) == (r.config["attention"] == "foveal")
-    assert list(tmp_path.glob("by_name/*/events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in results:
+        (events,) = list(Path(r.path).glob("events.out.tfevents.*"))
+        tags = EventAccumulator(str(events)).Reload().Tags()
+        assert "ray/tune/learners/default_policy/policy_loss" in tags["scalars"]
+        # the gaze drawing (rllib_gaze.overlay.GazeImages) only where there is a gaze
+        assert ("ray/tune/gaze_images" in tags["images"]) == (r.config["attention"] == "foveal")

@@ -47,6 +47,7 @@ def test_smoke_grid_is_tasks_x_arms_x_seeds_and_arms_differ_only_in_gaze_setting
             assert config.evaluation_config["explore"] is False
             assert config.evaluation_config["env_config"]["ignore_terminations"] is True
             assert _differing_keys(config, on_task["ppo"]) <= {"attention", "contrastive"}
+            assert config.gaze_image_interval == 0  # smoke: no TensorBoard drawings
 
 
 def test_paper_preset_covers_the_seven_tasks_and_their_cluttered_variants_on_gpu_resources():

@@ -1,0 +1,146 @@
+"""Draw the gaze on observations: heatmap + one-sigma ellipse (foveal) or weight map (patch).
+
+The gaze lives on the feature map, whose normalised coordinates ``[-1, 1]`` span the image (the
+convention of ``rllib_gaze.gaze.cell_centres``), so a Gaussian drawn at image resolution with the
+same parameters shows where the gaze looks. ``GazeImages`` logs such drawings to TensorBoard
+during training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from rllib_gaze.gaze import FovealGaze, gaussian_map
+
+logger = logging.getLogger(__name__)
+
+ELLIPSE_COLOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow, rare in the scenes
+_HEAT_COLOUR = np.array([255.0, 40.0, 0.0])
+
+
+def module_gaze(module, obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gaze of ``module`` (a GazePPOModule with attention) on a batch of observations.
+
+    Args:
+        obs: numpy image batch ``(B, H, W, 3)`` or dict with ``"rgb"`` (and ``"state"``).
+
+    Returns:
+        weights ``(B, h, w)`` on the feature map, and the foveal parameters ``(B, 5)`` =
+        (mu_x, mu_y, sigma_x, sigma_y, sigma_xy), or None for patch attention.
+    """
+    if module.gaze is None:
+        raise ValueError("this module has attention='none': there is no gaze to draw")
+    device = next(module.parameters()).device
+    rgb = obs["rgb"] if isinstance(obs, dict) else obs
+    with torch.no_grad():
+        weights, params = module.gaze.attention_map(module.image_features(torch.as_tensor(np.asarray(rgb), device=device)))
+    return weights.cpu().numpy(), (params.cpu().numpy() if isinstance(module.gaze, FovealGaze) else None)
+
+
+def image_weights(weights: np.ndarray, params: np.ndarray | None, height: int, width: int, floor: float = 0.0) -> np.ndarray:
+    """One observation's gaze at image resolution ``(height, width)`` in ``[0, 1]``: the Gaussian
+    redrawn per pixel (foveal) or the cell weights upsampled (patch)."""
+    if params is not None:
+        return gaussian_map(torch.as_tensor(params, dtype=torch.float32)[None], height, width, floor)[0].numpy()
+    t = torch.as_tensor(weights, dtype=torch.float32)[None, None]
+    return F.interpolate(t, size=(height, width), mode="nearest")[0, 0].numpy()
+
+
+def draw(image: np.ndarray, weights: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+    """``image (H, W, 3) uint8`` with the gaze drawn on it: outside the gaze dimmed and tinted in
+    proportion to ``weights (H, W)``, and for foveal ``params (5,)`` the one-sigma ellipse in
+    ``ELLIPSE_COLOUR``. Returns ``(H, W, 3) uint8``."""
+    w = np.clip(weights, 0.0, 1.0)[..., None]
+    out = image.astype(np.float32) * (0.35 + 0.65 * w) + _HEAT_COLOUR * 0.3 * w
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if params is not None:
+        for y, x in ellipse_pixels(params, *image.shape[:2]):
+            out[y, x] = ELLIPSE_COLOUR
+    return out
+
+
+def ellipse_pixels(params: np.ndarray, height: int, width: int) -> list[tuple[int, int]]:
+    """Pixels ``(row, col)`` on the one-sigma ellipse of foveal ``params (5,)`` in an image of
+    ``height x width`` (pixel ``i``'s centre sits at normalised ``(i + 0.5) * 2 / size - 1``)."""
+    mu_x, mu_y, sx, sy, sxy = (float(v) for v in params)
+    cov = np.array([[sx * sx, sxy], [sxy, sy * sy]])
+    chol = np.linalg.cholesky(cov + 1e-9 * np.eye(2))
+    n = max(64, int(4 * math.pi * max(sx * width, sy * height)))
+    t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
+    pts = np.array([mu_x, mu_y])[:, None] + chol @ np.stack([np.cos(t), np.sin(t)])
+    cols = np.round((pts[0] + 1.0) * width / 2 - 0.5).astype(int)
+    rows = np.round((pts[1] + 1.0) * height / 2 - 0.5).astype(int)
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    return sorted(set(zip(rows[inside].tolist(), cols[inside].tolist())))
+
+
+def draw_batch(module, obs: Any, floor: float = 0.0) -> list[np.ndarray]:
+    """Every observation of the batch with the module's gaze drawn on it (``(H, W, 3) uint8`` each)."""
+    rgb = np.asarray(obs["rgb"] if isinstance(obs, dict) else obs)
+    weights, params = module_gaze(module, obs)
+    height, width = rgb.shape[1:3]
+    return [draw(rgb[i], image_weights(weights[i], None if params is None else params[i], height, width, floor),
+                 None if params is None else params[i]) for i in range(len(rgb))]
+
+
+def tile(images: list[np.ndarray], columns: int, scale: int = 1, gap: int = 2) -> np.ndarray:
+    """Images ``(H, W, 3)`` side by side, ``columns`` per row, each enlarged ``scale`` times."""
+    images = [np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else im for im in images]
+    h, w = images[0].shape[:2]
+    rows = math.ceil(len(images) / columns)
+    sheet = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        sheet[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = im
+    return sheet
+
+
+def fixed_observations(env_name: str, env_config: dict, count: int, seed: int) -> Any:
+    """``count`` first observations of the registered env ``env_name``, reset with ``seed``: the same
+    scenes every time, so drawings from different iterations compare."""
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    env = _global_registry.get(ENV_CREATOR, env_name)({**env_config, "num_envs": count})
+    try:
+        obs, _ = env.reset(seed=seed)
+    finally:
+        env.close()
+    return obs
+
+
+class GazeImages(RLlibCallback):
+    """Every ``gaze_image_interval`` iterations (config, 0 = off) puts ``gaze_images`` into the
+    result: ``(3, H', W')`` uint8, ``gaze_image_count`` fixed observations of the training env with
+    the current gaze drawn on them, tiled. Tune's TensorBoard logger writes it as the image
+    ``ray/tune/gaze_images`` of the trial."""
+
+    def __init__(self):
+        super().__init__()
+        self._obs = None
+        self._failed = False
+
+    def on_train_result(self, *, algorithm, metrics_logger=None, result: dict, **kwargs) -> None:
+        config = algorithm.config
+        interval = getattr(config, "gaze_image_interval", 0)
+        iteration = algorithm.iteration + 1  # Tune counts this iteration after the callback
+        if not interval or iteration % interval or config.attention == "none" or self._failed:
+            return
+        try:
+            if self._obs is None:
+                self._obs = fixed_observations(config.env, dict(config.env_config), config.gaze_image_count,
+                                               config.seed or 0)
+            images = draw_batch(algorithm.get_module(), self._obs, config.gaze_floor)
+        except Exception as e:  # drawing must never stop training
+            self._failed = True
+            logger.warning("gaze images disabled for this trial: %s", e)
+            return
+        columns = math.ceil(math.sqrt(len(images)))
+        scale = max(1, 128 // images[0].shape[0])
+        result["gaze_images"] = tile(images, columns, scale).transpose(2, 0, 1)
