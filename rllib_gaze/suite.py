@@ -136,7 +136,8 @@ def pick_preset(cluster_gpus: float) -> tuple[str, str]:
     """The preset for a run without ``--preset`` and the reason, from the Ray cluster's GPUs."""
     if cluster_gpus > 0:
         return "paper", f"the Ray cluster has {cluster_gpus:g} GPU(s)"
-    return "local", "the Ray cluster has no GPU (pass --preset paper to run the GPU study anyway)"
+    return "local", ("the Ray cluster has no GPU (an autoscaling cluster whose GPU workers are not up yet "
+                     "looks the same: pass --preset paper there)")
 
 
 def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConfig:

@@ -142,3 +142,25 @@ def make_maniskill(num_envs: int, env_id: str = "PushCube-v1", *, sim_backend: s
         env.single_action_space = env.unwrapped.single_action_space
         return env
     return CPUBatch([_make_one(env_id, 1, *args) for _ in range(num_envs)])
+
+
+def check_rendering(sim_backend: str = "auto", env_id: str = "PushCube-v1") -> str:
+    """Builds two sub-envs of ``env_id``, renders one step and says what ran; raises with
+    ``VULKAN_HELP`` when rendering cannot work here. Cluster nodes run it at set-up."""
+    env = make_maniskill(2, env_id, sim_backend=sim_backend, camera_size=64)
+    try:
+        obs, _ = env.reset(seed=0)
+        obs, *_ = env.step(torch.zeros((2, *env.single_action_space.shape), device=getattr(env, "device", "cpu")))
+        rgb = obs["rgb"]
+        if tuple(rgb.shape) != (2, 64, 64, 3) or not bool((rgb.float().std() > 0).item()):
+            raise RuntimeError(f"ManiSkill rendered {tuple(rgb.shape)} images with no content: {VULKAN_HELP}")
+    finally:
+        env.close()
+    gpu = torch.cuda.is_available() and sim_backend != "physx_cpu"
+    return f"ManiSkill renders {env_id} here with {'physx_cuda on ' + torch.cuda.get_device_name(0) if gpu else 'physx_cpu'}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(check_rendering(sys.argv[1] if len(sys.argv) > 1 else "auto"))

@@ -13,7 +13,7 @@ from ray.rllib.utils.test_utils import check_train_results_new_api_stack
 
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.envs import make_maniskill_env
-from rllib_gaze.envs.maniskill import make_maniskill
+from rllib_gaze.envs.maniskill import check_rendering, make_maniskill
 
 from conftest import running
 from episodes import plain_loop_episodes, rllib_episodes, summary
@@ -68,13 +68,22 @@ def test_bad_options_are_named(options, message):
         make_maniskill(1, **options)
 
 
-def test_missing_vulkan_says_how_to_install_it():
-    code = ("from rllib_gaze.envs.maniskill import make_maniskill\n"
-            "make_maniskill(1, env_id='PushCube-v1', camera_size=32, sim_backend='physx_cpu')\n")
+def test_missing_vulkan_fails_the_node_check_saying_how_to_install_it():
+    # the command cluster nodes run at set-up (cluster/*.yaml)
     env = {**os.environ, "VK_ICD_FILENAMES": "/nonexistent/icd.json"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "rllib_gaze.envs.maniskill", "physx_cpu"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "Mesa >= 24.3 lavapipe" in proc.stderr and "NVIDIA" in proc.stderr
+
+
+def test_node_check_renders_here():
+    assert check_rendering("physx_cpu") == "ManiSkill renders PushCube-v1 here with physx_cpu"
+
+
+@pytest.mark.gpu
+def test_node_check_renders_on_the_gpu():
+    assert "physx_cuda on" in check_rendering("physx_cuda")
 
 
 @pytest.mark.gpu
