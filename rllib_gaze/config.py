@@ -86,6 +86,7 @@ class GazePPOConfig(PPOConfig):
         self.relative_gap = 0.5
         self.mining_chunk_size = 4096
         self.mining_pool = 2
+        self.contrastive_memory_checkpoint_mb = 64.0
         # TensorBoard drawings of the gaze (off by default).
         self.gaze_image_interval = 0
         self.gaze_image_count = 4
@@ -110,6 +111,7 @@ class GazePPOConfig(PPOConfig):
         relative_gap: float | None = NotProvided,
         mining_chunk_size: int | None = NotProvided,
         mining_pool: int | None = NotProvided,
+        contrastive_memory_checkpoint_mb: float | None = NotProvided,
         adam_eps: float | None = NotProvided,
         gaze_image_interval: int | None = NotProvided,
         gaze_image_count: int | None = NotProvided,
@@ -136,6 +138,9 @@ class GazePPOConfig(PPOConfig):
             mining_chunk_size: memory rows compared per matmul in the exact neighbour search.
             mining_pool: neighbours are searched on feature maps averaged over ``pool x pool``
                 cells (1: the raw maps); 2 cuts the search cost ~4x.
+            contrastive_memory_checkpoint_mb: checkpoints include the contrastive memory when it
+                holds at most this many MB (0: never); a memory left out refills after a restore
+                within ``contrastive_buffer_capacity / train batch`` iterations.
             adam_eps: Adam's epsilon (ppo_rgb: 1e-5).
             gaze_image_interval: every this many iterations, log ``gaze_image_count`` fixed
                 observations with the gaze drawn on them to TensorBoard (``ray/tune/gaze_images``);
@@ -217,6 +222,8 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"gaze_image_interval={c.gaze_image_interval!r} must be an integer >= 0 (0 = off)")
     if not isinstance(c.gaze_image_count, int) or not 1 <= c.gaze_image_count <= 16:
         errors.append(f"gaze_image_count={c.gaze_image_count!r} must be an integer in [1, 16]")
+    if not c.contrastive_memory_checkpoint_mb >= 0:
+        errors.append(f"contrastive_memory_checkpoint_mb={c.contrastive_memory_checkpoint_mb!r} must be >= 0")
     if c.adam_eps <= 0:
         errors.append(f"adam_eps={c.adam_eps!r} must be > 0")
     return errors

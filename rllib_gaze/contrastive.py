@@ -72,6 +72,11 @@ class FeatureReturnBuffer:
         """Views of the filled part: maps ``(N, C, H, W)``, keys ``(N, D')``, returns ``(N,)``."""
         return self.maps[:self.size], self.keys[:self.size], self.returns[:self.size]
 
+    def nbytes(self) -> int:
+        """Bytes ``state_dict()`` holds (the filled maps and returns)."""
+        maps, _, returns = self.filled()
+        return maps.numel() * maps.element_size() + returns.numel() * returns.element_size()
+
     def state_dict(self) -> dict:
         return {"maps": self.maps[:self.size].cpu(), "returns": self.returns[:self.size].cpu(),
                 "next": self._next}

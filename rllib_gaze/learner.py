@@ -20,11 +20,16 @@ import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.typing import ModuleID, TensorType
+from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
 from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
+
+
+# Learner state component holding the contrastive memory (in checkpoints, next to RLlib's
+# "rl_module" and "optimizer", which already carries the gaze's Adam moments).
+CONTRASTIVE_MEMORY = "contrastive_memory"
 
 
 class GazePPOLearner(PPOTorchLearner):
@@ -32,6 +37,8 @@ class GazePPOLearner(PPOTorchLearner):
 
     Reads its settings from ``GazePPOConfig`` (``config.contrastive_*``, ``config.return_*``).
     Under ``num_learners > 1`` each learner keeps its own memory, filled from its own shard.
+    Checkpoints carry the memory when it is at most ``contrastive_memory_checkpoint_mb``; a larger
+    one is left out and refills from the next ``capacity / batch`` iterations after a restore.
     """
 
     @override(PPOTorchLearner)
@@ -147,6 +154,26 @@ class GazePPOLearner(PPOTorchLearner):
                         device=features.device)
                 self._buffers[module_id].push(features, returns)
         self._staged = {}
+
+    @override(PPOTorchLearner)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> StateDict:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component(CONTRASTIVE_MEMORY, components, not_components):
+            state[CONTRASTIVE_MEMORY] = {
+                module_id: buffer.state_dict() for module_id, buffer in self._buffers.items()
+                if buffer.nbytes() <= self.config.get_config_for_module(module_id).contrastive_memory_checkpoint_mb * 2**20
+            }
+        return state
+
+    @override(PPOTorchLearner)
+    def set_state(self, state: StateDict) -> None:
+        super().set_state(state)
+        for module_id, memory in state.get(CONTRASTIVE_MEMORY, {}).items():
+            config = self.config.get_config_for_module(module_id)
+            buffer = FeatureReturnBuffer(config.contrastive_buffer_capacity, memory["maps"].shape[1:],
+                                         pool=config.mining_pool, device=self._device)
+            buffer.load_state_dict({k: v.to(self._device) if torch.is_tensor(v) else v for k, v in memory.items()})
+            self._buffers[module_id] = buffer
 
     def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor) -> None:
         if params.dim() == 2:  # foveal (B, 5)

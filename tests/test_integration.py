@@ -9,7 +9,7 @@ import torch
 from ray import tune
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core.columns import Columns
-from ray.rllib.utils.test_utils import check_train_results_new_api_stack
+from ray.rllib.utils.test_utils import check, check_train_results_new_api_stack
 
 from rllib_gaze import ARMS
 
@@ -73,6 +73,39 @@ def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
         torch.testing.assert_close(after, before)
         torch.testing.assert_close(restored.learner_group._learner.module[MID].gaze.head.out.weight, learner_before)
         check_train_results_new_api_stack(restored.train())  # and it keeps training
+    finally:
+        restored.stop()
+
+
+def _learner_state(algo):
+    learner = algo.learner_group._learner
+    return learner._buffers.get(MID), learner.get_state()["optimizer"]
+
+
+@pytest.mark.parametrize("limit_mb, kept", [(64.0, True), (0.0, False)])
+def test_checkpoint_carries_the_contrastive_memory_and_the_gaze_optimiser(ray_session, tmp_path, limit_mb, kept):
+    with running(tiny_config(contrastive_memory_checkpoint_mb=limit_mb)) as algo:
+        algo.train()
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        buffer, optimizer = _learner_state(algo)
+        maps, _, returns = (t.clone() for t in buffer.filled())
+    restored = Algorithm.from_checkpoint(path)
+    try:
+        restored_buffer, restored_optimizer = _learner_state(restored)
+        # Adam's moments of every parameter, the gaze's included, come back in any case
+        check(restored_optimizer, optimizer)
+        if kept:
+            restored_maps, _, restored_returns = restored_buffer.filled()
+            torch.testing.assert_close(restored_maps, maps)
+            torch.testing.assert_close(restored_returns, returns)
+            assert restored_buffer._next == buffer._next
+            fill = restored.train()["learners"][MID]["contrastive_buffer_fill"]
+            assert fill > 0  # the first update after the restore already mines against the memory
+        else:  # too big for the limit: left out, refills from the next iteration on
+            assert restored_buffer is None
+            assert restored.train()["learners"][MID]["contrastive_buffer_fill"] == 0
+            assert restored.train()["learners"][MID]["contrastive_buffer_fill"] > 0
     finally:
         restored.stop()
 
