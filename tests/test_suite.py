@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -79,9 +80,11 @@ def test_flags_override_the_preset():
     args = suite_script.parse_args(["--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze", "--seeds", "3",
                                     "--budget", "512", "--gpus-per-learner", "0.5"])
     name, preset = suite_script.chosen_preset(args, cluster_gpus=0)
-    assert name == "smoke" and [t.name for t in preset.tasks] == ["clutter"]
+    assert name == "smoke" and preset.tasks == (dataclasses.replace(PRESETS["smoke"].tasks[0], budget=512),)
     assert preset.arms == ("ppo", "gaze") and preset.seeds == (3,) and preset.tasks[0].budget == 512
     assert preset.num_gpus_per_learner == 0.5
+    _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
+    assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
 
 
 @pytest.mark.parametrize("argv, named", [

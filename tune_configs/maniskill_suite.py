@@ -96,7 +96,8 @@ def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
         name, why = pick_preset(cluster_gpus)
         print(f"[suite] --preset not given: running '{name}' because {why}.", flush=True)
     preset = PRESETS[name]
-    tasks = [TASKS[t] for t in args.tasks] if args.tasks else list(preset.tasks)
+    own = {t.name: t for t in preset.tasks}  # a preset's own version of a task (smoke's are tiny) first
+    tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset.tasks)
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
     overrides = {"tasks": tuple(tasks), "arms": tuple(args.arms or preset.arms), "seeds": tuple(args.seeds or preset.seeds)}

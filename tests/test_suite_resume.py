@@ -1,0 +1,86 @@
+"""A suite whose driver is interrupted (SIGINT, or SIGKILL) finishes with --resume, losing nothing:
+finished trials are not re-run, the interrupted one continues from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = os.path.join(ROOT, "tune_configs", "maniskill_suite.py")
+ITERATIONS, BATCH = 10, 256  # smoke's clutter task: 16 envs x 16 steps per iteration
+
+
+def _rows(trial_dir) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the driver may die mid-line
+            pass
+    return rows
+
+
+def _trial(experiment, arm: str):
+    found = [d for d in experiment.glob(f"clutter_{arm}_seed0_*") if d.is_dir()] if experiment.exists() else []
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_suite_resumes_from_checkpoints_without_rerunning_finished_trials(sig, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--storage-path", str(tmp_path)]
+    start = [sys.executable, SUITE, "--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze",
+             "--budget", str(ITERATIONS * BATCH), "--max-concurrent-trials", "1", "--checkpoint-every", "2",
+             "--name", "exp", *common]
+    experiment = tmp_path / "exp"
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and driver.poll() is None:
+                gaze = _trial(experiment, "gaze")
+                if gaze is not None and len(_rows(gaze)) >= 5:
+                    break
+                time.sleep(0.5)  # polling the running suite's files, not timing anything
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            driver.send_signal(sig)
+            driver.wait(timeout=300)
+        finally:
+            if sig == signal.SIGKILL or driver.poll() is None:  # the machine went down: nothing of it survives
+                try:
+                    os.killpg(driver.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    ppo, gaze = _trial(experiment, "ppo"), _trial(experiment, "gaze")
+    finished_ppo = (ppo / "result.json").read_bytes()
+    assert _rows(ppo)[-1]["training_iteration"] == ITERATIONS
+    before = _rows(gaze)
+    interrupted_at = before[-1]["training_iteration"]
+    assert 5 <= interrupted_at < ITERATIONS
+    checkpoints = sorted(int(d.name.split("_")[-1]) for d in gaze.glob("checkpoint_*"))
+    assert checkpoints, "no checkpoint before the interruption"
+
+    resumed = subprocess.run([sys.executable, SUITE, "--resume", "exp", *common], env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[suite] resuming" in resumed.stdout
+
+    assert (ppo / "result.json").read_bytes() == finished_ppo  # the finished trial was not re-run
+    after = _rows(gaze)[len(before):]
+    iterations = [r["training_iteration"] for r in after]
+    # continues after the last checkpoint (at most `--checkpoint-every` iterations are redone), never from 1
+    assert 1 < iterations[0] <= interrupted_at + 1 and iterations == list(range(iterations[0], ITERATIONS + 1))
+    assert [r["num_env_steps_sampled_lifetime"] for r in after] == [i * BATCH for i in iterations]
+    assert (experiment / "report.md").exists() and "| gaze | 1 |" in (experiment / "report.md").read_text()
