@@ -79,9 +79,9 @@ _PAPER_SHAPES = {
 }
 PAPER_CLUTTER = 8  # distractor objects in the cluttered variants
 
-# The diagnostic env at laptop scale: 1024 env steps per iteration, evaluated every 8 iterations.
+# The diagnostic env at laptop scale: 1024 env steps per iteration, 192 iterations, evaluated every 8.
 DIAGNOSTIC = Task(
-    "clutter", CLUTTER, {"image_size": 64, "num_distractors": 4}, budget=98_304,
+    "clutter", CLUTTER, {"image_size": 64, "num_distractors": 4}, budget=196_608,
     num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8, eval_episodes=32,
     gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096, "gaze_image_interval": 32},
 )

@@ -138,3 +138,22 @@ def test_attended_cosine_equals_cosine_of_the_attended_maps():
     g_slow = torch.autograd.grad(slow.sum(), [wx, wy])
     for a, b in zip(g_fast, g_slow):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_loss_and_gradients_stay_finite_for_random_and_extreme_maps(seed):
+    # a property test over random shapes, scales from 0 to 1e30, weights with exact zeros
+    g = torch.Generator().manual_seed(seed)
+    t, c, h, w = (int(v) for v in torch.randint(1, 6, (4,), generator=g))
+    scales = torch.tensor([0.0, 1e-30, 1e-3, 1.0, 1e3, 1e30])
+    pick = lambda: scales[torch.randint(0, len(scales), (t, 1, 1, 1), generator=g)]  # noqa: E731
+    x, y, z = (torch.rand(t, c, h, w, generator=g) * pick() for _ in range(3))
+    weights = [(torch.rand(t, h, w, generator=g) * (torch.rand(t, h, w, generator=g) > 0.3)).requires_grad_(True)
+               for _ in range(3)]
+    cos_ap = attended_cosine(x, y, weights[0], weights[1])
+    cos_an = attended_cosine(x, z, weights[0], weights[2])
+    assert torch.isfinite(cos_ap).all() and (cos_ap.abs() <= 1 + 1e-5).all()
+    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=0.2)
+    assert torch.isfinite(loss) and 0.0 <= active.item() <= 1.0
+    loss.backward()
+    assert all(torch.isfinite(wt.grad).all() for wt in weights)

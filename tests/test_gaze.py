@@ -75,7 +75,7 @@ def test_foveal_weights_every_channel_of_a_cell_alike():
     assert torch.allclose(ratio[:, 0], gaussian_map(p, 6, 7))
 
 
-@pytest.mark.parametrize("scale", [0.0, 1.0, 1e3, 1e6, 1e12])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1.0, 1e3, 1e6, 1e12, 1e30])
 def test_foveal_covariance_positive_definite_and_everything_finite(scale):
     torch.manual_seed(0)
     gaze = FovealGaze(8, 5, 5, rho_max=0.95)

@@ -137,3 +137,21 @@ def test_memory_and_mining_live_on_the_learners_gpu():
     buffer = learner._buffers[MID]
     assert buffer.maps.device.type == "cuda" and buffer.keys.device.type == "cuda"
     assert results[MID]["contrastive_valid_anchor_frac"].peek() > 0
+
+
+@pytest.mark.parametrize("case, why", [
+    ("empty", "contrastive_buffer_fill"),          # nothing remembered yet
+    ("all_equal", "contrastive_return_spread"),    # no return difference: no positive/negative split
+])
+def test_degenerate_memory_gives_zero_loss_and_a_metric_that_says_why(trained, case, why):
+    _, learner, _, batch = trained
+    buffer = learner._buffers[MID]
+    if case == "empty":
+        buffer.size = buffer._next = 0
+    else:
+        buffer.returns.fill_(1.5)
+    logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
+                            timesteps={"num_env_steps_sampled_lifetime": 256})[MID]
+    assert logged["contrastive_loss"].peek() == 0.0
+    assert logged["contrastive_valid_anchor_frac"].peek() == 0.0
+    assert logged[why].peek() == 0.0

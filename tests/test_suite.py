@@ -87,28 +87,6 @@ def test_flags_override_the_preset():
     assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--preset", "huge"], ["'huge'", "smoke", "local", "paper"]),
-    (["--tasks", "PushCube"], ["'PushCube'", "PushCube-v1"]),
-    (["--arms", "ppo", "attention"], ["'attention'", "gaze-rl", "patch"]),
-    (["--budget", "0"], ["--budget=0", ">= 1"]),
-    (["--num-env-runners", "-1"], ["--num-env-runners=-1"]),
-    (["--gpus-per-learner", "-0.5"], ["--gpus-per-learner=-0.5"]),
-    (["--seeds", "1", "1"], ["each seed once"]),
-    (["--resume", "--preset", "smoke"], ["--resume continues"]),
-])
-def test_bad_flags_fail_before_anything_starts_naming_value_and_allowed(argv, named, capsys, tmp_path):
-    import ray
-
-    with pytest.raises(SystemExit) as exit_info:
-        suite_script.main(argv + ["--storage-path", str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    for text in named:
-        assert text in err
-    assert not ray.is_initialized()
-
-
 def test_resume_without_an_experiment_says_where_it_looked(capsys, tmp_path):
     with pytest.raises(SystemExit):
         suite_script.parse_args(["--resume", "--storage-path", str(tmp_path)])

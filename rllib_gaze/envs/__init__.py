@@ -7,6 +7,8 @@ Batched envs here are whole ``gymnasium.vector.VectorEnv`` objects: configure RL
 
 from __future__ import annotations
 
+import inspect
+
 from ray import tune
 
 from rllib_gaze.envs.bridge import BatchedEnvBridge
@@ -30,6 +32,11 @@ def make_clutter(env_config: dict) -> BatchedEnvBridge:
     """Tune env creator for ``"clutter"``; RLlib passes ``num_envs`` in vector_entry_point mode."""
     cfg = dict(env_config)
     bridge = _bridge_options(cfg, CLUTTER)
+    allowed = [p for p in inspect.signature(ClutterEnv).parameters if p != "self"]
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise ValueError(f"env {CLUTTER!r}: unknown env_config keys {unknown}; allowed keys are "
+                         f"{allowed + ['ignore_terminations', 'bootstrap_at_done']}")
     return BatchedEnvBridge(ClutterEnv(**cfg), **bridge)
 
 

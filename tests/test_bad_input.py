@@ -1,0 +1,67 @@
+"""One table of bad inputs, one per user-facing entry point: each is refused before any work
+starts, with a message naming the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from rllib_gaze import GazePPOConfig
+from rllib_gaze.envs import make_clutter, make_maniskill_env
+from rllib_gaze.report import main as report_main
+from rllib_gaze.visualize import main as visualize_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("maniskill_suite", os.path.join(ROOT, "tune_configs", "maniskill_suite.py"))
+suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite)
+
+
+def _config(**gaze):
+    GazePPOConfig().environment("clutter").gaze(**gaze).validate()
+
+
+BAD_INPUTS = [
+    # (entry point, call, texts the message must contain)
+    ("config", lambda tmp: _config(attention="spotlight"), ["attention='spotlight'", "'foveal', 'patch', 'none'"]),
+    ("config", lambda tmp: _config(attention="none", contrastive=True), ["contrastive=True", "attention='foveal'"]),
+    ("config", lambda tmp: _config(contrastive_margin=-1.0), ["contrastive_margin=-1.0", ">= 0"]),
+    ("config", lambda tmp: _config(return_quantile=1.0), ["return_quantile=1.0", "(0, 1)"]),
+    ("config", lambda tmp: _config(gaze_image_count=0), ["gaze_image_count=0", "[1, 16]"]),
+    ("config", lambda tmp: _config(contrastive_memory_checkpoint_mb=-1), ["contrastive_memory_checkpoint_mb=-1"]),
+    ("env_config", lambda tmp: make_clutter({"num_envs": 2, "imagesize": 64}), ["'imagesize'", "image_size"]),
+    ("env_config", lambda tmp: make_clutter({"num_envs": 2, "image_size": 8}), ["image_size=8", ">= 16"]),
+    ("env_config", lambda tmp: make_clutter({"image_size": 64}), ["vector_entry_point"]),
+    ("env_config", lambda tmp: make_maniskill_env({"num_envs": 1, "env_id": "PushCub-v1"}), ["'PushCub-v1'", "PushCube-v1"]),
+    ("env_config", lambda tmp: make_maniskill_env({"num_envs": 1, "sim_backend": "gpu"}),
+     ["sim_backend='gpu'", "physx_cuda", "physx_cpu"]),
+    ("suite", lambda tmp: suite.main(["--preset", "huge", "--storage-path", str(tmp)]), ["'huge'", "smoke", "local", "paper"]),
+    ("suite", lambda tmp: suite.main(["--tasks", "PushCube", "--storage-path", str(tmp)]), ["'PushCube'", "PushCube-v1"]),
+    ("suite", lambda tmp: suite.main(["--arms", "ppo", "attention"]), ["'attention'", "gaze-rl", "patch"]),
+    ("suite", lambda tmp: suite.main(["--budget", "0"]), ["--budget=0", ">= 1"]),
+    ("suite", lambda tmp: suite.main(["--num-env-runners", "-1"]), ["--num-env-runners=-1", ">= 0"]),
+    ("suite", lambda tmp: suite.main(["--gpus-per-learner", "-0.5"]), ["--gpus-per-learner=-0.5", ">= 0"]),
+    ("suite", lambda tmp: suite.main(["--seeds", "1", "1"]), ["each seed once"]),
+    ("suite", lambda tmp: suite.main(["--resume", "--preset", "smoke"]), ["--resume continues"]),
+    ("suite", lambda tmp: suite.main(["--resume", "--storage-path", str(tmp)]), ["no experiment to resume", "under"]),
+    ("report", lambda tmp: report_main([str(tmp / "missing")]), ["missing", "does not exist"]),
+    ("report", lambda tmp: report_main([str(tmp)]), ["no Tune trials"]),
+    ("report", lambda tmp: report_main([str(tmp), "--levels", "80"]), ["80", "(0, 1]"]),
+    ("visualize", lambda tmp: visualize_main([str(tmp), "--episodes", "0"]), ["--episodes=0", "[1, 64]"]),
+    ("visualize", lambda tmp: visualize_main([str(tmp)]), ["is not an RLlib algorithm checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("entry, call, texts", BAD_INPUTS, ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_refused_naming_value_and_allowed(entry, call, texts, tmp_path, capsys):
+    import ray
+
+    with pytest.raises((ValueError, SystemExit)) as refused:
+        call(tmp_path)
+    message = str(refused.value) + capsys.readouterr().err
+    for text in texts:
+        assert text in message, message
+    if entry == "suite":
+        assert not ray.is_initialized()  # refused before Ray started
