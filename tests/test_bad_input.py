@@ -46,6 +46,8 @@ BAD_INPUTS = [
     ("suite", lambda tmp: suite.main(["--seeds", "1", "1"]), ["each seed once"]),
     ("suite", lambda tmp: suite.main(["--resume", "--preset", "smoke"]), ["--resume continues"]),
     ("suite", lambda tmp: suite.main(["--resume", "--storage-path", str(tmp)]), ["no experiment to resume", "under"]),
+    ("suite", lambda tmp: suite.main(["--gaze", "coeff=2"]), ["'coeff=2'", "contrastive_coeff"]),
+    ("suite", lambda tmp: suite.main(["--gaze", "contrastive_coeff=-2"]), ["contrastive_coeff=-2", ">= 0"]),
     ("report", lambda tmp: report_main([str(tmp / "missing")]), ["missing", "does not exist"]),
     ("report", lambda tmp: report_main([str(tmp)]), ["no Tune trials"]),
     ("report", lambda tmp: report_main([str(tmp), "--levels", "80"]), ["80", "(0, 1]"]),

@@ -78,9 +78,12 @@ def test_preset_is_paper_with_gpus_and_local_without_and_says_why():
 
 def test_flags_override_the_preset():
     args = suite_script.parse_args(["--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze", "--seeds", "3",
-                                    "--budget", "512", "--gpus-per-learner", "0.5"])
+                                    "--budget", "512", "--gpus-per-learner", "0.5", "--gaze", "contrastive_coeff=10",
+                                    "label_rule=relative"])
     name, preset = suite_script.chosen_preset(args, cluster_gpus=0)
-    assert name == "smoke" and preset.tasks == (dataclasses.replace(PRESETS["smoke"].tasks[0], budget=512),)
+    smoke_clutter = PRESETS["smoke"].tasks[0]
+    assert name == "smoke" and preset.tasks == (dataclasses.replace(
+        smoke_clutter, budget=512, gaze={**smoke_clutter.gaze, "contrastive_coeff": 10, "label_rule": "relative"}),)
     assert preset.arms == ("ppo", "gaze") and preset.seeds == (3,) and preset.tasks[0].budget == 512
     assert preset.num_gpus_per_learner == 0.5
     _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)

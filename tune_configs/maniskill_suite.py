@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rllib_gaze import ARMS  # noqa: E402
+from rllib_gaze import ARMS, GazePPOConfig  # noqa: E402
 from rllib_gaze.suite import PRESETS, TASKS, BudgetStop, SuiteProgress, param_space, pick_preset, planned_steps, trial_label  # noqa: E402,E501
 
 EXPERIMENT_STATE = "tuner.pkl"
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="latest", metavar="EXPERIMENT",
                    help="continue an interrupted experiment: its name or path (default: the latest under --storage-path)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="iterations between trial checkpoints")
+    p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
+                        "(the arms' own attention/contrastive switches excluded)")
     args = p.parse_args(argv)
 
     def bad(flag, values, allowed):
@@ -64,11 +69,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}={value}: must be >= 0")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {args.seeds}: each seed once")
-    if args.resume and any(v is not None for v in (args.preset, args.tasks, args.arms, args.seeds, args.budget)):
-        p.error("--resume continues an experiment as it was started; drop --preset/--tasks/--arms/--seeds/--budget")
+    args.gaze = _gaze_settings(p, args.gaze)
+    if args.resume and (args.gaze or any(v is not None for v in (args.preset, args.tasks, args.arms, args.seeds, args.budget))):
+        p.error("--resume continues an experiment as it was started; drop --preset/--tasks/--arms/--seeds/--budget/--gaze")
     if args.resume:
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
     return args
+
+
+def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, else as text)."""
+    allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters if k not in ("self", "attention", "contrastive")]
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in allowed:
+            p.error(f"--gaze {pair!r}: expected KEY=VALUE with KEY one of {allowed}")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    try:
+        GazePPOConfig().gaze(**settings).validate()
+    except ValueError as e:
+        p.error(f"--gaze: {e}")
+    return settings
 
 
 def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str) -> str:
@@ -100,6 +125,7 @@ def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
     tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset.tasks)
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
+    tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
     overrides = {"tasks": tuple(tasks), "arms": tuple(args.arms or preset.arms), "seeds": tuple(args.seeds or preset.seeds)}
     for flag, key in (("num_env_runners", "num_env_runners"), ("gpus_per_env_runner", "num_gpus_per_env_runner"),
                       ("gpus_per_learner", "num_gpus_per_learner")):
