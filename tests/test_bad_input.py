@@ -57,13 +57,15 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("entry, call, texts", BAD_INPUTS, ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(BAD_INPUTS)])
-def test_bad_input_is_refused_naming_value_and_allowed(entry, call, texts, tmp_path, capsys):
+def test_bad_input_is_refused_naming_value_and_allowed(entry, call, texts, tmp_path, capsys, monkeypatch):
     import ray
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the bad input was refused")
+
+    monkeypatch.setattr(ray, "init", no_ray)  # a tripwire: refusing must come before any work
     with pytest.raises((ValueError, SystemExit)) as refused:
         call(tmp_path)
     message = str(refused.value) + capsys.readouterr().err
     for text in texts:
         assert text in message, message
-    if entry == "suite":
-        assert not ray.is_initialized()  # refused before Ray started
