@@ -80,8 +80,9 @@ def _t95(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1))
 
 
-def load_curves(experiment_dir: str) -> tuple[list[Curve], list[str]]:
-    """Every task x arm with at least one evaluation, and notes on trials without any."""
+def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[Curve], list[str]]:
+    """Every task x arm with at least one evaluation (up to ``until`` env steps, if given), and
+    notes on trials without any."""
     if not os.path.isdir(experiment_dir):
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
@@ -95,8 +96,9 @@ def load_curves(experiment_dir: str) -> tuple[list[Curve], list[str]]:
         if not {"task", "arm", "seed"} <= params.keys():
             notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
             continue
-        points = _evaluation_points(os.path.join(experiment_dir, name, "result.json"),
-                                    int(params.get("evaluation_interval") or 1))
+        points = [(step, value) for step, value in _evaluation_points(
+            os.path.join(experiment_dir, name, "result.json"), int(params.get("evaluation_interval") or 1))
+            if until is None or step <= until]
         if not points:
             notes.append(f"{name}: no evaluation yet")
             continue
@@ -191,13 +193,16 @@ def plot(curves: list[Curve], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8)) -> str:
+def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8),
+                 until: float | None = None) -> str:
     """Writes ``report.md`` and ``success_<task>.png`` into ``out_dir`` (default: the experiment
-    dir) and returns the Markdown."""
+    dir) and returns the Markdown; ``until``: only evaluations up to that many env steps."""
     bad = [level for level in levels if not 0.0 < level <= 1.0]
     if bad:
         raise ValueError(f"levels {bad}: each level must be in (0, 1]")
-    curves, notes = load_curves(experiment_dir)
+    if until is not None and until <= 0:
+        raise ValueError(f"until={until}: must be > 0 env steps")
+    curves, notes = load_curves(experiment_dir, until)
     out_dir = out_dir or experiment_dir
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
@@ -223,9 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("experiment_dir", help="a suite experiment directory (<storage-path>/<name>)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8], help="success levels in (0, 1]")
     p.add_argument("--out", help="where to write report.md and the PNGs (default: the experiment dir)")
+    p.add_argument("--until", type=float, help="only evaluations up to this many env steps (compare at equal budgets)")
     args = p.parse_args(argv)
     try:
-        print(write_report(args.experiment_dir, args.out, tuple(args.levels)))
+        print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until))
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
 

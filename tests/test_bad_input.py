@@ -51,6 +51,7 @@ BAD_INPUTS = [
     ("report", lambda tmp: report_main([str(tmp / "missing")]), ["missing", "does not exist"]),
     ("report", lambda tmp: report_main([str(tmp)]), ["no Tune trials"]),
     ("report", lambda tmp: report_main([str(tmp), "--levels", "80"]), ["80", "(0, 1]"]),
+    ("report", lambda tmp: report_main([str(tmp), "--until", "-5"]), ["until=-5", "> 0"]),
     ("visualize", lambda tmp: visualize_main([str(tmp), "--episodes", "0"]), ["--episodes=0", "[1, 64]"]),
     ("visualize", lambda tmp: visualize_main([str(tmp)]), ["is not an RLlib algorithm checkpoint"]),
 ]

@@ -108,3 +108,11 @@ def test_cli_rejects_levels_outside_zero_one(experiment, capsys):
     with pytest.raises(SystemExit):
         main([str(experiment), "--levels", "0.5", "80"])
     assert "80" in capsys.readouterr().err
+
+
+def test_until_keeps_only_evaluations_up_to_that_many_steps(experiment):
+    curves, _ = load_curves(str(experiment), until=2000)
+    ppo = next(c for c in curves if (c.task, c.arm) == ("clutter", "ppo"))
+    assert ppo.runs == {0: [(1000, 0.0), (2000, 0.4)], 1: [(1000, 0.2), (2000, 0.4)]}
+    rows = _rows(table([c for c in curves if c.task == "clutter"], (0.5,)))
+    assert rows["gaze"][2:4] == ["1,000", "> 2.00"]  # ppo's mean never reaches 50% by step 2000
