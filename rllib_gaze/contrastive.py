@@ -78,13 +78,16 @@ class FeatureReturnBuffer:
         return maps.numel() * maps.element_size() + returns.numel() * returns.element_size()
 
     def state_dict(self) -> dict:
-        return {"maps": self.maps[:self.size].cpu(), "returns": self.returns[:self.size].cpu(),
-                "next": self._next}
+        """The filled rows oldest first (``maps (N, C, H, W)``, ``returns (N,)``), on the CPU."""
+        order = torch.arange(self.size, device=self.maps.device)
+        if self.size == self.capacity:
+            order = (order + self._next) % self.capacity
+        return {"maps": self.maps[order].cpu(), "returns": self.returns[order].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Refill from ``state_dict()``, also of a memory with another capacity (newest rows kept)."""
         self.size, self._next = 0, 0
         self.push(state["maps"], state["returns"])
-        self._next = state["next"] % self.capacity
 
 
 @dataclass

@@ -129,7 +129,7 @@ class GazeImages(RLlibCallback):
     def on_train_result(self, *, algorithm, metrics_logger=None, result: dict, **kwargs) -> None:
         config = algorithm.config
         interval = getattr(config, "gaze_image_interval", 0)
-        iteration = algorithm.iteration + 1  # Tune counts this iteration after the callback
+        iteration = result.get("training_iteration", algorithm.iteration)  # called after Tune counted it
         if not interval or iteration % interval or config.attention == "none" or self._failed:
             return
         try:

@@ -27,32 +27,37 @@ from dataclasses import dataclass
 import numpy as np
 
 METRIC_PATH = ("evaluation", "env_runners", "success_once")
+STEPS = "num_env_steps_sampled_lifetime"
 BASELINE = "ppo"
 
 
 @dataclass
 class Curve:
-    """One task x arm: evaluation success over env steps for each seed."""
+    """One task x arm: evaluation success over env steps for each seed.
+
+    Seeds are aligned on the training iteration of each evaluation (the same env steps, unless a
+    fault made one seed sample more or fewer); a point's env steps are the seeds' mean."""
 
     task: str
     arm: str
-    runs: dict[int, list[tuple[int, float]]]  # seed -> [(env steps, success)] in step order
+    runs: dict[int, list[tuple[int, int, float]]]  # seed -> [(iteration, env steps, success)] in order
 
     def mean(self, common_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, mean, low, high)`` over seeds at each evaluated step (the 95% band);
-        ``common_only``: only the steps that every seed has evaluated."""
-        by_step: dict[int, list[float]] = {}
+        """``(steps, mean, low, high)`` over seeds at each evaluation (the 95% band);
+        ``common_only``: only the evaluations that every seed has reached."""
+        by_iteration: dict[int, list[tuple[int, float]]] = {}
         for points in self.runs.values():
-            for step, value in points:
-                by_step.setdefault(step, []).append(value)
-        steps = sorted(s for s, v in by_step.items() if not common_only or len(v) == len(self.runs))
-        mean, low, high = [], [], []
-        for step in steps:
-            values = np.asarray(by_step[step], dtype=float)
+            for iteration, step, value in points:
+                by_iteration.setdefault(iteration, []).append((step, value))
+        iterations = sorted(i for i, v in by_iteration.items() if not common_only or len(v) == len(self.runs))
+        steps, mean, low, high = [], [], [], []
+        for iteration in iterations:
+            steps.append(float(np.mean([step for step, _ in by_iteration[iteration]])))
+            values = np.asarray([value for _, value in by_iteration[iteration]], dtype=float)
             m = float(values.mean())
             half = _t95(len(values)) * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
             mean.append(m), low.append(max(0.0, m - half)), high.append(min(1.0, m + half))
-        return np.asarray(steps, dtype=float), np.asarray(mean), np.asarray(low), np.asarray(high)
+        return np.asarray(steps), np.asarray(mean), np.asarray(low), np.asarray(high)
 
     def steps_to(self, level: float) -> float | None:
         steps, mean, _, _ = self.mean(common_only=True)
@@ -64,7 +69,7 @@ class Curve:
         return float(steps[-1]) if len(steps) else 0.0
 
     def final(self) -> float:
-        return float(np.mean([points[-1][1] for points in self.runs.values()]))
+        return float(np.mean([points[-1][2] for points in self.runs.values()]))
 
     def auc(self) -> float:
         steps, mean, _, _ = self.mean(common_only=True)
@@ -96,9 +101,9 @@ def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[C
         if not {"task", "arm", "seed"} <= params.keys():
             notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
             continue
-        points = [(step, value) for step, value in _evaluation_points(
-            os.path.join(experiment_dir, name, "result.json"), int(params.get("evaluation_interval") or 1))
-            if until is None or step <= until]
+        points = [p for p in _evaluation_points(os.path.join(experiment_dir, name, "result.json"),
+                                                int(params.get("evaluation_interval") or 1))
+                  if until is None or p[1] <= until]
         if not points:
             notes.append(f"{name}: no evaluation yet")
             continue
@@ -107,8 +112,8 @@ def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[C
     return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
 
 
-def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, float]]:
-    points: dict[int, float] = {}
+def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
+    points: dict[int, tuple[int, float]] = {}
     if not os.path.exists(result_file):
         return []
     with open(result_file) as f:
@@ -118,9 +123,9 @@ def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, float
             except json.JSONDecodeError:  # a line cut short by a killed run
                 continue
             value = evaluation_success(row, interval)
-            if value is not None:
-                points[int(row["num_env_steps_sampled_lifetime"])] = value
-    return sorted(points.items())
+            if value is not None:  # a resumed trial repeats iterations after its checkpoint: keep the last
+                points[int(row["training_iteration"])] = (int(row[STEPS]), value)
+    return [(iteration, step, value) for iteration, (step, value) in sorted(points.items())]
 
 
 def evaluation_success(row: dict, interval: int) -> float | None:
@@ -157,7 +162,7 @@ def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
         cells += [f"{s:,.0f}" if s is not None else "never reached" for s in reached]
         if baseline is not None:
             cells += [_ratio(baseline, c, level, s) for level, s in zip(levels, reached)]
-        finals = [points[-1][1] for points in c.runs.values()]
+        finals = [points[-1][2] for points in c.runs.values()]
         spread = f" ± {np.std(finals, ddof=1):.2f}" if len(finals) > 1 else ""
         cells += [f"{c.final():.2f}{spread}", f"{c.auc():.3f}"]
         rows.append("| " + " | ".join(cells) + " |")

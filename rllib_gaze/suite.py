@@ -21,10 +21,8 @@ from ray import tune
 
 from rllib_gaze.config import ARMS, GazePPOConfig
 from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
-from rllib_gaze.report import evaluation_success
+from rllib_gaze.report import STEPS, evaluation_success
 
-METRIC = "evaluation/env_runners/success_once"
-STEPS = "num_env_steps_sampled_lifetime"
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,10 @@ def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConf
     runners = preset.num_env_runners
     batch = task.batch_size(runners)
     env_config = dict(task.env_config)
-    if task.env == MANISKILL and preset.num_gpus_per_env_runner == 0 and runners == 0:
-        env_config.setdefault("sim_backend", "physx_cpu")
+    if task.env == MANISKILL and runners == 0:
+        # training and evaluation envs then share the trial's process: one GPU simulation per
+        # process is all ManiSkill allows, so both simulate on the CPU
+        env_config["sim_backend"] = "physx_cpu"
     return (
         GazePPOConfig()
         .environment(task.env, env_config=env_config)
@@ -203,35 +203,37 @@ class BudgetStop(tune.Stopper):
 
 class SuiteProgress(tune.Callback):
     """Prints one progress line at most every ``every_s`` seconds (and at each evaluation): env
-    steps done out of the whole experiment's, trials finished, the latest evaluation, and an ETA."""
+    steps done out of the whole experiment's, trials finished, the latest evaluation, and an ETA.
+    Counts come from Tune's trials, so a resumed experiment's finished trials count too."""
 
     def __init__(self, total_steps: int, num_trials: int, every_s: float = 30.0):
         self.total_steps, self.num_trials, self.every_s = total_steps, num_trials, every_s
-        self._steps: dict[str, int] = {}
-        self._finished: set[str] = set()
         self._last_print = -math.inf
         self._t0: float | None = None  # time and steps at the first result: a resumed run starts part-way
         self._steps0 = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._steps[trial.trial_id] = int(result.get(STEPS, 0))
         success = evaluation_success(result, result["config"]["evaluation_interval"])
         now = time.monotonic()
-        if success is None and now - self._last_print < self.every_s:
-            return
-        done = sum(self._steps.values())
+        steps = int(result.get(STEPS, 0))
+        done = steps + sum(int((t.last_result or {}).get(STEPS, 0)) for t in trials if t is not trial)
         if self._t0 is None:
             self._t0, self._steps0 = now, done
+        if success is None and now - self._last_print < self.every_s:
+            return
         self._last_print = now
         rate = (done - self._steps0) / max(now - self._t0, 1e-9)
         eta = (self.total_steps - done) / rate if rate > 0 else math.inf
-        latest = (f"{trial_label(result['config'])} eval success {success:.2f} at {self._steps[trial.trial_id]:,} steps"
-                  if success is not None else f"{trial_label(result['config'])} at {self._steps[trial.trial_id]:,} steps")
+        finished = sum(t.status == "TERMINATED" for t in trials)
+        latest = (f"{trial_label(result['config'])} eval success {success:.2f} at {steps:,} steps"
+                  if success is not None else f"{trial_label(result['config'])} at {steps:,} steps")
         print(f"[suite] {done:,}/{self.total_steps:,} env steps ({100 * done / self.total_steps:.0f}%), "
-              f"{len(self._finished)}/{self.num_trials} trials done, ETA {_duration(eta)} | {latest}", flush=True)
+              f"{finished}/{self.num_trials} trials done, ETA {_duration(eta)} | {latest}", flush=True)
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finished.add(trial.trial_id)
+    def on_experiment_end(self, trials, **info) -> None:
+        failed = sum(t.status == "ERROR" for t in trials)
+        print(f"[suite] finished: {sum(t.status == 'TERMINATED' for t in trials)}/{len(trials)} trials done"
+              + (f", {failed} failed" if failed else ""), flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -37,6 +37,18 @@ def test_buffer_state_round_trip():
     assert torch.equal(other.filled()[0], buf.filled()[0]) and torch.equal(other.filled()[2], buf.filled()[2])
 
 
+def test_wrapped_buffer_state_is_oldest_first_and_fits_another_capacity():
+    buf = buffer_of(torch.randn(6, 2), torch.arange(6.0), capacity=4)  # rows 2..5 kept, the ring wrapped
+    assert buf.state_dict()["returns"].tolist() == [2.0, 3.0, 4.0, 5.0]
+    smaller, larger = FeatureReturnBuffer(3, (2, 1, 1)), FeatureReturnBuffer(8, (2, 1, 1))
+    smaller.load_state_dict(buf.state_dict())
+    larger.load_state_dict(buf.state_dict())
+    assert sorted(smaller.filled()[2].tolist()) == [3.0, 4.0, 5.0]  # the newest rows
+    assert sorted(larger.filled()[2].tolist()) == [2.0, 3.0, 4.0, 5.0] and len(larger) == 4
+    larger.push(torch.zeros(1, 2, 1, 1), torch.tensor([9.0]))      # no stale rows counted
+    assert len(larger) == 5 and sorted(larger.filled()[2].tolist()) == [2.0, 3.0, 4.0, 5.0, 9.0]
+
+
 def test_pooled_search_keys_average_cells_before_normalising():
     m = torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3)
     keys = search_keys(m, pool=2)              # ceil mode: 3x3 cells -> 2x2 blocks

@@ -57,3 +57,14 @@ def test_draw_batch_uses_the_modules_own_gaze(tmp_path):
     np.testing.assert_array_equal(images[0], expected)
     sheet = tile(images, columns=2, scale=2, gap=2)
     assert sheet.shape == (2 * 128 + 2, 2 * 128 + 2, 3)
+
+
+def test_gaze_images_land_on_every_nth_iteration(ray_session):
+    from conftest import running, tiny_config
+
+    with running(tiny_config().gaze(gaze_image_interval=2, gaze_image_count=4)) as algo:
+        results = [algo.train() for _ in range(3)]
+    assert ["gaze_images" in r for r in results] == [False, True, False]
+    image = results[1]["gaze_images"]
+    # (3, H, W) uint8 for TensorBoard: 4 observations of 48 px, enlarged twice, tiled 2 x 2 with a 2 px gap
+    assert image.shape == (3, 2 * 96 + 2, 2 * 96 + 2) and image.dtype == np.uint8

@@ -88,12 +88,3 @@ def test_flags_override_the_preset():
     assert preset.num_gpus_per_learner == 0.5
     _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
     assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
-
-
-def test_resume_without_an_experiment_says_where_it_looked(capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        suite_script.parse_args(["--resume", "--storage-path", str(tmp_path)])
-    assert "no experiment to resume" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        suite_script.parse_args(["--resume", "nope", "--storage-path", str(tmp_path)])
-    assert "nope" in capsys.readouterr().err

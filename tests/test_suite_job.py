@@ -105,6 +105,7 @@ def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_
     logs = client.get_job_logs("smoke-suite")
     assert run.returncode == 0 and str(client.get_job_status("smoke-suite")) == "SUCCEEDED", logs[-5000:]
     assert "[suite] smoke: 8 trials" in logs and "[suite] 3,328/3,328 env steps (100%)" in logs
+    assert "[suite] finished: 8/8 trials done" in logs
 
     experiment = storage / "smoke"
     trials = sorted(d for d in experiment.iterdir() if (d / "params.json").exists())

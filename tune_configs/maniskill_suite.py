@@ -23,7 +23,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rllib_gaze import ARMS, GazePPOConfig  # noqa: E402
-from rllib_gaze.suite import PRESETS, TASKS, BudgetStop, SuiteProgress, param_space, pick_preset, planned_steps, trial_label  # noqa: E402,E501
+from rllib_gaze.suite import (PRESETS, TASKS, BudgetStop, Preset, SuiteProgress, param_space, pick_preset,  # noqa: E402
+                              planned_steps, trial_config, trial_label)
 
 EXPERIMENT_STATE = "tuner.pkl"
 
@@ -67,14 +68,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--gpus-per-env-runner", args.gpus_per_env_runner), ("--gpus-per-learner", args.gpus_per_learner)):
         if value is not None and value < 0:
             p.error(f"{flag}={value}: must be >= 0")
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds {args.seeds}: each seed once")
-    args.gaze = _gaze_settings(p, args.gaze)
-    if args.resume and (args.gaze or any(v is not None for v in (args.preset, args.tasks, args.arms, args.seeds, args.budget))):
-        p.error("--resume continues an experiment as it was started; drop --preset/--tasks/--arms/--seeds/--budget/--gaze")
+    for flag, values in (("--tasks", args.tasks), ("--arms", args.arms), ("--seeds", args.seeds)):
+        if values is not None and len(set(values)) != len(values):
+            p.error(f"{flag} {values}: name each one once")
     if args.resume:
+        given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+                 if key not in ("resume", "storage_path") and value != p.get_default(key)]
+        if given:
+            p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
+    else:
+        args.gaze = _gaze_settings(p, args.gaze)
+        _check_trials(p, args)
     return args
+
+
+def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Builds and validates every trial's config of the preset(s) the run may pick, before Ray starts."""
+    for name in [args.preset] if args.preset else ["local", "paper"]:  # what pick_preset may choose
+        preset = preset_with_flags(args, name)
+        for task in preset.tasks:
+            for arm in preset.arms:
+                try:
+                    trial_config(task, arm, preset.seeds[0], preset).validate()
+                except ValueError as e:
+                    p.error(f"preset {name!r}, task {task.name!r}, arm {arm!r}: {e}")
 
 
 def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
@@ -86,18 +104,23 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
         if not sep or key not in allowed:
             p.error(f"--gaze {pair!r}: expected KEY=VALUE with KEY one of {allowed}")
         try:
-            settings[key] = json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            settings[key] = text
-    try:
-        GazePPOConfig().gaze(**settings).validate()
-    except ValueError as e:
-        p.error(f"--gaze: {e}")
+            value = text
+        default = getattr(GazePPOConfig(), key)
+        number = (int, float)
+        if (isinstance(default, bool) != isinstance(value, bool)
+                or (isinstance(default, number) and not isinstance(value, number))
+                or (isinstance(default, str) and not isinstance(value, str))):
+            p.error(f"--gaze {pair!r}: {key} takes a {type(default).__name__} (default {default!r})")
+        settings[key] = value
     return settings
 
 
 def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str) -> str:
     """The experiment directory ``--resume`` names (local storage), failing with what exists."""
+    if "://" in resume:  # a full URI, as the suite prints it
+        return resume
     if "://" in storage_path:
         if resume == "latest":
             p.error("--resume on remote storage needs the experiment name: --resume NAME")
@@ -120,6 +143,11 @@ def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
     if name is None:
         name, why = pick_preset(cluster_gpus)
         print(f"[suite] --preset not given: running '{name}' because {why}.", flush=True)
+    return name, preset_with_flags(args, name)
+
+
+def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
+    """Preset ``name`` with the flags' overrides applied."""
     preset = PRESETS[name]
     own = {t.name: t for t in preset.tasks}  # a preset's own version of a task (smoke's are tiny) first
     tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset.tasks)
@@ -131,7 +159,7 @@ def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
                       ("gpus_per_learner", "num_gpus_per_learner")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    return name, dataclasses.replace(preset, **overrides)
+    return dataclasses.replace(preset, **overrides)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -173,6 +201,10 @@ def main(argv: list[str] | None = None) -> str:
     errors = [r for r in results if r.error]
     if "://" not in path:
         print(write_report(path), flush=True)
+    else:  # the report reads local files
+        local = os.path.join("results", path.rstrip("/").rsplit("/", 1)[-1])
+        print(f"[suite] the results are in {path}; for the report copy them (e.g. `aws s3 sync {path} {local}` or "
+              f"`gsutil -m rsync -r {path} {local}`) and run `python -m rllib_gaze.report {local}`", flush=True)
     print(f"\n[suite] experiment: {path}\n[suite] TensorBoard: tensorboard --logdir {path}", flush=True)
     if errors:
         print(f"[suite] {len(errors)} trial(s) failed; continue them with --resume {path}", flush=True)
