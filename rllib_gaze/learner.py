@@ -148,10 +148,7 @@ class GazePPOLearner(PPOTorchLearner):
         for module_id, staged in self._staged.items():
             for features, returns in staged:
                 if module_id not in self._buffers:
-                    config = self.config.get_config_for_module(module_id)
-                    self._buffers[module_id] = FeatureReturnBuffer(
-                        config.contrastive_buffer_capacity, features.shape[1:], pool=config.mining_pool,
-                        device=features.device)
+                    self._buffers[module_id] = self._new_buffer(module_id, features.shape[1:], features.device)
                 self._buffers[module_id].push(features, returns)
         self._staged = {}
 
@@ -169,11 +166,13 @@ class GazePPOLearner(PPOTorchLearner):
     def set_state(self, state: StateDict) -> None:
         super().set_state(state)
         for module_id, memory in state.get(CONTRASTIVE_MEMORY, {}).items():
-            config = self.config.get_config_for_module(module_id)
-            buffer = FeatureReturnBuffer(config.contrastive_buffer_capacity, memory["maps"].shape[1:],
-                                         pool=config.mining_pool, device=self._device)
-            buffer.load_state_dict({k: v.to(self._device) if torch.is_tensor(v) else v for k, v in memory.items()})
+            buffer = self._new_buffer(module_id, memory["maps"].shape[1:], self._device)
+            buffer.load_state_dict(memory)  # push moves the rows to the buffer's device
             self._buffers[module_id] = buffer
+
+    def _new_buffer(self, module_id: ModuleID, map_shape, device) -> FeatureReturnBuffer:
+        config = self.config.get_config_for_module(module_id)
+        return FeatureReturnBuffer(config.contrastive_buffer_capacity, map_shape, pool=config.mining_pool, device=device)
 
     def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor) -> None:
         if params.dim() == 2:  # foveal (B, 5)

@@ -90,9 +90,14 @@ def draw_batch(module, obs: Any, floor: float = 0.0) -> list[np.ndarray]:
                  None if params is None else params[i]) for i in range(len(rgb))]
 
 
+def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    """``image (H, W, 3)`` enlarged ``scale`` times by repeating pixels: ``(scale H, scale W, 3)``."""
+    return np.kron(image, np.ones((scale, scale, 1), dtype=image.dtype)) if scale > 1 else image
+
+
 def tile(images: list[np.ndarray], columns: int, scale: int = 1, gap: int = 2) -> np.ndarray:
     """Images ``(H, W, 3)`` side by side, ``columns`` per row, each enlarged ``scale`` times."""
-    images = [np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else im for im in images]
+    images = [enlarge(im, scale) for im in images]
     h, w = images[0].shape[:2]
     rows = math.ceil(len(images) / columns)
     sheet = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, dtype=np.uint8)
@@ -105,9 +110,9 @@ def tile(images: list[np.ndarray], columns: int, scale: int = 1, gap: int = 2) -
 def fixed_observations(env_name: str, env_config: dict, count: int, seed: int) -> Any:
     """``count`` first observations of the registered env ``env_name``, reset with ``seed``: the same
     scenes every time, so drawings from different iterations compare."""
-    from ray.tune.registry import ENV_CREATOR, _global_registry
+    from rllib_gaze.envs import make_env
 
-    env = _global_registry.get(ENV_CREATOR, env_name)({**env_config, "num_envs": count})
+    env = make_env(env_name, env_config, count)
     try:
         obs, _ = env.reset(seed=seed)
     finally:

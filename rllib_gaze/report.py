@@ -112,19 +112,25 @@ def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[C
     return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
 
 
+def result_rows(result_file: str) -> list[dict]:
+    """The rows of a trial's ``result.json`` (one JSON object per line; none if it does not exist)."""
+    rows = []
+    if os.path.exists(result_file):
+        with open(result_file) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
+    return rows
+
+
 def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
     points: dict[int, tuple[int, float]] = {}
-    if not os.path.exists(result_file):
-        return []
-    with open(result_file) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a killed run
-                continue
-            value = evaluation_success(row, interval)
-            if value is not None:  # a resumed trial repeats iterations after its checkpoint: keep the last
-                points[int(row["training_iteration"])] = (int(row[STEPS]), value)
+    for row in result_rows(result_file):
+        value = evaluation_success(row, interval)
+        if value is not None:  # a resumed trial repeats iterations after its checkpoint: keep the last
+            points[int(row["training_iteration"])] = (int(row[STEPS]), value)
     return [(iteration, step, value) for iteration, (step, value) in sorted(points.items())]
 
 

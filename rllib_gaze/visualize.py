@@ -88,12 +88,12 @@ def write_outputs(frames: list[list[np.ndarray]], episodes: list[dict], out: str
     """Writes the GIFs, the contact sheet and episodes.json into ``out``; returns the paths."""
     from PIL import Image
 
-    from rllib_gaze.overlay import tile
+    from rllib_gaze.overlay import enlarge, tile
 
     os.makedirs(out, exist_ok=True)
     paths = []
     for k, episode in enumerate(frames):
-        images = [Image.fromarray(np.kron(f, np.ones((scale, scale, 1), np.uint8))) for f in episode]
+        images = [Image.fromarray(enlarge(f, scale)) for f in episode]
         path = os.path.join(out, f"episode_{k}.gif")
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         paths.append(path)
@@ -107,7 +107,7 @@ def write_outputs(frames: list[list[np.ndarray]], episodes: list[dict], out: str
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
+    from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config, make_env
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="an RLlib algorithm checkpoint directory")
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         p.error(f"{args.checkpoint!r} was trained with attention='none' (plain PPO): it has no gaze to draw")
     env_name = args.env or env_name
     env_config = evaluation_env_config(env_name, {**env_config, **(args.env_config or {})})
-    from ray.tune.registry import ENV_CREATOR, _global_registry
-
-    env = _global_registry.get(ENV_CREATOR, env_name)({**env_config, "num_envs": args.episodes})
+    env = make_env(env_name, env_config, args.episodes)
     try:
         frames, episodes = rollout(module, env)
     finally:

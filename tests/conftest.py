@@ -42,6 +42,17 @@ def running(config: GazePPOConfig):
         algo.stop()
 
 
+def load_suite_script():
+    """``tune_configs/maniskill_suite.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_configs", "maniskill_suite.py")
+    spec = importlib.util.spec_from_file_location("maniskill_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(attention: str = "foveal", contrastive: bool = True, **gaze) -> GazePPOConfig:
     """A GazePPO config that trains in about a second per iteration on 2 CPU cores."""
     return (

@@ -3,9 +3,6 @@ starts, with a message naming the bad value and what is allowed."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
 from rllib_gaze import GazePPOConfig
@@ -13,10 +10,9 @@ from rllib_gaze.envs import make_clutter, make_maniskill_env
 from rllib_gaze.report import main as report_main
 from rllib_gaze.visualize import main as visualize_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("maniskill_suite", os.path.join(ROOT, "tune_configs", "maniskill_suite.py"))
-suite = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(suite)
+from conftest import load_suite_script
+
+suite = load_suite_script()
 
 
 def _config(**gaze):

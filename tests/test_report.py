@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from rllib_gaze.report import load_curves, main, table, write_report
+from rllib_gaze.report import load_curves, table, write_report
 
 STEPS = [1000, 2000, 3000, 4000]
 # (task, arm, seed) -> evaluation success at STEPS (fewer values: the trial stopped early)

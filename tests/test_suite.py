@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
-import pytest
 from ray.tune.search.variant_generator import generate_variants
 
 from rllib_gaze import ARMS, GazePPOConfig
 from rllib_gaze.suite import DIAGNOSTIC, PRESETS, TASKS, param_space, pick_preset, planned_steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("maniskill_suite", os.path.join(ROOT, "tune_configs", "maniskill_suite.py"))
-suite_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(suite_script)
+from conftest import load_suite_script
+
+suite_script = load_suite_script()
 
 
 def _trials(preset) -> list[GazePPOConfig]:

@@ -4,7 +4,6 @@ TensorBoard files written. This is also the end-to-end run of the smoke preset."
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,6 +13,8 @@ import tempfile
 import time
 
 import pytest
+
+from rllib_gaze.report import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -111,7 +112,7 @@ def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_
     trials = sorted(d for d in experiment.iterdir() if (d / "params.json").exists())
     assert len(trials) == 8
     for trial in trials:
-        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        rows = result_rows(str(trial / "result.json"))
         assert rows[-1]["training_iteration"] == rows[-1]["config"]["suite_iterations"]
         assert rows[-1]["evaluation"]["env_runners"]["num_episodes"] >= 1
         assert list(trial.glob("events.out.tfevents.*")) and list(trial.glob("checkpoint_*"))

@@ -3,7 +3,6 @@ finished trials are not re-run, the interrupted one continues from its last chec
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,22 +11,15 @@ import time
 
 import pytest
 
+from rllib_gaze.report import result_rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "tune_configs", "maniskill_suite.py")
 ITERATIONS, BATCH = 10, 256  # smoke's clutter task: 16 envs x 16 steps per iteration
 
 
 def _rows(trial_dir) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the driver may die mid-line
-            pass
-    return rows
+    return result_rows(str(trial_dir / "result.json"))  # the driver may die mid-line: such a line is skipped
 
 
 def _trial(experiment, arm: str):

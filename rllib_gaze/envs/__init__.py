@@ -51,6 +51,13 @@ def make_maniskill_env(env_config: dict) -> BatchedEnvBridge:
     return BatchedEnvBridge(make_maniskill(**cfg), **bridge)
 
 
+def make_env(env_name: str, env_config: dict, num_envs: int) -> BatchedEnvBridge:
+    """The registered batched env ``env_name`` with ``num_envs`` sub-envs, outside any env runner."""
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    return _global_registry.get(ENV_CREATOR, env_name)({**env_config, "num_envs": num_envs})
+
+
 def evaluation_env_config(env_name: str, env_config: dict) -> dict:
     """ppo_rgb's evaluation setting for ``env_config``: no early termination (every episode runs to
     the time limit, so ``success_at_end``/``success_once`` compare like with like) and, for
@@ -66,4 +73,4 @@ tune.register_env(CLUTTER, make_clutter)
 tune.register_env(MANISKILL, make_maniskill_env)
 
 __all__ = ["CLUTTER", "MANISKILL", "BatchedEnvBridge", "ClutterEnv", "evaluation_env_config", "make_clutter",
-           "make_maniskill_env"]
+           "make_env", "make_maniskill_env"]
