@@ -32,7 +32,7 @@ from rllib_gaze.config import ARMS, GazePPOConfig
 from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import FovealGaze
 
-BENCH_ARMS = {arm: ARMS[arm] for arm in ("ppo", "gaze-rl", "gaze")}
+BENCH_ARMS = ("ppo", "gaze-rl", "gaze-first", "gaze")  # gaze-first: the objective before issue 11
 
 
 def _sync(device: str) -> None:
@@ -67,13 +67,13 @@ def overhead(args: argparse.Namespace) -> None:
     act_space = gym.spaces.Box(-1, 1, (args.act_dim,), np.float32)
     batch = _synthetic_batch(args.batch, args.image, args.state_dim, args.act_dim, seed=0, device=args.device)
     learners = {}
-    for arm, (attention, contrastive) in BENCH_ARMS.items():
+    for arm in BENCH_ARMS:
         config = (GazePPOConfig()
                   .environment(observation_space=obs_space, action_space=act_space)
                   .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0)
                   .training(train_batch_size_per_learner=args.batch, minibatch_size=args.minibatch,
                             num_epochs=args.epochs)
-                  .gaze(attention=attention, contrastive=contrastive)
+                  .gaze(**ARMS[arm])
                   .debugging(seed=0))
         learners[arm] = config.build_learner()
     timesteps = {"num_env_steps_sampled_lifetime": args.batch}

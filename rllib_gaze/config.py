@@ -13,20 +13,49 @@ from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
-from rllib_gaze.contrastive import LABEL_RULES
-from rllib_gaze.gaze import ATTENTION_MODES
+from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
+from rllib_gaze.gaze import ATTENTION_MODES, CENTRES, NORMALIZATIONS
 
-# The compared arms (METHOD.md): name -> (attention, contrastive), i.e. the .gaze() settings that
-# differ between them; everything else is shared.
+# The compared arms (METHOD.md): name -> the .gaze() settings that differ between them; everything
+# else is shared. Use as ``config.gaze(**ARMS[arm])``.
 ARMS = {
-    "ppo": ("none", False),        # plain CNN baseline
-    "gaze": ("foveal", True),      # the full method
-    "gaze-rl": ("foveal", False),  # foveal gaze trained by RL only
-    "patch": ("patch", True),      # unconstrained per-cell attention + contrastive loss
+    "ppo": {"attention": "none", "contrastive": False},                            # plain CNN baseline
+    "gaze": {"attention": "foveal", "contrastive": True},                          # the full method
+    "gaze-rl": {"attention": "foveal", "contrastive": False},                      # gaze trained by RL only
+    "patch": {"attention": "patch", "contrastive": True},                          # free per-cell weights + contrastive loss
+    "oracle": {"attention": "oracle", "contrastive": False},                       # fovea fixed on the true target
 }
+# Arms that need the env to expose the target's position (the diagnostics do; ManiSkill does not).
+TARGET_ARMS = ("oracle",)
+
+# The first defaults (before issue 11's measurements), for comparison.
+FIRST_DEFAULTS = {"contrastive_similarity": "map", "contrastive_triplet_gaze": "each", "gaze_rl_gradient": True,
+                  "gaze_lr": None, "gaze_head_init_std": 1e-3, "gaze_normalization": "peak"}
+# Ablations of the full method: each turns one of today's defaults back (or to an alternative).
+ABLATIONS = {
+    "gaze-first": FIRST_DEFAULTS,                                     # every change undone
+    "gaze-map": {"contrastive_similarity": "map"},
+    "gaze-centred-map": {"contrastive_similarity": "centred_map"},
+    "gaze-each": {"contrastive_triplet_gaze": "each"},
+    "gaze-rl-grad": {"gaze_rl_gradient": True},
+    "gaze-shared-adam": {"gaze_lr": None},
+    "gaze-init-small": {"gaze_head_init_std": 1e-3},
+    "gaze-peak": {"gaze_normalization": "peak"},
+    "gaze-value": {"contrastive_return": "value"},
+    "gaze-above": {"label_rule": "above"},
+}
+ARMS.update({name: {**ARMS["gaze"], **change} for name, change in ABLATIONS.items()})
+# Alternatives measured beside the defaults (docs/results.md): the centre as a soft-argmax.
+VARIANTS = {
+    "gaze-soft-argmax": {**ARMS["gaze"], "gaze_centre": "soft_argmax"},
+    "gaze-rl-soft-argmax": {**ARMS["gaze-rl"], "gaze_centre": "soft_argmax"},
+}
+ARMS.update(VARIANTS)
+RETURNS = ("value_target", "value")
 
 # Settings of .gaze() that go to the RLModule through model_config.
-_MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max")
+_MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max",
+                "gaze_normalization", "gaze_head_init_std", "gaze_centre", "gaze_oracle_sigma", "gaze_rl_gradient")
 
 
 class GazePPOConfig(PPOConfig):
@@ -73,8 +102,18 @@ class GazePPOConfig(PPOConfig):
         self.gaze_sigma_min = 0.05
         self.gaze_init_sigma = 1.0
         self.gaze_rho_max = 0.9
+        self.gaze_normalization = "mean"
+        self.gaze_head_init_std = 0.05
+        self.gaze_centre = "mlp"
+        self.gaze_oracle_sigma = 0.3
+        self.gaze_rl_gradient = None  # None: RL trains the gaze unless the contrastive loss does
+        self.gaze_lr = 1e-3
+        self.gaze_adam_eps = 1e-8
         # Return-guided contrastive loss (learner side).
         self.contrastive = True
+        self.contrastive_similarity = "glimpse"
+        self.contrastive_triplet_gaze = "anchor"
+        self.contrastive_return = "value_target"
         self.contrastive_coeff = 1.0
         self.contrastive_margin = 0.2
         self.contrastive_k = 16
@@ -99,7 +138,17 @@ class GazePPOConfig(PPOConfig):
         gaze_sigma_min: float | None = NotProvided,
         gaze_init_sigma: float | None = NotProvided,
         gaze_rho_max: float | None = NotProvided,
+        gaze_normalization: str | None = NotProvided,
+        gaze_head_init_std: float | None = NotProvided,
+        gaze_centre: str | None = NotProvided,
+        gaze_oracle_sigma: float | None = NotProvided,
+        gaze_rl_gradient: bool | None = NotProvided,
+        gaze_lr: float | None = NotProvided,
+        gaze_adam_eps: float | None = NotProvided,
         contrastive: bool | None = NotProvided,
+        contrastive_similarity: str | None = NotProvided,
+        contrastive_triplet_gaze: str | None = NotProvided,
+        contrastive_return: str | None = NotProvided,
         contrastive_coeff: float | None = NotProvided,
         contrastive_margin: float | None = NotProvided,
         contrastive_k: int | None = NotProvided,
@@ -119,19 +168,47 @@ class GazePPOConfig(PPOConfig):
         """Sets the attention and contrastive-loss settings.
 
         Args:
-            attention: ``"foveal"`` (one Gaussian), ``"patch"`` (one free weight per cell) or
-                ``"none"`` (plain PPO).
+            attention: ``"foveal"`` (one Gaussian), ``"patch"`` (one free weight per cell),
+                ``"oracle"`` (a fixed Gaussian on the true target: an upper bound, needs an env
+                that exposes the target, e.g. clutter with ``expose_target=True``) or ``"none"``
+                (plain PPO).
             gaze_floor: minimum weight of any cell, in [0, 1).
             gaze_sigma_min, gaze_init_sigma, gaze_rho_max: foveal parameterisation (normalised
                 units: the feature map spans [-1, 1]).
+            gaze_normalization: ``"peak"`` (the Gaussian is 1 at its centre: widening raises every
+                weight, so it is free) or ``"mean"`` (weights divided by their mean over the map:
+                the total weight is fixed and widening dims the centre).
+            gaze_head_init_std: std of the foveal head's output layer at init (> 0); too small
+                starves the head's body of gradient, so the centre cannot follow the input.
+            gaze_centre: how the foveal head places the centre: ``"mlp"`` (``tanh`` of the head's
+                output) or ``"soft_argmax"`` (the expected cell position under a softmax over a
+                learnt 1x1-conv relevance map: the centre goes where a feature fires).
+            gaze_oracle_sigma: the oracle's fixed spread (> 0).
+            gaze_rl_gradient: False stops RL's gradient at the gaze weights, so only the
+                contrastive loss trains the gaze (PPO still trains the encoder and heads through
+                the attended map); ``None`` (default): stop it exactly when ``contrastive`` is on.
+            gaze_lr: the gaze's own Adam with this learning rate (``None``: the gaze shares the
+                main optimizer and its lr); its gradient is then clipped apart from the rest.
+            gaze_adam_eps: epsilon of the gaze's own Adam (with ``gaze_lr``).
             contrastive: add the return-guided triplet loss (needs attention).
+            contrastive_similarity: what the triplet loss compares: ``"map"`` (cosine of the whole
+                attended maps), ``"centred_map"`` (the same after subtracting the memory's mean
+                map) or ``"glimpse"`` (cosine of the gaze-weighted mean channel vectors of the
+                centred maps: what the fovea sees).
+            contrastive_triplet_gaze: ``"anchor"``: the anchor's gaze weighs all three maps of a
+                triplet; ``"each"``: each map under its own gaze (which lets the loss fall by
+                pointing the negative's gaze elsewhere).
+            contrastive_return: what labels a state: ``"value_target"`` (the GAE value target
+                PPO regresses on) or ``"value"`` (the critic's detached V(s)).
             contrastive_coeff: weight of the triplet loss next to the PPO loss.
             contrastive_margin: triplet margin on cosine distance (>= 0).
             contrastive_k: neighbours searched per anchor (>= 1).
             contrastive_num_anchors: anchors (triplets at most) per minibatch.
             contrastive_buffer_capacity: rows of the feature/return memory (>= num_anchors).
             label_rule: ``"threshold"``: positive = same side of the return threshold as the
-                anchor; ``"relative"``: positive = return within ``relative_gap`` x (return std).
+                anchor; ``"above"``: positive = above the threshold, negative = below, whatever
+                the anchor (the paper reviewers' reading); ``"relative"``: positive = return
+                within ``relative_gap`` x (return std).
             return_quantile: threshold = this quantile of the memory's returns, in (0, 1).
             return_threshold: a fixed threshold instead of the quantile (``None``: use quantile).
             relative_gap: see ``label_rule``.
@@ -155,7 +232,13 @@ class GazePPOConfig(PPOConfig):
     @property
     @override(PPOConfig)
     def _model_config_auto_includes(self) -> dict[str, Any]:
-        return super()._model_config_auto_includes | {key: getattr(self, key) for key in _MODULE_KEYS}
+        return super()._model_config_auto_includes | {key: getattr(self, key) for key in _MODULE_KEYS} | {
+            "gaze_rl_gradient": self.resolved_gaze_rl_gradient()}
+
+    def resolved_gaze_rl_gradient(self) -> bool:
+        """Whether RL's gradient reaches the gaze: ``gaze_rl_gradient``, or if it is ``None``,
+        ``not contrastive``."""
+        return (not self.contrastive) if self.gaze_rl_gradient is None else bool(self.gaze_rl_gradient)
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -187,9 +270,33 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
                           "learner see the same value")
     if c.attention not in ATTENTION_MODES:
         errors.append(f"attention={c.attention!r} is not known; allowed values are {ATTENTION_MODES}")
-    if c.contrastive and c.attention == "none":
-        errors.append("contrastive=True needs attention: the contrastive loss trains the gaze, "
-                      "and attention='none' has none; use attention='foveal' or 'patch', or contrastive=False")
+    if c.contrastive and c.attention in ("none", "oracle"):
+        errors.append(f"contrastive=True needs a trainable attention: the contrastive loss trains the gaze, "
+                      f"and attention={c.attention!r} has none to train; use attention='foveal' or 'patch', "
+                      "or contrastive=False")
+    if c.gaze_normalization not in NORMALIZATIONS:
+        errors.append(f"gaze_normalization={c.gaze_normalization!r} is not known; allowed values are {NORMALIZATIONS}")
+    if not c.gaze_head_init_std > 0:
+        errors.append(f"gaze_head_init_std={c.gaze_head_init_std!r} must be > 0")
+    if c.gaze_centre not in CENTRES:
+        errors.append(f"gaze_centre={c.gaze_centre!r} is not known; allowed values are {CENTRES}")
+    if not c.gaze_oracle_sigma > 0:
+        errors.append(f"gaze_oracle_sigma={c.gaze_oracle_sigma!r} must be > 0")
+    if c.gaze_rl_gradient is not None and not isinstance(c.gaze_rl_gradient, bool):
+        errors.append(f"gaze_rl_gradient={c.gaze_rl_gradient!r} must be True, False or None (automatic)")
+    if c.attention in ("foveal", "patch") and c.gaze_rl_gradient is False and not c.contrastive:
+        errors.append(f"gaze_rl_gradient=False with contrastive=False leaves the {c.attention} gaze untrained; "
+                      "set contrastive=True or gaze_rl_gradient=True")
+    if c.gaze_lr is not None and not c.gaze_lr > 0:
+        errors.append(f"gaze_lr={c.gaze_lr!r} must be > 0 (or None: share the main optimizer)")
+    if not c.gaze_adam_eps > 0:
+        errors.append(f"gaze_adam_eps={c.gaze_adam_eps!r} must be > 0")
+    if c.contrastive_similarity not in SIMILARITIES:
+        errors.append(f"contrastive_similarity={c.contrastive_similarity!r} is not known; allowed values are {SIMILARITIES}")
+    if c.contrastive_triplet_gaze not in TRIPLET_GAZES:
+        errors.append(f"contrastive_triplet_gaze={c.contrastive_triplet_gaze!r} is not known; allowed values are {TRIPLET_GAZES}")
+    if c.contrastive_return not in RETURNS:
+        errors.append(f"contrastive_return={c.contrastive_return!r} is not known; allowed values are {RETURNS}")
     if not 0.0 <= c.gaze_floor < 1.0:
         errors.append(f"gaze_floor={c.gaze_floor!r} must be in [0, 1)")
     if not 0.0 < c.gaze_sigma_min < c.gaze_init_sigma:

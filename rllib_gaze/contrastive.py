@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-LABEL_RULES = ("threshold", "relative")
+LABEL_RULES = ("threshold", "above", "relative")
+SIMILARITIES = ("map", "centred_map", "glimpse")
+TRIPLET_GAZES = ("anchor", "each")
 
 
 def search_keys(maps: torch.Tensor, pool: int = 1) -> torch.Tensor:
@@ -93,12 +95,14 @@ class FeatureReturnBuffer:
 @dataclass
 class Triplets:
     """Indices of mined triplets: ``anchor`` into the anchors, ``positive``/``negative`` into the
-    buffer, each ``(T,)``; ``num_anchors`` is how many anchors were searched."""
+    buffer, each ``(T,)``; ``num_anchors`` is how many anchors were searched; ``label_agreement``
+    the share of searched anchors whose threshold label equals their nearest neighbour's."""
 
     anchor: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
     num_anchors: int
+    label_agreement: float = float("nan")  # share of anchors labelled as their nearest neighbour
 
     @property
     def valid_fraction(self) -> float:
@@ -133,8 +137,10 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     Args:
         anchor_maps: ``(A, C, H, W)`` pre-attention maps; anchor_returns: ``(A,)``.
         label_rule: ``"threshold"``: a state is "high" when its return >= ``threshold``; neighbours
-            on the anchor's side are positives, the others negatives. ``"relative"``: neighbours
-            whose return is within ``relative_gap`` of the anchor's are positives, the rest negatives.
+            on the anchor's side are positives, the others negatives. ``"above"`` (the rule the
+            paper's reviewers describe): high neighbours are positives and low ones negatives,
+            whatever the anchor's return. ``"relative"``: neighbours whose return is within
+            ``relative_gap`` of the anchor's are positives, the rest negatives.
 
     Anchors lacking either a positive or a negative among their neighbours are dropped.
     """
@@ -150,6 +156,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
     if label_rule == "threshold":
         positive = (nbr_returns >= threshold) == (anchor_returns >= threshold)
+    elif label_rule == "above":
+        positive = (nbr_returns >= threshold).expand_as(nbr)
     else:
         positive = (nbr_returns - anchor_returns).abs() <= relative_gap
     negative = ~positive
@@ -158,11 +166,15 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     first_pos = positive.float().argmax(1)
     first_neg = negative.float().argmax(1)
     anchors = valid.nonzero().squeeze(1)
+    # How often an anchor's own label (its side of the threshold) is its nearest neighbour's: 0.5 is
+    # chance, i.e. labels that visual similarity cannot predict.
+    agreement = ((nbr_returns[:, 0:1] >= threshold) == (anchor_returns >= threshold)).float().mean().item()
     return Triplets(
         anchor=anchors,
         positive=nbr[anchors, first_pos[anchors]],
         negative=nbr[anchors, first_neg[anchors]],
         num_anchors=num_anchors,
+        label_agreement=agreement,
     )
 
 
@@ -185,6 +197,40 @@ def attended_cosine(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torc
     norm_x = (wx * wx * xx).flatten(1).sum(1).clamp_min(1e-16).sqrt()
     norm_y = (wy * wy * yy).flatten(1).sum(1).clamp_min(1e-16).sqrt()
     return dot / (norm_x * norm_y)
+
+
+def glimpse_cosine(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(T,)`` of what two gazes see: the weighted mean over cells of each map,
+    ``sum_hw w * x / sum_hw w``, a ``(T, C)`` channel vector per map.
+
+    ``x, y``: detached maps ``(T, C, H, W)`` (centre them first: raw ReLU maps are all positive and
+    their glimpses nearly parallel); ``wx, wy``: weights ``(T, H, W)``. Unlike the cosine of whole
+    attended maps, a glimpse forgets where in the fovea a feature lies, so it can only change by
+    moving or reshaping the fovea, and it changes fast as the fovea moves from one object to another.
+    """
+    gx = (x * wx.unsqueeze(1)).flatten(2).sum(2) / wx.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+    gy = (y * wy.unsqueeze(1)).flatten(2).sum(2) / wy.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+    # cosine ignores scale: rescale to max |value| 1 so the squares cannot overflow
+    gx = gx / gx.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
+    gy = gy / gy.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
+    return torch.nn.functional.cosine_similarity(gx, gy, dim=1, eps=1e-12)
+
+
+def gaze_similarity(kind: str, x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor,
+                    mean_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Similarity ``(T,)`` of maps ``x, y (T, C, H, W)`` seen through weights ``wx, wy (T, H, W)``.
+
+    ``kind`` in ``SIMILARITIES``: ``"map"``: cosine of the whole attended maps (``attended_cosine``);
+    ``"centred_map"``: the same after subtracting ``mean_map (C, H, W)`` (the memory's mean map) from
+    both; ``"glimpse"``: ``glimpse_cosine`` of the centred maps.
+    """
+    if kind not in SIMILARITIES:
+        raise ValueError(f"similarity={kind!r}: allowed values are {SIMILARITIES}")
+    if kind != "map" and mean_map is not None:
+        x, y = x - mean_map, y - mean_map
+    if kind == "glimpse":
+        return glimpse_cosine(x, y, wx, wy)
+    return attended_cosine(x, y, wx, wy)
 
 
 def triplet_margin_loss(cos_ap: torch.Tensor, cos_an: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:

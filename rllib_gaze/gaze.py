@@ -29,7 +29,12 @@ def cell_centres(height: int, width: int, device=None, dtype=torch.float32) -> t
     return ys, xs
 
 
-def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0.0) -> torch.Tensor:
+NORMALIZATIONS = ("peak", "mean")
+CENTRES = ("mlp", "soft_argmax")
+
+
+def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0.0,
+                 normalization: str = "peak") -> torch.Tensor:
     """Draw the gaze map of each observation from its Gaussian parameters.
 
     Args:
@@ -37,9 +42,12 @@ def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0
             the covariance ``[[sx^2, sxy], [sxy, sy^2]]`` must be positive definite.
         height, width: grid size of the map.
         floor: every weight is ``floor + (1 - floor) * g`` so no cell is ever zeroed.
+        normalization: ``"peak"``: the Gaussian ``g`` is 1 at its centre, so widening it raises
+            every cell's weight (widening is free); ``"mean"``: the weights are divided by their
+            mean over the map, so the total weight is fixed and widening dims the centre.
 
     Returns:
-        ``(B, H, W)`` weights; the unnormalised Gaussian ``g`` is 1 at the centre (peak = 1).
+        ``(B, H, W)`` weights.
     """
     mu_x, mu_y, sx, sy, sxy = params.unbind(-1)
     ys, xs = cell_centres(height, width, device=params.device, dtype=params.dtype)
@@ -49,8 +57,12 @@ def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0
     rho = (sxy.view(-1, 1, 1) / (sx * sy)).clamp(-0.999, 0.999)
     zx, zy = dx / sx, dy / sy
     mahalanobis_sq = (zx * zx - 2.0 * rho * zx * zy + zy * zy) / (1.0 - rho * rho)
-    g = torch.exp(-0.5 * mahalanobis_sq)
-    return floor + (1.0 - floor) * g
+    weights = floor + (1.0 - floor) * torch.exp(-0.5 * mahalanobis_sq)
+    if normalization == "mean":
+        weights = weights / weights.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    elif normalization != "peak":
+        raise ValueError(f"normalization={normalization!r}: allowed values are {NORMALIZATIONS}")
+    return weights
 
 
 class _MapHead(nn.Module):
@@ -77,17 +89,22 @@ class _MapHead(nn.Module):
 class FovealGaze(nn.Module):
     """One 2-D Gaussian per observation, predicted from the feature map, multiplied into it.
 
-    Parameterisation (METHOD.md defaults): centre ``tanh`` in ``(-1, 1)``; each sigma is
-    ``softplus + sigma_min``; correlation ``rho = rho_max * tanh`` and ``sigma_xy = rho * sx * sy``,
-    so the covariance is positive definite for any input. The head starts at a centred gaze of
-    spread ``init_sigma`` (wide: nothing is hidden before learning starts).
+    Parameterisation (METHOD.md defaults): centre ``tanh`` in ``(-1, 1)`` (``centre="mlp"``) or
+    the soft-argmax of a learnt per-cell relevance map (``centre="soft_argmax"``: the expected cell
+    position under ``softmax`` of a 1x1 convolution of the map, so the centre lands where some
+    feature fires); each sigma is ``softplus + sigma_min``; correlation ``rho = rho_max * tanh`` and
+    ``sigma_xy = rho * sx * sy``, so the covariance is positive definite for any input. The head
+    starts at a centred gaze of spread ``init_sigma`` (wide: nothing is hidden before learning starts).
 
     Input ``(B, C, H, W)``; output ``attended (B, C, H, W)`` and ``params (B, 5)``.
     """
 
     def __init__(self, in_channels: int, height: int, width: int, *, floor: float = 0.0,
-                 sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9):
+                 sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9,
+                 normalization: str = "peak", head_init_std: float = 1e-3, centre: str = "mlp"):
         super().__init__()
+        if centre not in CENTRES:
+            raise ValueError(f"centre={centre!r}: allowed values are {CENTRES}")
         if not 0.0 <= floor < 1.0:
             raise ValueError(f"floor={floor!r}: must be in [0, 1)")
         if not 0.0 < sigma_min < init_sigma:
@@ -96,12 +113,21 @@ class FovealGaze(nn.Module):
             raise ValueError(f"rho_max={rho_max!r}: must be in [0, 1)")
         self.height, self.width = height, width
         self.floor, self.sigma_min, self.rho_max = floor, sigma_min, rho_max
+        self.normalization = normalization
         self.head = _MapHead(in_channels, height, width, out_dim=5)
-        # Small weights + a bias that decodes to (0, 0, init_sigma, init_sigma, 0).
-        nn.init.normal_(self.head.out.weight, std=1e-3)
+        # Output weights of std head_init_std + a bias that decodes to (0, 0, init_sigma,
+        # init_sigma, 0). Too small a std starves the head's body of gradient (it is the
+        # output layer's weights that carry it back), so the centre cannot learn to follow the input.
+        nn.init.normal_(self.head.out.weight, std=head_init_std)
         softplus_inv = math.log(math.expm1(init_sigma - sigma_min))
         with torch.no_grad():
             self.head.out.bias.copy_(torch.tensor([0.0, 0.0, softplus_inv, softplus_inv, 0.0]))
+        self.relevance = None
+        if centre == "soft_argmax":
+            # Weights of the same small std: a near-uniform softmax, so the gaze starts centred.
+            self.relevance = nn.Conv2d(in_channels, 1, 1)
+            nn.init.normal_(self.relevance.weight, std=head_init_std)
+            nn.init.zeros_(self.relevance.bias)
 
     def params_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """``(B, 5)`` unconstrained head outputs -> ``(B, 5)`` valid Gaussian parameters."""
@@ -114,7 +140,13 @@ class FovealGaze(nn.Module):
     def attention_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, H, W)`` -> weights ``(B, H, W)`` and params ``(B, 5)``."""
         params = self.params_from_raw(self.head(features))
-        return gaussian_map(params, self.height, self.width, self.floor), params
+        if self.relevance is not None:
+            logits = torch.nan_to_num(self.relevance(features)).clamp(-_RAW_LIMIT, _RAW_LIMIT).flatten(1)
+            probs = torch.softmax(logits, dim=1).view(-1, self.height, self.width)
+            ys, xs = cell_centres(self.height, self.width, device=features.device, dtype=probs.dtype)
+            mu = torch.stack([(probs.sum(1) * xs).sum(1), (probs.sum(2) * ys).sum(1)], dim=-1)
+            params = torch.cat([mu, params[:, 2:]], dim=-1)
+        return gaussian_map(params, self.height, self.width, self.floor, self.normalization), params
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, params = self.attention_map(features)
@@ -148,18 +180,53 @@ class PatchGaze(nn.Module):
         return features * weights.unsqueeze(1), weights
 
 
-ATTENTION_MODES = ("foveal", "patch", "none")
+class OracleGaze(nn.Module):
+    """The upper bound of what one fovea can give: a fixed round Gaussian centred on the true target.
+
+    Not learnt and not a method: it reads the target's position ``(B, 2)`` in image coordinates
+    ``[0, 1]`` (the env's privileged ``"target"`` observation) and draws a Gaussian of spread
+    ``sigma`` there on the feature map. Input ``(B, C, H, W)`` and the target; output ``attended``
+    and ``params (B, 5)``, as ``FovealGaze``.
+    """
+
+    def __init__(self, height: int, width: int, *, sigma: float = 0.3, floor: float = 0.0,
+                 normalization: str = "peak"):
+        super().__init__()
+        if not sigma > 0.0:
+            raise ValueError(f"sigma={sigma!r}: must be > 0")
+        self.height, self.width, self.sigma = height, width, sigma
+        self.floor, self.normalization = floor, normalization
+
+    def attention_map(self, features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` and ``target (B, 2)`` in ``[0, 1]`` -> weights ``(B, H, W)``, params ``(B, 5)``."""
+        mu = 2.0 * target.to(features.dtype) - 1.0  # image [0, 1] -> map [-1, 1]
+        sigma = mu.new_full((mu.shape[0], 2), self.sigma)
+        params = torch.cat([mu, sigma, mu.new_zeros(mu.shape[0], 1)], dim=-1)
+        return gaussian_map(params, self.height, self.width, self.floor, self.normalization), params
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, params = self.attention_map(features, target)
+        return features * weights.unsqueeze(1), params
+
+
+ATTENTION_MODES = ("foveal", "patch", "oracle", "none")
 
 
 def build_gaze(attention: str, in_channels: int, height: int, width: int, *, floor: float = 0.0,
-               sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9) -> nn.Module | None:
+               sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9,
+               normalization: str = "peak", head_init_std: float = 1e-3, centre: str = "mlp",
+               oracle_sigma: float = 0.3) -> nn.Module | None:
     """The attention module for ``attention`` in ``ATTENTION_MODES`` (``None`` for ``"none"``).
 
-    ``sigma_min``, ``init_sigma`` and ``rho_max`` shape the foveal Gaussian; patch uses ``floor`` only.
+    ``sigma_min``, ``init_sigma``, ``rho_max``, ``head_init_std`` shape the foveal Gaussian,
+    ``oracle_sigma`` the oracle's; ``normalization`` applies to both; patch uses ``floor`` only.
     """
     if attention == "foveal":
         return FovealGaze(in_channels, height, width, floor=floor, sigma_min=sigma_min,
-                          init_sigma=init_sigma, rho_max=rho_max)
+                          init_sigma=init_sigma, rho_max=rho_max, normalization=normalization,
+                          head_init_std=head_init_std, centre=centre)
+    if attention == "oracle":
+        return OracleGaze(height, width, sigma=oracle_sigma, floor=floor, normalization=normalization)
     if attention == "patch":
         return PatchGaze(in_channels, height, width, floor=floor)
     if attention == "none":

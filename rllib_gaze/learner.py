@@ -22,14 +22,16 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
-from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
+from rllib_gaze.contrastive import FeatureReturnBuffer, gaze_similarity, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
-from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
 
 
 # Learner state component holding the contrastive memory (in checkpoints, next to RLlib's
 # "rl_module" and "optimizer", which already carries the gaze's Adam moments).
 CONTRASTIVE_MEMORY = "contrastive_memory"
+# Name of the gaze's own optimizer (when .gaze(gaze_lr=...) is set); RLlib's is "default_optimizer".
+GAZE_OPTIMIZER = "gaze"
 
 
 class GazePPOLearner(PPOTorchLearner):
@@ -48,11 +50,23 @@ class GazePPOLearner(PPOTorchLearner):
         self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._rows_left_to_stage: dict[ModuleID, int] = {}
         self._stage_fraction: dict[ModuleID, float] = {}
+        self._mean_maps: dict[ModuleID, torch.Tensor] = {}  # (C, h, w) mean of each memory
+        self._first_minibatch: set[ModuleID] = set()
 
     @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
         # ppo_rgb uses Adam(eps=1e-5); RLlib's default is eps=1e-8.
         params = self.get_parameters(self._module[module_id])
+        gaze = getattr(self._module[module_id], "gaze", None)
+        gaze_params = list(gaze.parameters()) if gaze is not None and config.gaze_lr is not None else []
+        if gaze_params:
+            # The gaze in its own Adam: its lr and eps, and its gradient clipped apart from the
+            # encoder's (RLlib clips per optimizer), so PPO's large encoder gradient cannot shrink it.
+            ids = {id(p) for p in gaze_params}
+            params = [p for p in params if id(p) not in ids]
+            self.register_optimizer(module_id=module_id, optimizer_name=GAZE_OPTIMIZER,
+                                    optimizer=torch.optim.Adam(gaze_params, eps=config.gaze_adam_eps),
+                                    params=gaze_params, lr_or_lr_schedule=config.gaze_lr)
         self.register_optimizer(
             module_id=module_id,
             optimizer=torch.optim.Adam(params, eps=config.adam_eps),
@@ -70,6 +84,7 @@ class GazePPOLearner(PPOTorchLearner):
             mid: min(1.0, self.config.get_config_for_module(mid).contrastive_buffer_capacity / max(len(b), 1))
             for mid, b in batch.policy_batches.items()}
         self._staged = {mid: [] for mid in batch.policy_batches}
+        self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
         return batch
 
     @override(PPOTorchLearner)
@@ -77,18 +92,44 @@ class GazePPOLearner(PPOTorchLearner):
                                 fwd_out: dict[str, TensorType]) -> TensorType:
         loss = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
         if GAZE_PARAMS in fwd_out:
-            self._log_gaze_stats(module_id, fwd_out[GAZE_PARAMS].detach())
+            self._log_gaze_stats(module_id, fwd_out[GAZE_PARAMS].detach(), batch[Columns.OBS])
+            # Zero that ties every gaze parameter to the loss: with RL's gradient stopped at the
+            # gaze and no triplet yet, DDP (num_learners > 1) would otherwise see unused parameters.
+            loss = loss + 0.0 * fwd_out[GAZE_PARAMS].sum()
         if not config.contrastive:
             return loss
 
         features = fwd_out[PRE_ATTENTION_FEATURES].detach()
-        returns = batch[Columns.VALUE_TARGETS].detach()
+        returns = self._returns(module_id, config, batch, fwd_out)
         rows = (batch[Columns.LOSS_MASK].nonzero().squeeze(1) if Columns.LOSS_MASK in batch
                 else torch.arange(features.shape[0], device=features.device))
         self._stage(module_id, features, returns, rows)
         anchors = rows[torch.randperm(rows.numel(), device=rows.device)[:config.contrastive_num_anchors]]
         contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors])
+        if module_id in self._first_minibatch:
+            self._first_minibatch.discard(module_id)
+            self._log_gaze_gradients(module_id, loss, contrastive)
         return loss + config.contrastive_coeff * contrastive
+
+    def _returns(self, module_id: ModuleID, config, batch: dict, fwd_out: dict) -> torch.Tensor:
+        """``(B,)`` detached returns that label the rows (``config.contrastive_return``)."""
+        if config.contrastive_return == "value":
+            module = self.module[module_id].unwrapped()
+            with torch.no_grad():
+                return module.compute_values(batch, embeddings=fwd_out[Columns.EMBEDDINGS].detach())
+        return batch[Columns.VALUE_TARGETS].detach()
+
+    def _log_gaze_gradients(self, module_id: ModuleID, ppo_loss: torch.Tensor, contrastive: torch.Tensor) -> None:
+        """Norms of PPO's and the contrastive loss's gradients on the gaze's parameters (first
+        minibatch of each update): which of the two trains the gaze."""
+        params = [p for p in self.module[module_id].unwrapped().gaze.parameters() if p.requires_grad]
+        norms = {}
+        for name, part in (("gaze_grad_norm_ppo", ppo_loss), ("gaze_grad_norm_contrastive", contrastive)):
+            grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                     if params and part.requires_grad else [])
+            squares = [float((g.detach() ** 2).sum()) for g in grads if g is not None]
+            norms[name] = sum(squares) ** 0.5
+        self.metrics.log_dict(norms, key=module_id, window=1)
 
     def _contrastive_loss(self, module_id: ModuleID, config, features: torch.Tensor,
                           returns: torch.Tensor) -> torch.Tensor:
@@ -113,18 +154,30 @@ class GazePPOLearner(PPOTorchLearner):
         metrics["contrastive_return_threshold"] = threshold
         metrics["contrastive_return_spread"] = spread
         metrics["contrastive_valid_anchor_frac"] = triplets.valid_fraction
+        metrics["contrastive_label_agreement"] = triplets.label_agreement
         loss = zero
         n = triplets.anchor.numel()
         if n > 0:
             anchor, positive, negative = (features[triplets.anchor], bank_maps[triplets.positive],
                                           bank_maps[triplets.negative])
-            gaze = self.module[module_id].unwrapped().gaze
-            weights, _ = gaze.attention_map(torch.cat([anchor, positive, negative]))  # one batched call
-            w_a, w_p, w_n = weights.split(n)
-            loss, active = triplet_margin_loss(attended_cosine(anchor, positive, w_a, w_p),
-                                               attended_cosine(anchor, negative, w_a, w_n),
-                                               margin=config.contrastive_margin)
+            module = self.module[module_id].unwrapped()
+            if config.contrastive_triplet_gaze == "anchor":
+                # One gaze per triplet, the anchor's: the loss can only fall by looking where the
+                # positive and the negative differ, not by pointing the negative's gaze elsewhere.
+                w_a, _ = module.gaze_weights(anchor)
+                w_p = w_n = w_a
+            else:
+                weights, _ = module.gaze_weights(torch.cat([anchor, positive, negative]))  # one batched call
+                w_a, w_p, w_n = weights.split(n)
+            mean_map = self._mean_maps.get(module_id)
+            kind = config.contrastive_similarity
+            cos_ap = gaze_similarity(kind, anchor, positive, w_a, w_p, mean_map)
+            cos_an = gaze_similarity(kind, anchor, negative, w_a, w_n, mean_map)
+            loss, active = triplet_margin_loss(cos_ap, cos_an, margin=config.contrastive_margin)
             metrics["contrastive_active_triplet_frac"] = active
+            metrics["contrastive_cos_ap"] = cos_ap.detach().mean()
+            metrics["contrastive_cos_an"] = cos_an.detach().mean()
+            metrics["contrastive_cos_gap"] = (cos_ap - cos_an).detach().mean()
         metrics["contrastive_loss"] = loss.detach()
         self.metrics.log_dict(metrics, key=module_id, window=1)
         return loss
@@ -151,6 +204,12 @@ class GazePPOLearner(PPOTorchLearner):
                     self._buffers[module_id] = self._new_buffer(module_id, features.shape[1:], features.device)
                 self._buffers[module_id].push(features, returns)
         self._staged = {}
+        self._update_mean_maps()
+
+    def _update_mean_maps(self) -> None:
+        for module_id, buffer in self._buffers.items():
+            if len(buffer):
+                self._mean_maps[module_id] = buffer.filled()[0].mean(0)
 
     @override(PPOTorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> StateDict:
@@ -169,17 +228,24 @@ class GazePPOLearner(PPOTorchLearner):
             buffer = self._new_buffer(module_id, memory["maps"].shape[1:], self._device)
             buffer.load_state_dict(memory)  # push moves the rows to the buffer's device
             self._buffers[module_id] = buffer
+        self._update_mean_maps()
 
     def _new_buffer(self, module_id: ModuleID, map_shape, device) -> FeatureReturnBuffer:
         config = self.config.get_config_for_module(module_id)
         return FeatureReturnBuffer(config.contrastive_buffer_capacity, map_shape, pool=config.mining_pool, device=device)
 
-    def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor) -> None:
-        if params.dim() == 2:  # foveal (B, 5)
+    def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor, obs: Any) -> None:
+        if params.dim() == 2:  # foveal, oracle (B, 5)
             stats = {}
             for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
                 stats[f"gaze_{name}_mean"] = column.mean()
                 stats[f"gaze_{name}_std"] = column.std(unbiased=False)
+            if isinstance(obs, dict) and TARGET in obs:
+                # Where the relevant object is, in the map's normalised coordinates: how far the
+                # centre is from it, next to how far a fixed central gaze would be.
+                target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
+                stats["gaze_target_distance"] = (params[:, :2] - target).norm(dim=-1).mean()
+                stats["gaze_target_distance_centre"] = target.norm(dim=-1).mean()
         else:                  # patch (B, h, w) weights
             stats = {"gaze_weight_mean": params.mean(), "gaze_weight_std": params.std(unbiased=False)}
         self.metrics.log_dict(stats, key=module_id, window=1)

@@ -33,6 +33,11 @@ DEFAULT_MODEL_CONFIG = {
     "gaze_sigma_min": 0.05,       # foveal: smallest sigma (normalised units)
     "gaze_init_sigma": 1.0,       # foveal: starting spread, centred
     "gaze_rho_max": 0.9,          # foveal: |correlation| bound
+    "gaze_normalization": "peak", # "peak" (max weight 1) | "mean" (mean weight 1)
+    "gaze_head_init_std": 1e-3,   # foveal: std of the gaze head's output layer at init
+    "gaze_centre": "mlp",         # foveal: "mlp" (tanh of the head) | "soft_argmax" (of a relevance map)
+    "gaze_oracle_sigma": 0.3,     # oracle: fixed spread
+    "gaze_rl_gradient": True,     # False: RL's gradient stops at the gaze weights
     "conv_filters": NATURE_CNN_FILTERS,
     "image_feature_dim": 256,
     "state_feature_dim": 256,
@@ -47,14 +52,21 @@ def _layer_init(layer: nn.Module, std: float = np.sqrt(2), bias: float = 0.0) ->
     return layer
 
 
+# Observation key of the target's position (B, 2) in image coordinates [0, 1], where an env
+# knows it (the diagnostics' ``expose_target``): read only by the oracle gaze and the learner's
+# gaze-to-target metric, never by the policy or value networks.
+TARGET = "target"
+
+
 def _split_obs_space(space: gym.Space) -> tuple[gym.spaces.Box, gym.spaces.Box | None]:
-    """(rgb space (H, W, C), state space or None) from a Box image or a Dict {rgb, state}."""
+    """(rgb space (H, W, C), state space or None) from a Box image or a Dict {rgb, state, target}."""
     if isinstance(space, gym.spaces.Dict):
         if "rgb" not in space.spaces:
             raise ValueError(f"Dict observation space needs an 'rgb' key; got keys {list(space.spaces)}")
-        extra = set(space.spaces) - {"rgb", "state"}
+        extra = set(space.spaces) - {"rgb", "state", TARGET}
         if extra:
-            raise ValueError(f"Dict observation space: unsupported keys {sorted(extra)}; allowed: 'rgb', 'state'")
+            raise ValueError(f"Dict observation space: unsupported keys {sorted(extra)}; "
+                             f"allowed: 'rgb', 'state', {TARGET!r}")
         rgb, state = space["rgb"], space.spaces.get("state")
     else:
         rgb, state = space, None
@@ -94,9 +106,18 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             _, fc, fh, fw = self.cnn(torch.zeros(1, channels, height, width)).shape
         self.feature_map_shape = (fc, fh, fw)
 
-        self.gaze = build_gaze(cfg["attention"], fc, fh, fw, floor=cfg["gaze_floor"],
+        self.attention = cfg["attention"]
+        if self.attention == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
+                                               and TARGET in self.observation_space.spaces):
+            raise ValueError(f"attention='oracle' needs the target's position in the observation "
+                             f"(a Dict with a {TARGET!r} key, e.g. the clutter env's expose_target=True); "
+                             f"got {self.observation_space}")
+        self.gaze = build_gaze(self.attention, fc, fh, fw, floor=cfg["gaze_floor"],
                                sigma_min=cfg["gaze_sigma_min"], init_sigma=cfg["gaze_init_sigma"],
-                               rho_max=cfg["gaze_rho_max"])
+                               rho_max=cfg["gaze_rho_max"], normalization=cfg["gaze_normalization"],
+                               head_init_std=cfg["gaze_head_init_std"], centre=cfg["gaze_centre"],
+                               oracle_sigma=cfg["gaze_oracle_sigma"])
+        self._gaze_rl_gradient = bool(cfg["gaze_rl_gradient"])
         self.image_fc = nn.Sequential(nn.Linear(fc * fh * fw, cfg["image_feature_dim"]), nn.ReLU())
         feature_dim = cfg["image_feature_dim"]
         self.state_fc = None
@@ -123,13 +144,26 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             x = x / 255.0
         return self.cnn(x)
 
+    def gaze_weights(self, features: torch.Tensor, obs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of feature maps ``(B, C, h, w)``: weights ``(B, h, w)`` and the gaze's
+        parameters (``(B, 5)`` foveal and oracle, ``(B, h, w)`` patch). The oracle also needs the
+        observations ``obs`` (their ``"target"``). Only for modules with attention."""
+        if self.gaze is None:
+            raise ValueError("this module has attention='none': it has no gaze")
+        if self.attention == "oracle":
+            return self.gaze.attention_map(features, obs[TARGET])
+        return self.gaze.attention_map(features)
+
     def encode(self, obs: Any) -> dict[str, torch.Tensor]:
         """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
         pre = self.image_features(obs["rgb"] if isinstance(obs, dict) else obs)
         out = {PRE_ATTENTION_FEATURES: pre}
         attended = pre
         if self.gaze is not None:
-            attended, out[GAZE_PARAMS] = self.gaze(pre)
+            weights, out[GAZE_PARAMS] = self.gaze_weights(pre, obs)
+            if not self._gaze_rl_gradient:
+                weights = weights.detach()  # only the contrastive loss trains the gaze
+            attended = pre * weights.unsqueeze(1)
         features = self.image_fc(attended.flatten(1))
         if self.state_fc is not None:
             features = torch.cat([features, self.state_fc(obs["state"].float())], dim=-1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
-from rllib_gaze.gaze import FovealGaze, gaussian_map
+from rllib_gaze.gaze import gaussian_map
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def module_gaze(module, obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """The gaze of ``module`` (a GazePPOModule with attention) on a batch of observations.
 
     Args:
-        obs: numpy image batch ``(B, H, W, 3)`` or dict with ``"rgb"`` (and ``"state"``).
+        obs: numpy image batch ``(B, H, W, 3)`` or dict with ``"rgb"`` (and ``"state"``, ``"target"``).
 
     Returns:
         weights ``(B, h, w)`` on the feature map, and the foveal parameters ``(B, 5)`` =
@@ -38,10 +38,12 @@ def module_gaze(module, obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
     if module.gaze is None:
         raise ValueError("this module has attention='none': there is no gaze to draw")
     device = next(module.parameters()).device
-    rgb = obs["rgb"] if isinstance(obs, dict) else obs
+    tensors = ({k: torch.as_tensor(np.asarray(v), device=device) for k, v in obs.items()} if isinstance(obs, dict)
+               else torch.as_tensor(np.asarray(obs), device=device))
     with torch.no_grad():
-        weights, params = module.gaze.attention_map(module.image_features(torch.as_tensor(np.asarray(rgb), device=device)))
-    return weights.cpu().numpy(), (params.cpu().numpy() if isinstance(module.gaze, FovealGaze) else None)
+        features = module.image_features(tensors["rgb"] if isinstance(tensors, dict) else tensors)
+        weights, params = module.gaze_weights(features, tensors)
+    return weights.cpu().numpy(), (params.cpu().numpy() if params.dim() == 2 else None)
 
 
 def image_weights(weights: np.ndarray, params: np.ndarray | None, height: int, width: int, floor: float = 0.0) -> np.ndarray:

@@ -11,7 +11,11 @@ points ``(env steps, evaluation success rate)``, and per task and arm averages t
 - final: mean over seeds of each seed's last evaluation;
 - AUC: the mean curve's trapezoid area divided by its step span (mean success over training);
 - ratio vs ppo at a level: ppo's steps / the arm's steps (> 1: the arm needs fewer env steps);
-  "> r" when ppo never reached the level within its last evaluated step (a lower bound).
+  "> r" when ppo never reached the level within its last evaluated step (a lower bound);
+- 95% interval of that ratio: a percentile bootstrap that resamples each arm's seeds (and ppo's)
+  with replacement; a resample that never reaches the level counts as infinitely slow for the arm
+  and as its last evaluated step for ppo (both against the arm). The verdict is "win" only when
+  the interval lies above 1, "loss" when it lies below 1, "-" otherwise.
 
 Works on partial results: running or failed trials count with the points they have.
 """
@@ -29,6 +33,7 @@ import numpy as np
 METRIC_PATH = ("evaluation", "env_runners", "success_once")
 STEPS = "num_env_steps_sampled_lifetime"
 BASELINE = "ppo"
+BOOTSTRAP_DRAWS = 2000
 
 
 @dataclass
@@ -77,6 +82,35 @@ class Curve:
             return float(mean[0]) if len(mean) else math.nan
         area = float(np.sum((mean[1:] + mean[:-1]) / 2 * np.diff(steps)))
         return area / float(steps[-1] - steps[0])
+
+
+def bootstrap_ratio(baseline: Curve, curve: Curve, level: float, draws: int = BOOTSTRAP_DRAWS,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval ``(low, high)`` of ``baseline``'s steps to ``level`` over
+    ``curve``'s, resampling each one's seeds with replacement (a fixed ``seed``: the same report
+    every time). A resample that never reaches the level counts as infinitely slow for ``curve``
+    (ratio 0) and as its last evaluated step for ``baseline``: both bias the ratio down."""
+    rng = np.random.default_rng(seed)
+
+    def resampled_steps(c: Curve, never: float) -> np.ndarray:
+        runs = list(c.runs.values())
+        out = np.empty(draws)
+        for i in range(draws):
+            pick = rng.integers(len(runs), size=len(runs))
+            steps = Curve(c.task, c.arm, {j: runs[k] for j, k in enumerate(pick)}).steps_to(level)
+            out[i] = never if steps is None else steps
+        return out
+
+    base = resampled_steps(baseline, baseline.last_step())
+    arm = resampled_steps(curve, math.inf)
+    ratios = base / arm
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    """"win" if the ratio's interval lies above 1, "loss" if below, "-" if it holds 1."""
+    low, high = interval
+    return "win" if low > 1.0 else "loss" if high < 1.0 else "-"
 
 
 def _t95(n: int) -> float:
@@ -161,6 +195,8 @@ def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
     if baseline is not None:
         head += [f"ratio vs ppo at {level:.0%}" for level in levels]
     head += ["final success", "AUC"]
+    if baseline is not None:
+        head += [f"ratio 95% CI at {level:.0%}" for level in levels]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in curves:
         reached = [c.steps_to(level) for level in levels]
@@ -171,6 +207,8 @@ def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
         finals = [points[-1][2] for points in c.runs.values()]
         spread = f" ± {np.std(finals, ddof=1):.2f}" if len(finals) > 1 else ""
         cells += [f"{c.final():.2f}{spread}", f"{c.auc():.3f}"]
+        if baseline is not None:
+            cells += [_interval(baseline, c, level) for level in levels]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -182,6 +220,13 @@ def _ratio(baseline: Curve, curve: Curve, level: float, steps: float | None) -> 
     if base is None:
         return f"> {baseline.last_step() / steps:.2f}"
     return f"{base / steps:.2f}"
+
+
+def _interval(baseline: Curve, curve: Curve, level: float) -> str:
+    if curve is baseline:
+        return "-"
+    low, high = bootstrap_ratio(baseline, curve, level)
+    return f"[{low:.2f}, {high:.2f}] {verdict((low, high))}"
 
 
 def plot(curves: list[Curve], path: str) -> None:
@@ -218,7 +263,8 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
              "Metric: deterministic evaluation success rate (`evaluation/env_runners/success_once`); "
-             "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level.", ""]
+             "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level; its 95% "
+             "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
     for task in sorted({c.task for c in curves}):
         task_curves = [c for c in curves if c.task == task]
         image = f"success_{task}.png"

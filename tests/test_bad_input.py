@@ -21,9 +21,13 @@ def _config(**gaze):
 
 BAD_INPUTS = [
     # (entry point, call, texts the message must contain)
-    ("config", lambda tmp: _config(attention="spotlight"), ["attention='spotlight'", "'foveal', 'patch', 'none'"]),
+    ("config", lambda tmp: _config(attention="spotlight"), ["attention='spotlight'", "'foveal', 'patch', 'oracle', 'none'"]),
     ("config", lambda tmp: _config(attention="none", contrastive=True), ["contrastive=True", "attention='foveal'"]),
     ("config", lambda tmp: _config(contrastive_margin=-1.0), ["contrastive_margin=-1.0", ">= 0"]),
+    ("config", lambda tmp: _config(contrastive_similarity="dot"), ["contrastive_similarity='dot'", "'glimpse'"]),
+    ("suite", lambda tmp: suite.main(["--preset", "smoke", "--arms", "ppo", "oracle"]),
+     ["arm 'oracle'", "'PushCube-v1'", "expose_target"]),
+    ("env_config", lambda tmp: make_clutter({"num_envs": 2, "reward": "sparse"}), ["reward='sparse'", "'closeness'"]),
     ("config", lambda tmp: _config(return_quantile=1.0), ["return_quantile=1.0", "(0, 1)"]),
     ("config", lambda tmp: _config(gaze_image_count=0), ["gaze_image_count=0", "[1, 16]"]),
     ("config", lambda tmp: _config(contrastive_memory_checkpoint_mb=-1), ["contrastive_memory_checkpoint_mb=-1"]),

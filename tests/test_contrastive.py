@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from rllib_gaze.contrastive import (FeatureReturnBuffer, attended_cosine, mine_triplets, nearest_neighbours,
-                                    search_keys, triplet_margin_loss)
+from rllib_gaze.contrastive import (FeatureReturnBuffer, attended_cosine, gaze_similarity, glimpse_cosine,
+                                    mine_triplets, nearest_neighbours, search_keys, triplet_margin_loss)
 
 
 def maps(rows):
@@ -169,3 +169,70 @@ def test_loss_and_gradients_stay_finite_for_random_and_extreme_maps(seed):
     assert torch.isfinite(loss) and 0.0 <= active.item() <= 1.0
     loss.backward()
     assert all(torch.isfinite(wt.grad).all() for wt in weights)
+
+
+def test_above_rule_labels_by_the_threshold_whatever_the_anchor():
+    # neighbours of the anchor in order of similarity: returns 0.1 (low), 0.9 (high)
+    buf = buffer_of([[1.0, 0.1], [1.0, 0.3]], [0.1, 0.9])
+    for anchor_return in (0.0, 1.0):
+        t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([anchor_return]), buf, k=2,
+                          label_rule="above", threshold=0.5)
+        assert (t.positive.tolist(), t.negative.tolist()) == ([1], [0])
+    same_side = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([0.0]), buf, k=2, label_rule="threshold", threshold=0.5)
+    assert (same_side.positive.tolist(), same_side.negative.tolist()) == ([0], [1])
+
+
+def test_label_agreement_counts_anchors_labelled_as_their_nearest_neighbour():
+    buf = buffer_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
+    anchors = maps([[1.0, 0.1], [1.0, 0.2], [0.1, 1.0], [0.2, 1.0]])
+    # nearest neighbours: rows 0, 0, 1, 1 (returns 1, 1, 0, 0); anchors' own labels high, low, low, high
+    t = mine_triplets(anchors, torch.tensor([1.0, 0.0, 0.0, 1.0]), buf, k=1, threshold=0.5)
+    assert t.label_agreement == pytest.approx(0.5)
+
+
+def test_glimpse_is_the_cosine_of_the_gaze_weighted_mean_channel_vectors():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
+    wx, wy = torch.rand(3, 4, 4), torch.rand(3, 4, 4)
+    gx = (x * wx[:, None]).sum((2, 3)) / wx.sum((1, 2))[:, None]
+    gy = (y * wy[:, None]).sum((2, 3)) / wy.sum((1, 2))[:, None]
+    expected = torch.nn.functional.cosine_similarity(gx, gy, dim=1)
+    assert torch.allclose(gaze_similarity("glimpse", x, y, wx, wy), expected, atol=1e-6)
+    # centred: the mean map is subtracted from both maps first
+    m = torch.randn(5, 4, 4)
+    assert torch.allclose(gaze_similarity("glimpse", x, y, wx, wy, m), glimpse_cosine(x - m, y - m, wx, wy), atol=1e-6)
+    assert torch.allclose(gaze_similarity("centred_map", x, y, wx, wy, m), attended_cosine(x - m, y - m, wx, wy), atol=1e-6)
+    assert torch.allclose(gaze_similarity("map", x, y, wx, wy, m), attended_cosine(x, y, wx, wy), atol=1e-6)
+    with pytest.raises(ValueError, match="similarity='dot'"):
+        gaze_similarity("dot", x, y, wx, wy)
+
+
+def test_glimpse_gradient_moves_the_fovea_to_where_positive_and_negative_differ():
+    """Hand-made triplets with a known answer: the anchor and positive carry the same feature
+    in the left half, the negative a different one there; the right halves are alike in all
+    three. With the anchor's gaze on every map, the triplet loss must pull the centre left."""
+    from rllib_gaze.gaze import gaussian_map as draw
+    h = w = 8
+    anchor = torch.zeros(1, 2, h, w)
+    anchor[:, 0, :, :4] = 1.0           # left half: channel 0
+    anchor[:, 1, :, 4:] = 1.0           # right half: channel 1 in every map
+    positive = anchor.clone()
+    negative = anchor.clone()
+    negative[:, 0, :, :4] = 0.0
+    negative[:, 1, :, :4] = 1.0         # left half differs: channel 1 instead of 0
+    centre = torch.tensor([[0.3, 0.0, 0.6, 0.6, 0.0]], requires_grad=True)
+    weights = draw(centre, h, w)
+    loss, _ = triplet_margin_loss(glimpse_cosine(anchor, positive, weights, weights),
+                                  glimpse_cosine(anchor, negative, weights, weights), margin=0.5)
+    loss.backward()
+    assert centre.grad[0, 0] > 0        # gradient descent lowers mu_x: the fovea moves left
+    assert abs(centre.grad[0, 1]) < 1e-6
+
+
+def test_glimpse_stays_finite_for_extreme_maps():
+    x = torch.full((2, 3, 4, 4), 1e30)
+    y = torch.full((2, 3, 4, 4), -1e30)
+    w = torch.rand(2, 4, 4, requires_grad=True)
+    cos = glimpse_cosine(x, y, w, w)
+    cos.sum().backward()
+    assert torch.isfinite(cos).all() and torch.isfinite(w.grad).all()

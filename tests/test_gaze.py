@@ -103,5 +103,55 @@ def test_patch_weights_per_cell_in_range():
 
 def test_build_gaze_rejects_unknown_mode():
     assert build_gaze("none", 4, 3, 3) is None
-    with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'none'"):
+    with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'oracle', 'none'"):
         build_gaze("spotlight", 4, 3, 3)
+
+
+def test_mean_normalisation_fixes_the_total_weight_so_widening_is_not_free():
+    narrow = gaussian_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8, normalization="mean")
+    wide = gaussian_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8, normalization="mean")
+    assert narrow.mean().item() == pytest.approx(1.0) and wide.mean().item() == pytest.approx(1.0)
+    assert narrow.max() > 4 * wide.max()       # the narrow fovea concentrates the same total weight
+    peak_wide = gaussian_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8)
+    peak_narrow = gaussian_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8)
+    assert torch.all(peak_wide >= peak_narrow)  # peak-1: widening raises every cell's weight
+    with pytest.raises(ValueError, match="normalization='sum'"):
+        gaussian_map(params(0.0, 0.0, 1.0, 1.0, 0.0), 8, 8, normalization="sum")
+
+
+def test_head_init_std_sets_how_much_the_centre_follows_the_input_at_init():
+    torch.manual_seed(0)
+    x = torch.rand(16, 4, 6, 6)
+    spread = {}
+    for std in (1e-3, 0.05):
+        torch.manual_seed(0)
+        _, p = FovealGaze(4, 6, 6, head_init_std=std)(x)
+        spread[std] = p[:, 0].std().item()
+    assert spread[0.05] > 20 * spread[1e-3]
+
+
+def test_oracle_centres_its_fixed_gaussian_on_the_target():
+    gaze = build_gaze("oracle", 4, 8, 8, oracle_sigma=0.25)
+    target = torch.tensor([[0.8125, 0.0625], [0.5, 0.5]])  # image coordinates [0, 1]
+    attended, p = gaze(torch.ones(2, 4, 8, 8), target)
+    assert torch.allclose(p[:, :2], 2 * target - 1) and torch.all(p[:, 2:4] == 0.25) and torch.all(p[:, 4] == 0)
+    # (0.8125, 0.0625) is the centre of cell (row 0, col 6): the peak lands there
+    assert attended[0, 0].argmax().item() == 0 * 8 + 6 and attended[0, 0, 0, 6].item() == pytest.approx(1.0)
+    assert not list(gaze.parameters())
+
+
+def test_soft_argmax_centre_lands_where_the_relevance_map_fires():
+    gaze = FovealGaze(3, 6, 6, centre="soft_argmax", head_init_std=0.05)
+    x = torch.zeros(2, 3, 6, 6)
+    _, start = gaze(x)
+    assert torch.allclose(start[:, :2], torch.zeros(2, 2), atol=1e-6)   # uniform relevance: centred
+    with torch.no_grad():
+        gaze.relevance.weight.zero_()
+        gaze.relevance.weight[0, 1] = 50.0                                # channel 1 is "relevant"
+    x[0, 1, 4, 1] = 1.0                                                   # row 4, col 1
+    x[1, 1, 0, 5] = 1.0                                                   # row 0, col 5
+    _, p = gaze(x)
+    ys, xs = cell_centres(6, 6)
+    assert torch.allclose(p[:, :2], torch.tensor([[xs[1], ys[4]], [xs[5], ys[0]]]), atol=1e-4)
+    with pytest.raises(ValueError, match="centre='peak'"):
+        FovealGaze(3, 6, 6, centre="peak")

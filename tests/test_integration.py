@@ -22,17 +22,20 @@ def finite(value) -> bool:
     return bool(np.isfinite(float(value)))
 
 
-@pytest.mark.parametrize("arm", list(ARMS))
+@pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first"])
 def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
-    attention, contrastive = ARMS[arm]
-    config = tiny_config(attention, contrastive).env_runners(num_env_runners=1)
+    attention, contrastive = ARMS[arm]["attention"], ARMS[arm]["contrastive"]
+    config = (tiny_config().gaze(**ARMS[arm]).env_runners(num_env_runners=1)
+              .environment("clutter", env_config={"image_size": 48, "num_distractors": 3, "seed": 0,
+                                                  "expose_target": True}))
     with running(config) as algo:
         for _ in range(2):
             results = algo.train()
             check_train_results_new_api_stack(results)
         learner = results["learners"][MID]
         assert finite(learner["total_loss"])
-        assert ("gaze_mu_x_mean" in learner) == (attention == "foveal")
+        assert ("gaze_mu_x_mean" in learner) == (attention in ("foveal", "oracle"))
+        assert ("gaze_target_distance" in learner) == (attention in ("foveal", "oracle"))
         assert ("gaze_weight_mean" in learner) == (attention == "patch")
         assert ("contrastive_loss" in learner) == contrastive
         if contrastive:  # the second iteration mines against the first one's memory

@@ -102,15 +102,28 @@ def test_ppo_loss_is_unchanged_and_trains_everything(trained):
     for name in full_grads:
         if not name.startswith("gaze."):
             assert torch.allclose(full_grads[name], plain_grads[name], atol=1e-7), name
-    # the PPO loss alone reaches every parameter, gaze included
-    assert all(g.abs().sum() > 0 for name, g in plain_grads.items()), \
+    # by default RL's gradient stops at the gaze: the PPO loss reaches every other parameter
+    assert all(g.abs().sum() > 0 for name, g in plain_grads.items() if not name.startswith("gaze.")), \
         [n for n, g in plain_grads.items() if g.abs().sum() == 0]
+    assert all(g.abs().sum() == 0 for name, g in plain_grads.items() if name.startswith("gaze."))
+
+
+def test_with_gaze_rl_gradient_the_ppo_loss_trains_the_gaze_too(trained):
+    config, learner, _, batch = trained
+    plain = config.copy(copy_frozen=False).gaze(contrastive=False, gaze_rl_gradient=True)
+    module = learner.module[MID]
+    module.model_config["gaze_rl_gradient"] = True
+    module._gaze_rl_gradient = True  # as a module built from this config would have it
+    module.zero_grad()
+    learner.compute_loss_for_module(module_id=MID, config=plain, batch=batch,
+                                    fwd_out=module.forward_train(batch)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.gaze.parameters())
 
 
 def test_optimizer_uses_ppo_rgb_adam_eps(trained):
     _, learner, _, _ = trained
-    (optimizer,) = [o for _, o in learner._named_optimizers.items()]
-    assert optimizer.defaults["eps"] == 1e-5
+    optimizers = dict(learner.get_optimizers_for_module(MID))
+    assert optimizers["default_optimizer"].defaults["eps"] == 1e-5   # the gaze's own Adam: gaze_adam_eps
 
 
 def test_memory_subsamples_an_iteration_larger_than_its_capacity():
@@ -155,3 +168,66 @@ def test_degenerate_memory_gives_zero_loss_and_a_metric_that_says_why(trained, c
     assert logged["contrastive_loss"].peek() == 0.0
     assert logged["contrastive_valid_anchor_frac"].peek() == 0.0
     assert logged[why].peek() == 0.0
+
+
+def test_the_gaze_gets_its_own_adam_when_gaze_lr_is_set():
+    config = tiny_config(gaze_lr=1e-3, gaze_adam_eps=1e-8)
+    runner = SingleAgentEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    optimizers = dict(learner.get_optimizers_for_module(MID))
+    gaze_ids = {id(p) for p in learner.module[MID].gaze.parameters()}
+    gaze_opt, main_opt = optimizers["gaze"], optimizers["default_optimizer"]
+    assert {id(p) for g in gaze_opt.param_groups for p in g["params"]} == gaze_ids
+    assert not gaze_ids & {id(p) for g in main_opt.param_groups for p in g["params"]}
+    assert (gaze_opt.defaults["eps"], gaze_opt.param_groups[0]["lr"]) == (1e-8, 1e-3)
+    assert (main_opt.defaults["eps"], main_opt.param_groups[0]["lr"]) == (1e-5, 3e-4)
+    before = [p.detach().clone() for p in learner.module[MID].gaze.parameters()]
+    for lifetime in (128, 256):  # the first update fills the memory; the second mines it
+        learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
+                       timesteps={"num_env_steps_sampled_lifetime": lifetime})
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.module[MID].gaze.parameters()))
+
+
+def test_update_reports_what_the_objective_does():
+    config = (tiny_config(contrastive_similarity="glimpse", contrastive_triplet_gaze="anchor",
+                          gaze_rl_gradient=False, gaze_head_init_std=0.05)
+              .environment("clutter", env_config={"image_size": 48, "num_distractors": 3, "seed": 0,
+                                                  "include_state": True, "expose_target": True}))
+    runner = SingleAgentEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    for lifetime in (128, 256):
+        logged = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
+                                timesteps={"num_env_steps_sampled_lifetime": lifetime})[MID]
+    values = {key: logged[key].peek() for key in (
+        "contrastive_cos_ap", "contrastive_cos_an", "contrastive_cos_gap", "contrastive_label_agreement",
+        "gaze_grad_norm_ppo", "gaze_grad_norm_contrastive", "gaze_target_distance", "gaze_target_distance_centre")}
+    assert values["contrastive_cos_gap"] == pytest.approx(values["contrastive_cos_ap"] - values["contrastive_cos_an"], abs=1e-5)
+    assert 0.0 <= values["contrastive_label_agreement"] <= 1.0
+    assert values["gaze_grad_norm_ppo"] == 0.0            # RL's gradient stops at the gaze
+    assert values["gaze_grad_norm_contrastive"] > 0.0
+    assert 0.0 < values["gaze_target_distance"] < 2 * 2 ** 0.5 and values["gaze_target_distance_centre"] > 0.0
+
+
+def test_one_gaze_per_triplet_applies_the_anchors_weights_to_all_three(trained):
+    config, learner, _, batch = trained
+    module = learner.module[MID]
+    features = module.forward_train(batch)["pre_attention_features"].detach()
+    mask = batch[Columns.LOSS_MASK]
+    seen = []
+    original = module.gaze_weights
+
+    def spy(maps, obs=None):
+        seen.append(maps.shape[0])
+        return original(maps, obs)
+
+    module.gaze_weights = spy
+    try:
+        for mode in ("anchor", "each"):
+            seen.clear()
+            torch.manual_seed(0)
+            learner._contrastive_loss(MID, config.copy(copy_frozen=False).gaze(contrastive_triplet_gaze=mode),
+                                      features[mask][:32], batch[Columns.VALUE_TARGETS][mask][:32])
+            n = int(learner.metrics.peek((MID, "contrastive_valid_anchor_frac")) * 32)
+            assert seen == ([n] if mode == "anchor" else [3 * n]), (mode, seen, n)
+    finally:
+        del module.gaze_weights

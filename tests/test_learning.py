@@ -1,8 +1,10 @@
 """GazePPO (foveal gaze + contrastive loss) learns the clutter task on CPU within ~25 s.
 
 Thresholds come from measured runs of exactly this config and seed (docs/benchmarks.md,
-"Learning test"): first report 2.45, mean of the last four reports 6.65; a random policy scores
-about 2.8. The asserted levels (first < 4.0, last four > 4.5) leave 1.5-2 of margin.
+"Learning test"): with the first defaults, first report 2.45 and mean of the last four reports
+6.65; with issue 11's defaults (glimpse similarity, one gaze per triplet, the gaze trained only by
+the contrastive loss), 2.50 and 5.20. A random policy scores about 2.8. The asserted levels
+(first < 3.5, last four > 4.0) leave about 1 of margin and still need a clear improvement.
 """
 
 import math
@@ -30,5 +32,5 @@ def test_full_method_improves_on_the_clutter_task(ray_session):
                 returns.append(value)
     print("clutter episode_return_mean per reporting iteration:", [round(float(r), 2) for r in returns])
     assert len(returns) >= 6, returns
-    assert returns[0] < 4.0, returns
-    assert sum(returns[-4:]) / 4 > 4.5, returns
+    assert returns[0] < 3.5, returns
+    assert sum(returns[-4:]) / 4 > 4.0, returns

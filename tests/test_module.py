@@ -78,3 +78,35 @@ def test_bad_observation_spaces_are_named(space, message):
 def test_discrete_actions_are_rejected():
     with pytest.raises(ValueError, match="1-D Box action space"):
         GazePPOModule(observation_space=IMAGE, action_space=gym.spaces.Discrete(3), model_config={})
+
+
+TARGETED = gym.spaces.Dict({"rgb": IMAGE, "state": gym.spaces.Box(-1, 1, (7,), np.float32),
+                            "target": gym.spaces.Box(0, 1, (2,), np.float32)})
+
+
+@pytest.mark.parametrize("attention", ["foveal", "none"])
+def test_no_network_reads_the_privileged_target(attention):
+    torch.manual_seed(0)
+    m = module(TARGETED, attention)
+    batch = obs_batch(TARGETED)
+    other = {**batch, "target": torch.rand_like(batch["target"])}
+    out, out_other = m.forward_train({Columns.OBS: batch}), m.forward_train({Columns.OBS: other})
+    assert torch.equal(out[Columns.ACTION_DIST_INPUTS], out_other[Columns.ACTION_DIST_INPUTS])
+
+
+def test_oracle_gaze_sits_on_the_target_and_needs_it():
+    m = module(TARGETED, "oracle", gaze_oracle_sigma=0.2)
+    batch = obs_batch(TARGETED)
+    params = m.forward_train({Columns.OBS: batch})[GAZE_PARAMS]
+    assert torch.allclose(params[:, :2], 2 * batch["target"] - 1)
+    with pytest.raises(ValueError, match="attention='oracle' needs the target's position"):
+        module(DICT, "oracle")
+
+
+def test_stopping_rl_gradient_at_the_gaze_leaves_its_parameters_without_gradient():
+    for rl_gradient in (True, False):
+        m = module(DICT, "foveal", gaze_rl_gradient=rl_gradient, gaze_head_init_std=0.05)
+        m.forward_train({Columns.OBS: obs_batch(DICT)})[Columns.ACTION_DIST_INPUTS].sum().backward()
+        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in m.gaze.parameters()]
+        assert all(moved) if rl_gradient else not any(moved)
+        assert m.cnn[0].weight.grad.abs().sum() > 0  # the encoder still learns through the attended map

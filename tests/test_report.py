@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from rllib_gaze.report import load_curves, table, write_report
+from rllib_gaze.report import bootstrap_ratio, load_curves, table, verdict, write_report
 
 STEPS = [1000, 2000, 3000, 4000]
 # (task, arm, seed) -> evaluation success at STEPS (fewer values: the trial stopped early)
@@ -61,9 +61,10 @@ def test_steps_to_level_ratios_final_and_auc_match_hand_computed_values(experime
     clutter = [c for c in curves if c.task == "clutter"]
     assert [c.arm for c in clutter] == ["ppo", "gaze", "gaze-rl", "patch"]
     rows = _rows(table(clutter, (0.5, 0.8)))
-    # columns: seeds, env steps, to 50%, to 80%, ratio 50%, ratio 80%, final, AUC
-    assert rows["ppo"] == ["2", "4,000", "3,000", "4,000", "1.00", "1.00", "0.90 ± 0.00", "0.533"]  # (0.25+0.55+0.8)/3
-    assert rows["gaze"] == ["2", "4,000", "1,000", "2,000", "3.00", "2.00", "1.00 ± 0.00", "0.817"]  # (0.65+0.85+0.95)/3
+    # columns: seeds, env steps, to 50%, to 80%, ratio 50%, ratio 80%, final, AUC, ratio CI 50%, ratio CI 80%
+    assert rows["ppo"] == ["2", "4,000", "3,000", "4,000", "1.00", "1.00", "0.90 ± 0.00", "0.533",  # (0.25+0.55+0.8)/3
+                           "-", "-"]
+    assert rows["gaze"][:8] == ["2", "4,000", "1,000", "2,000", "3.00", "2.00", "1.00 ± 0.00", "0.817"]  # (0.65+0.85+0.95)/3
     assert rows["gaze-rl"][:6] == ["2", "3,000", "never reached", "never reached", "-", "-"]
     assert rows["gaze-rl"][6] == "0.75 ± 0.21"   # last points 0.6 and 0.9
     assert rows["patch"][:6] == ["1", "2,000", "never reached", "never reached", "-", "-"]
@@ -72,6 +73,23 @@ def test_steps_to_level_ratios_final_and_auc_match_hand_computed_values(experime
     push = _rows(table([c for c in curves if c.task == "PushCube-v1"], (0.5, 0.8)))
     assert push["ppo"][2:6] == ["never reached", "never reached", "-", "-"]
     assert push["gaze"][2:6] == ["2,000", "3,000", "> 1.50", "> 1.00"]
+
+
+def test_bootstrap_interval_of_the_ratio_matches_the_hand_computed_resamples(experiment):
+    """Two seeds per arm: a resample is {0,0}, {1,1} (1/4 each) or {0,1} (1/2).
+    50%: ppo reaches it at 3000 in every resample; gaze at 2000 for {0,0} (0.4, 0.8) and at 1000
+    otherwise (0.6, or the mean 0.5): ratios 1.5 (1/4) and 3 (3/4), so the interval is [1.5, 3].
+    80%: ppo at 4000 for {0,0} and {0,1}, 3000 for {1,1}; gaze at 2000 always: [1.5, 2].
+    gaze-rl at 50%: {0,0} reaches it at 4000 (0.75), {1,1} at 3000 (1.0), {0,1}'s common points end at
+    3000 with mean 0.45 (never: 0), so [0, 1], which holds 1; patch never gets there: [0, 0], a loss."""
+    curves, _ = load_curves(str(experiment))
+    rows = _rows(table([c for c in curves if c.task == "clutter"], (0.5, 0.8)))
+    assert rows["gaze"][8:] == ["[1.50, 3.00] win", "[1.50, 2.00] win"]
+    assert rows["gaze-rl"][8] == "[0.00, 1.00] -"
+    assert rows["patch"][8:] == ["[0.00, 0.00] loss", "[0.00, 0.00] loss"]
+    ppo, gaze = (next(c for c in curves if (c.task, c.arm) == ("clutter", arm)) for arm in ("ppo", "gaze"))
+    assert bootstrap_ratio(ppo, gaze, 0.5) == bootstrap_ratio(ppo, gaze, 0.5)  # a fixed draw: the same report
+    assert verdict((0.9, 1.2)) == "-" and verdict((1.01, 2.0)) == "win" and verdict((0.2, 0.99)) == "loss"
 
 
 def test_band_is_a_student_t_interval_clipped_to_zero_one(experiment):

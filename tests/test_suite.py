@@ -31,19 +31,20 @@ def _differing_keys(a: GazePPOConfig, b: GazePPOConfig) -> set[str]:
 def test_smoke_grid_is_tasks_x_arms_x_seeds_and_arms_differ_only_in_gaze_settings():
     preset = PRESETS["smoke"]
     trials = _trials(preset)
-    assert len(trials) == len(preset.tasks) * len(ARMS) * len(preset.seeds)
+    assert len(trials) == len(preset.tasks) * len(preset.arms) * len(preset.seeds)
+    arm_keys = {key for settings in ARMS.values() for key in settings}
     for task in preset.tasks:
         on_task = {c["arm"]: c for c in trials if c["task"] == task.name}
-        assert set(on_task) == set(ARMS)
+        assert set(on_task) == set(preset.arms) == {"ppo", "gaze", "gaze-rl", "patch"}
         for arm, config in on_task.items():
-            assert (config.attention, config.contrastive) == ARMS[arm]
+            assert all(getattr(config, key) == value for key, value in ARMS[arm].items()), arm
             assert config.env == task.env and config.env_config == task.env_config | (
                 {"sim_backend": "physx_cpu"} if task.env == "maniskill" else {})
             assert config.train_batch_size_per_learner == task.num_envs * task.rollout_length
             assert config.evaluation_interval == task.eval_interval
             assert config.evaluation_config["explore"] is False
             assert config.evaluation_config["env_config"]["ignore_terminations"] is True
-            assert _differing_keys(config, on_task["ppo"]) <= {"attention", "contrastive"}
+            assert _differing_keys(config, on_task["ppo"]) <= arm_keys
             assert config.gaze_image_interval == 0  # smoke: no TensorBoard drawings
 
 
@@ -63,7 +64,27 @@ def test_budget_rounds_up_to_whole_evaluation_intervals():
     iterations = DIAGNOSTIC.iterations(0)
     assert iterations % DIAGNOSTIC.eval_interval == 0
     assert (iterations - DIAGNOSTIC.eval_interval) * DIAGNOSTIC.batch_size(0) < DIAGNOSTIC.budget <= iterations * 1024
-    assert planned_steps(PRESETS["local"]) == iterations * 1024 * len(ARMS) * 3
+    assert planned_steps(PRESETS["smoke"].__class__("", (DIAGNOSTIC,))) == iterations * 1024 * 4 * 3
+
+
+def test_local_and_evidence_presets_run_the_fovea_diagnostic_with_the_oracle():
+    for name, seeds in (("local", 3), ("evidence", 5)):
+        preset = PRESETS[name]
+        assert [t.name for t in preset.tasks] == ["fovea"] and len(preset.seeds) == seeds
+        assert {"ppo", "gaze", "oracle"} <= set(preset.arms)
+        for config in _trials(preset):
+            assert config.env_config["image_size"] == 96 and config.env_config["reward"] == "closeness"
+
+
+def test_ablation_arms_each_undo_one_change_of_the_full_method():
+    from rllib_gaze.config import ABLATIONS
+
+    preset = PRESETS["ablation"]
+    trials = {c["arm"]: c for c in _trials(preset)}
+    assert set(ABLATIONS) <= set(trials) and {"gaze", "gaze-rl", "oracle", "ppo"} <= set(trials)
+    for name, change in ABLATIONS.items():
+        differs = _differing_keys(trials[name], trials["gaze"])
+        assert differs == {k for k, v in change.items() if getattr(trials["gaze"], k) != v}, name
 
 
 def test_preset_is_paper_with_gpus_and_local_without_and_says_why():

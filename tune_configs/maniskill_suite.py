@@ -109,7 +109,7 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
             value = text
         default = getattr(GazePPOConfig(), key)
         number = (int, float)
-        if (isinstance(default, bool) != isinstance(value, bool)
+        if default is not None and (isinstance(default, bool) != isinstance(value, bool)
                 or (isinstance(default, number) and not isinstance(value, number))
                 or (isinstance(default, str) and not isinstance(value, str))):
             p.error(f"--gaze {pair!r}: {key} takes a {type(default).__name__} (default {default!r})")

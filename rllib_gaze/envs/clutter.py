@@ -16,6 +16,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+REWARDS = ("progress", "closeness")
+
 _AGENT_RGB = (220, 40, 40)
 _TARGET_RGB = (40, 200, 60)
 
@@ -24,16 +26,23 @@ class ClutterEnv:
     """Batched "reach the target among distractors" task (ManiSkill's batched-env API).
 
     Observation: ``(N, S, S, 3)`` uint8 images (``S = image_size``); with ``include_state`` a Dict
-    ``{"rgb": (N, S, S, 3), "state": (N, 2)}`` where state is the agent's own position.
-    Action: ``(N, 2)`` in [-1, 1], the agent's velocity. Reward: ``1 - tanh(5 * distance)`` plus
-    ``10 x`` the distance closed this step, so staying on the target pays until ``max_episode_steps`` truncates the episode. Success
-    is distance < ``success_radius``; with ``terminate_on_success`` it also ends the episode.
-    ``info["success"]`` is a ``(N,)`` bool tensor. All outputs are torch tensors on ``device``.
+    ``{"rgb": (N, S, S, 3), "state": (N, 2)}`` where state is the agent's own position. With
+    ``expose_target`` the Dict also holds ``"target": (N, 2)``, the target's centre in image
+    coordinates ``[0, 1]`` (x along the width): privileged information that no policy network
+    reads; only the oracle gaze and the learner's gaze-to-target metric use it.
+    Action: ``(N, 2)`` in [-1, 1], the agent's velocity. Reward (``reward``): ``"progress"``:
+    ``1 - tanh(5 * distance)`` plus ``10 x`` the distance closed this step; ``"closeness"``:
+    ``1 - tanh(5 * distance)`` alone, so a state's return is mostly a function of where the agent
+    is relative to the target (what the contrastive labels need). Staying on the target pays until
+    ``max_episode_steps`` truncates the episode. Success is distance < ``success_radius``; with
+    ``terminate_on_success`` it also ends the episode. ``info["success"]`` is a ``(N,)`` bool
+    tensor. All outputs are torch tensors on ``device``.
     """
 
     def __init__(self, num_envs: int = 1, *, image_size: int = 64, num_distractors: int = 6,
                  max_episode_steps: int = 50, include_state: bool = False, step_size: float = 0.08,
                  success_radius: float = 0.08, terminate_on_success: bool = False,
+                 reward: str = "progress", expose_target: bool = False,
                  device: str = "cpu", seed: int | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r}: must be >= 1")
@@ -43,7 +52,10 @@ class ClutterEnv:
             raise ValueError(f"num_distractors={num_distractors!r}: must be >= 0")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps={max_episode_steps!r}: must be >= 1")
+        if reward not in REWARDS:
+            raise ValueError(f"reward={reward!r}: allowed values are {REWARDS}")
         self.num_envs = num_envs
+        self.reward, self.expose_target = reward, expose_target
         self.image_size, self.num_distractors = image_size, num_distractors
         self.max_episode_steps, self.include_state = max_episode_steps, include_state
         self.step_size, self.success_radius = step_size, success_radius
@@ -53,9 +65,12 @@ class ClutterEnv:
         self._gen.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
 
         rgb = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
-        self.single_observation_space = (
-            gym.spaces.Dict({"rgb": rgb, "state": gym.spaces.Box(0.0, 1.0, (2,), np.float32)})
-            if include_state else rgb)
+        spaces = {"rgb": rgb}
+        if include_state:
+            spaces["state"] = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+        if expose_target:
+            spaces["target"] = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+        self.single_observation_space = gym.spaces.Dict(spaces) if len(spaces) > 1 else rgb
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
         n, d = num_envs, num_distractors
@@ -94,9 +109,11 @@ class ClutterEnv:
         self.elapsed += 1
 
         distance = (self.agent - self.target).norm(dim=-1)
-        # Closeness plus progress: the progress term gives every step a signal PPO can use at
-        # ppo_rgb's short horizon (gamma 0.8).
-        reward = 1.0 - torch.tanh(5.0 * distance) + 10.0 * (self._distance - distance)
+        reward = 1.0 - torch.tanh(5.0 * distance)
+        if self.reward == "progress":
+            # the progress term gives every step a signal PPO can use at ppo_rgb's short horizon
+            # (gamma 0.8), but makes the return depend on the action more than on the state
+            reward = reward + 10.0 * (self._distance - distance)
         self._distance = distance
         success = distance < self.success_radius
         terminated = success.clone() if self.terminate_on_success else torch.zeros_like(success)
@@ -161,6 +178,11 @@ class ClutterEnv:
         self._paint_square(img, self.target, yes, green)
         self._paint_square(img, self.agent, no, red)
         img = img.view(n, s, s, 3)
+        if not (self.include_state or self.expose_target):
+            return img
+        obs = {"rgb": img}
         if self.include_state:
-            return {"rgb": img, "state": self.agent.clone()}
-        return img
+            obs["state"] = self.agent.clone()
+        if self.expose_target:
+            obs["target"] = self.target.clone()
+        return obs

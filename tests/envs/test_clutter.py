@@ -94,6 +94,7 @@ def test_terminate_on_success_option():
     ({"num_envs": 1, "image_size": 8}, "image_size=8"),
     ({"num_envs": 1, "num_distractors": -1}, "num_distractors=-1"),
     ({"num_envs": 1, "max_episode_steps": 0}, "max_episode_steps=0"),
+    ({"num_envs": 1, "reward": "sparse"}, r"reward='sparse': allowed values are \('progress', 'closeness'\)"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -129,3 +130,26 @@ def test_fast_renderer_matches_a_dense_reference():
     for _ in range(10):   # objects also sit on the image border after bouncing
         assert torch.equal(obs, dense_render(env))
         obs = env.step(torch.rand(16, 2) * 2 - 1)[0]
+
+
+def test_closeness_reward_pays_for_where_the_agent_is_not_for_the_step_taken():
+    env = ClutterEnv(num_envs=2, reward="closeness", seed=3)
+    env.reset()
+    distance = (env.agent - env.target).norm(dim=-1)
+    _, reward, *_ = env.step(torch.zeros(2, 2))    # standing still: no progress term
+    assert torch.allclose(reward, 1 - torch.tanh(5 * distance))
+    progress = ClutterEnv(num_envs=2, seed=3)
+    progress.reset()
+    towards = (progress.target - progress.agent) / (progress.target - progress.agent).abs().amax(-1, keepdim=True)
+    _, reward, *_ = progress.step(towards)
+    closer = (progress.agent - progress.target).norm(dim=-1)
+    assert torch.all(reward > 1 - torch.tanh(5 * closer))  # plus 10 x the distance closed
+
+
+def test_expose_target_adds_the_target_position_to_the_observation():
+    env = ClutterEnv(num_envs=3, include_state=True, expose_target=True, seed=1)
+    assert set(env.single_observation_space.spaces) == {"rgb", "state", "target"}
+    obs, _ = env.reset()
+    assert torch.equal(obs["target"], env.target) and torch.equal(obs["state"], env.agent)
+    only_target = ClutterEnv(num_envs=1, expose_target=True)
+    assert set(only_target.single_observation_space.spaces) == {"rgb", "target"}
