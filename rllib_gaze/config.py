@@ -49,13 +49,18 @@ ARMS.update({name: {**ARMS["gaze"], **change} for name, change in ABLATIONS.item
 VARIANTS = {
     "gaze-soft-argmax": {**ARMS["gaze"], "gaze_centre": "soft_argmax"},
     "gaze-rl-soft-argmax": {**ARMS["gaze-rl"], "gaze_centre": "soft_argmax"},
+    "gaze-centred-search": {**ARMS["gaze"], "mining_centred": True},
+    # Ours, not the paper's: the gaze trained to predict the return (docs/method.md).
+    "gaze-predict": {"attention": "foveal", "contrastive": False, "gaze_predict_coeff": 1.0,
+                     "gaze_centre": "soft_argmax"},
 }
 ARMS.update(VARIANTS)
 RETURNS = ("value_target", "value")
 
 # Settings of .gaze() that go to the RLModule through model_config.
 _MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max",
-                "gaze_normalization", "gaze_head_init_std", "gaze_centre", "gaze_oracle_sigma", "gaze_rl_gradient")
+                "gaze_normalization", "gaze_head_init_std", "gaze_centre", "gaze_oracle_sigma", "gaze_rl_gradient",
+                "gaze_predict_coeff")
 
 
 class GazePPOConfig(PPOConfig):
@@ -109,6 +114,7 @@ class GazePPOConfig(PPOConfig):
         self.gaze_rl_gradient = None  # None: RL trains the gaze unless the contrastive loss does
         self.gaze_lr = 1e-3
         self.gaze_adam_eps = 1e-8
+        self.gaze_predict_coeff = 0.0
         # Return-guided contrastive loss (learner side).
         self.contrastive = True
         self.contrastive_similarity = "glimpse"
@@ -125,6 +131,7 @@ class GazePPOConfig(PPOConfig):
         self.relative_gap = 0.5
         self.mining_chunk_size = 4096
         self.mining_pool = 2
+        self.mining_centred = False
         self.contrastive_memory_checkpoint_mb = 64.0
         # TensorBoard drawings of the gaze (off by default).
         self.gaze_image_interval = 0
@@ -145,6 +152,7 @@ class GazePPOConfig(PPOConfig):
         gaze_rl_gradient: bool | None = NotProvided,
         gaze_lr: float | None = NotProvided,
         gaze_adam_eps: float | None = NotProvided,
+        gaze_predict_coeff: float | None = NotProvided,
         contrastive: bool | None = NotProvided,
         contrastive_similarity: str | None = NotProvided,
         contrastive_triplet_gaze: str | None = NotProvided,
@@ -160,6 +168,7 @@ class GazePPOConfig(PPOConfig):
         relative_gap: float | None = NotProvided,
         mining_chunk_size: int | None = NotProvided,
         mining_pool: int | None = NotProvided,
+        mining_centred: bool | None = NotProvided,
         contrastive_memory_checkpoint_mb: float | None = NotProvided,
         adam_eps: float | None = NotProvided,
         gaze_image_interval: int | None = NotProvided,
@@ -190,6 +199,10 @@ class GazePPOConfig(PPOConfig):
             gaze_lr: the gaze's own Adam with this learning rate (``None``: the gaze shares the
                 main optimizer and its lr); its gradient is then clipped apart from the rest.
             gaze_adam_eps: epsilon of the gaze's own Adam (with ``gaze_lr``).
+            gaze_predict_coeff: > 0 adds our own gaze objective (not the paper's; the
+                ``gaze-predict`` arm): a small head predicts the standardised value target from the
+                gaze's centre, what the fovea sees and the state, and its squared error, times this
+                weight, trains that head and the gaze. 0 (default): off.
             contrastive: add the return-guided triplet loss (needs attention).
             contrastive_similarity: what the triplet loss compares: ``"map"`` (cosine of the whole
                 attended maps), ``"centred_map"`` (the same after subtracting the memory's mean
@@ -215,6 +228,9 @@ class GazePPOConfig(PPOConfig):
             mining_chunk_size: memory rows compared per matmul in the exact neighbour search.
             mining_pool: neighbours are searched on feature maps averaged over ``pool x pool``
                 cells (1: the raw maps); 2 cuts the search cost ~4x.
+            mining_centred: search neighbours by the cosine of maps minus the memory's mean map
+                (what differs from the typical scene) instead of the raw maps, whose cosines are all
+                0.96-0.98 and dominated by the background.
             contrastive_memory_checkpoint_mb: checkpoints include the contrastive memory when it
                 holds at most this many MB (0: never); a memory left out refills after a restore
                 within ``contrastive_buffer_capacity / train batch`` iterations.
@@ -236,9 +252,11 @@ class GazePPOConfig(PPOConfig):
             "gaze_rl_gradient": self.resolved_gaze_rl_gradient()}
 
     def resolved_gaze_rl_gradient(self) -> bool:
-        """Whether RL's gradient reaches the gaze: ``gaze_rl_gradient``, or if it is ``None``,
-        ``not contrastive``."""
-        return (not self.contrastive) if self.gaze_rl_gradient is None else bool(self.gaze_rl_gradient)
+        """Whether RL's gradient reaches the gaze: ``gaze_rl_gradient``, or if it is ``None``, only
+        when no other objective (contrastive, predict) trains the gaze."""
+        if self.gaze_rl_gradient is None:
+            return not (self.contrastive or self.gaze_predict_coeff > 0)
+        return bool(self.gaze_rl_gradient)
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -284,7 +302,13 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"gaze_oracle_sigma={c.gaze_oracle_sigma!r} must be > 0")
     if c.gaze_rl_gradient is not None and not isinstance(c.gaze_rl_gradient, bool):
         errors.append(f"gaze_rl_gradient={c.gaze_rl_gradient!r} must be True, False or None (automatic)")
-    if c.attention in ("foveal", "patch") and c.gaze_rl_gradient is False and not c.contrastive:
+    if not c.gaze_predict_coeff >= 0:
+        errors.append(f"gaze_predict_coeff={c.gaze_predict_coeff!r} must be >= 0 (0 = off)")
+    if c.gaze_predict_coeff > 0 and c.attention not in ("foveal", "patch"):
+        errors.append(f"gaze_predict_coeff={c.gaze_predict_coeff!r} needs a trainable attention; "
+                      f"attention={c.attention!r} has none")
+    if (c.attention in ("foveal", "patch") and c.gaze_rl_gradient is False and not c.contrastive
+            and not c.gaze_predict_coeff > 0):
         errors.append(f"gaze_rl_gradient=False with contrastive=False leaves the {c.attention} gaze untrained; "
                       "set contrastive=True or gaze_rl_gradient=True")
     if c.gaze_lr is not None and not c.gaze_lr > 0:
@@ -323,6 +347,8 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"relative_gap={c.relative_gap!r} must be >= 0")
     if c.mining_chunk_size < 1:
         errors.append(f"mining_chunk_size={c.mining_chunk_size!r} must be >= 1")
+    if not isinstance(c.mining_centred, bool):
+        errors.append(f"mining_centred={c.mining_centred!r} must be True or False")
     if not isinstance(c.mining_pool, int) or c.mining_pool < 1:
         errors.append(f"mining_pool={c.mining_pool!r} must be an integer >= 1")
     if not isinstance(c.gaze_image_interval, int) or c.gaze_image_interval < 0:

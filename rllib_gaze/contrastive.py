@@ -131,7 +131,8 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
 def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
                   buffer: FeatureReturnBuffer, *, k: int, label_rule: str = "threshold",
                   threshold: float = 0.0, relative_gap: float = 0.0,
-                  chunk_size: int = 4096) -> Triplets:
+                  chunk_size: int = 4096, centre: torch.Tensor | None = None,
+                  bank_keys: torch.Tensor | None = None) -> Triplets:
     """For each anchor, pick the nearest positive and the nearest negative among its k neighbours.
 
     Args:
@@ -142,6 +143,10 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
             whatever the anchor's return. ``"relative"``: neighbours whose return is within
             ``relative_gap`` of the anchor's are positives, the rest negatives.
 
+        centre: a map ``(C, H, W)`` subtracted from the anchors before their search keys are made
+            (centred search); ``bank_keys`` must then be the memory's keys made the same way
+            (``search_keys(maps - centre, pool)``). ``None``: the memory's own keys of raw maps.
+
     Anchors lacking either a positive or a negative among their neighbours are dropped.
     """
     if label_rule not in LABEL_RULES:
@@ -150,7 +155,11 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     empty = torch.zeros(0, dtype=torch.long, device=anchor_maps.device)
     if len(buffer) == 0 or num_anchors == 0:
         return Triplets(empty, empty, empty, num_anchors)
-    _, bank_keys, bank_returns = buffer.filled()
+    _, own_keys, bank_returns = buffer.filled()
+    if centre is not None:
+        anchor_maps = anchor_maps - centre
+    else:
+        bank_keys = own_keys
     _, nbr = nearest_neighbours(search_keys(anchor_maps, buffer.pool), bank_keys, k, chunk_size)
     nbr_returns = bank_returns[nbr]                                     # (A, k)
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)

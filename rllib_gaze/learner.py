@@ -22,7 +22,8 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
-from rllib_gaze.contrastive import FeatureReturnBuffer, gaze_similarity, mine_triplets, triplet_margin_loss
+from rllib_gaze.contrastive import (FeatureReturnBuffer, gaze_similarity, mine_triplets, search_keys,
+                                   triplet_margin_loss)
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
 
@@ -51,6 +52,7 @@ class GazePPOLearner(PPOTorchLearner):
         self._rows_left_to_stage: dict[ModuleID, int] = {}
         self._stage_fraction: dict[ModuleID, float] = {}
         self._mean_maps: dict[ModuleID, torch.Tensor] = {}  # (C, h, w) mean of each memory
+        self._centred_keys: dict[ModuleID, torch.Tensor] = {}  # (N, D') keys of the centred memory
         self._first_minibatch: set[ModuleID] = set()
 
     @override(PPOTorchLearner)
@@ -96,6 +98,8 @@ class GazePPOLearner(PPOTorchLearner):
             # Zero that ties every gaze parameter to the loss: with RL's gradient stopped at the
             # gaze and no triplet yet, DDP (num_learners > 1) would otherwise see unused parameters.
             loss = loss + 0.0 * fwd_out[GAZE_PARAMS].sum()
+        if config.gaze_predict_coeff > 0:
+            loss = loss + config.gaze_predict_coeff * self._predict_loss(module_id, batch, fwd_out)
         if not config.contrastive:
             return loss
 
@@ -110,6 +114,22 @@ class GazePPOLearner(PPOTorchLearner):
             self._first_minibatch.discard(module_id)
             self._log_gaze_gradients(module_id, loss, contrastive)
         return loss + config.contrastive_coeff * contrastive
+
+    def _predict_loss(self, module_id: ModuleID, batch: dict, fwd_out: dict) -> torch.Tensor:
+        """The "gaze-predict" objective (ours): mean squared error of the gaze's return predictor
+        against this minibatch's standardised value targets, over the unmasked rows."""
+        features = fwd_out[PRE_ATTENTION_FEATURES].detach()
+        obs = batch[Columns.OBS]
+        if isinstance(obs, dict):
+            obs = {k: v.detach() for k, v in obs.items()}
+        target = batch[Columns.VALUE_TARGETS].detach()
+        mask = batch.get(Columns.LOSS_MASK)
+        keep = mask if mask is not None else torch.ones_like(target, dtype=torch.bool)
+        target = (target - target[keep].mean()) / target[keep].std(unbiased=False).clamp_min(1e-6)
+        predicted = self.module[module_id].unwrapped().predict_return(features, obs)
+        loss = ((predicted - target)[keep] ** 2).mean()
+        self.metrics.log_value((module_id, "gaze_predict_loss"), loss.detach(), window=1)
+        return loss
 
     def _returns(self, module_id: ModuleID, config, batch: dict, fwd_out: dict) -> torch.Tensor:
         """``(B,)`` detached returns that label the rows (``config.contrastive_return``)."""
@@ -147,9 +167,12 @@ class GazePPOLearner(PPOTorchLearner):
         threshold = (config.return_threshold if config.return_threshold is not None
                      else torch.quantile(bank_returns, config.return_quantile).item())
         spread = bank_returns.std(unbiased=False).item()
+        centred = config.mining_centred and module_id in self._mean_maps
         triplets = mine_triplets(
             features, returns, buffer, k=config.contrastive_k, label_rule=config.label_rule,
             threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
+            centre=self._mean_maps[module_id] if centred else None,
+            bank_keys=self._centred_keys.get(module_id) if centred else None,
         )
         metrics["contrastive_return_threshold"] = threshold
         metrics["contrastive_return_spread"] = spread
@@ -207,9 +230,14 @@ class GazePPOLearner(PPOTorchLearner):
         self._update_mean_maps()
 
     def _update_mean_maps(self) -> None:
+        """The memory's mean map, and its search keys after subtracting it (``mining_centred``),
+        once per change of the memory."""
         for module_id, buffer in self._buffers.items():
             if len(buffer):
-                self._mean_maps[module_id] = buffer.filled()[0].mean(0)
+                maps = buffer.filled()[0]
+                self._mean_maps[module_id] = maps.mean(0)
+                if self.config.get_config_for_module(module_id).mining_centred:
+                    self._centred_keys[module_id] = search_keys(maps - self._mean_maps[module_id], buffer.pool)
 
     @override(PPOTorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> StateDict:

@@ -38,6 +38,7 @@ DEFAULT_MODEL_CONFIG = {
     "gaze_centre": "mlp",         # foveal: "mlp" (tanh of the head) | "soft_argmax" (of a relevance map)
     "gaze_oracle_sigma": 0.3,     # oracle: fixed spread
     "gaze_rl_gradient": True,     # False: RL's gradient stops at the gaze weights
+    "gaze_predict_coeff": 0.0,    # > 0: a return predictor on what the gaze sees (gaze_predictor)
     "conv_filters": NATURE_CNN_FILTERS,
     "image_feature_dim": 256,
     "state_feature_dim": 256,
@@ -125,6 +126,13 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.state_fc = nn.Linear(state_space.shape[0], cfg["state_feature_dim"])
             feature_dim += cfg["state_feature_dim"]
 
+        # Ours, not the paper's (the "gaze-predict" arm): a small head that predicts the return from
+        # where the gaze is and what it sees, plus the state; the learner trains it and the gaze.
+        self.gaze_predictor = None
+        if self.gaze is not None and cfg["gaze_predict_coeff"] > 0:
+            state_dim = state_space.shape[0] if state_space is not None else 0
+            self.gaze_predictor = nn.Sequential(nn.Linear(fc + 2 + state_dim, 64), nn.ReLU(), nn.Linear(64, 1))
+
         act_dim = self.action_space.shape[0]
         hidden = cfg["head_hidden"]
         self.pi = nn.Sequential(
@@ -153,6 +161,17 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         if self.attention == "oracle":
             return self.gaze.attention_map(features, obs[TARGET])
         return self.gaze.attention_map(features)
+
+    def predict_return(self, features: torch.Tensor, obs: Any) -> torch.Tensor:
+        """``(B,)`` return predicted from the gaze on detached feature maps ``(B, C, h, w)``: the
+        gaze-weighted mean channel vector (what the fovea sees), the centre (where it looks) and
+        the state. Its gradient reaches the gaze and the predictor only."""
+        weights, params = self.gaze_weights(features, obs)
+        glimpse = (features * weights.unsqueeze(1)).flatten(2).sum(2) / weights.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+        inputs = [glimpse, params[:, :2]]
+        if isinstance(obs, dict) and "state" in obs:
+            inputs.append(obs["state"].float())
+        return self.gaze_predictor(torch.cat(inputs, dim=-1)).squeeze(-1)
 
     def encode(self, obs: Any) -> dict[str, torch.Tensor]:
         """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
@@ -202,4 +221,4 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["vf"]
+        return ["vf", "gaze_predictor"] if self.gaze_predictor is not None else ["vf"]

@@ -236,3 +236,20 @@ def test_glimpse_stays_finite_for_extreme_maps():
     cos = glimpse_cosine(x, y, w, w)
     cos.sum().backward()
     assert torch.isfinite(cos).all() and torch.isfinite(w.grad).all()
+
+
+def test_centred_search_ranks_neighbours_by_the_cosine_of_maps_minus_the_mean_map():
+    torch.manual_seed(0)
+    offset = torch.full((1, 6), 10.0)                         # what every scene shares (background)
+    bank = offset + torch.rand(40, 6)
+    anchors = offset + torch.rand(8, 6)
+    buf = buffer_of(bank.tolist(), torch.arange(40.0) % 2)
+    mean = buf.filled()[0].mean(0)
+    t = mine_triplets(maps(anchors.tolist()), torch.zeros(8), buf, k=1, threshold=0.5, centre=mean,
+                      bank_keys=search_keys(buf.filled()[0] - mean))
+    centred_nn = torch.nn.functional.normalize(anchors - mean.view(1, -1), dim=1) @ \
+        torch.nn.functional.normalize(bank - mean.view(1, -1), dim=1).T
+    raw_nn = torch.nn.functional.normalize(anchors, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    expected_agreement = ((centred_nn.argmax(1) % 2) == 0).float().mean().item()
+    assert t.label_agreement == pytest.approx(expected_agreement)
+    assert not torch.equal(centred_nn.argmax(1), raw_nn.argmax(1))  # the offset decides the raw search

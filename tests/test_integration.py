@@ -22,7 +22,7 @@ def finite(value) -> bool:
     return bool(np.isfinite(float(value)))
 
 
-@pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first"])
+@pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first", "gaze-predict"])
 def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
     attention, contrastive = ARMS[arm]["attention"], ARMS[arm]["contrastive"]
     config = (tiny_config().gaze(**ARMS[arm]).env_runners(num_env_runners=1)

@@ -9,6 +9,9 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.policy.sample_batch import SampleBatch
 
+from rllib_gaze import ARMS
+from rllib_gaze.contrastive import search_keys
+
 from conftest import tiny_config
 
 MID = "default_policy"
@@ -190,7 +193,7 @@ def test_the_gaze_gets_its_own_adam_when_gaze_lr_is_set():
 
 def test_update_reports_what_the_objective_does():
     config = (tiny_config(contrastive_similarity="glimpse", contrastive_triplet_gaze="anchor",
-                          gaze_rl_gradient=False, gaze_head_init_std=0.05)
+                          gaze_rl_gradient=False, gaze_head_init_std=0.05, mining_centred=True)
               .environment("clutter", env_config={"image_size": 48, "num_distractors": 3, "seed": 0,
                                                   "include_state": True, "expose_target": True}))
     runner = SingleAgentEnvRunner(config=config)
@@ -204,6 +207,9 @@ def test_update_reports_what_the_objective_does():
     assert values["contrastive_cos_gap"] == pytest.approx(values["contrastive_cos_ap"] - values["contrastive_cos_an"], abs=1e-5)
     assert 0.0 <= values["contrastive_label_agreement"] <= 1.0
     assert values["gaze_grad_norm_ppo"] == 0.0            # RL's gradient stops at the gaze
+    mean = learner._buffers[MID].filled()[0].mean(0)
+    assert torch.allclose(learner._mean_maps[MID], mean)  # centred search keys from the memory's mean
+    assert torch.allclose(learner._centred_keys[MID], search_keys(learner._buffers[MID].filled()[0] - mean, 2))
     assert values["gaze_grad_norm_contrastive"] > 0.0
     assert 0.0 < values["gaze_target_distance"] < 2 * 2 ** 0.5 and values["gaze_target_distance_centre"] > 0.0
 
@@ -231,3 +237,23 @@ def test_one_gaze_per_triplet_applies_the_anchors_weights_to_all_three(trained):
             assert seen == ([n] if mode == "anchor" else [3 * n]), (mode, seen, n)
     finally:
         del module.gaze_weights
+
+
+def test_gaze_predict_objective_trains_only_the_gaze_and_its_predictor():
+    config = (tiny_config(**ARMS["gaze-predict"])
+              .environment("clutter", env_config={"image_size": 48, "num_distractors": 3, "seed": 0,
+                                                  "include_state": True}))
+    runner = SingleAgentEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    batch = train_batch(learner, runner.sample(num_timesteps=128))
+    module = learner.module[MID]
+    module.zero_grad()
+    loss = learner._predict_loss(MID, batch, module.forward_train(batch))
+    assert loss.item() > 0
+    loss.backward()
+    moved = {name for name, g in param_grads(module).items() if g.abs().sum() > 0}
+    assert moved and all(name.startswith(("gaze.", "gaze_predictor.")) for name in moved), moved
+    assert any(name.startswith("gaze.relevance") for name in moved)  # the soft-argmax centre learns
+    logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
+                            timesteps={"num_env_steps_sampled_lifetime": 128})[MID]
+    assert logged["gaze_predict_loss"].peek() > 0
