@@ -249,6 +249,86 @@ def plot(curves: list[Curve], path: str) -> None:
     plt.close(fig)
 
 
+# Learner metrics that say what the gaze objective did (docs/method.md); the diagnosis table
+# shows each one's mean over seeds at a trial's last iteration, where the arm logs it.
+DIAGNOSIS = ("gaze_target_distance", "gaze_target_distance_centre", "gaze_sigma_x_mean", "gaze_mu_x_std",
+             "contrastive_label_agreement", "contrastive_cos_gap", "contrastive_loss", "gaze_predict_loss")
+LEARNER = ("learners", "default_policy")
+
+
+def learner_series(experiment_dir: str, until: float | None = None) -> dict[tuple[str, str], dict[int, list[tuple[int, dict]]]]:
+    """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS metric: value})]`` from every suite trial."""
+    out: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]] = {}
+    for name in sorted(os.listdir(experiment_dir)):
+        params_file = os.path.join(experiment_dir, name, "params.json")
+        if not os.path.exists(params_file):
+            continue
+        with open(params_file) as f:
+            params = json.load(f)
+        if not {"task", "arm", "seed"} <= params.keys():
+            continue
+        rows = []
+        for row in result_rows(os.path.join(experiment_dir, name, "result.json")):
+            learner = row.get(LEARNER[0], {}).get(LEARNER[1], {})
+            metrics = {k: float(learner[k]) for k in DIAGNOSIS if isinstance(learner.get(k), (int, float))}
+            if metrics and STEPS in row and (until is None or row[STEPS] <= until):
+                rows.append((int(row[STEPS]), metrics))
+        if rows:
+            out.setdefault((params["task"], params["arm"]), {})[int(params["seed"])] = rows
+    return out
+
+
+def diagnosis_table(series: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]], task: str) -> str | None:
+    """Markdown: per arm of ``task``, each DIAGNOSIS metric's mean over seeds at their last iteration."""
+    arms = sorted((arm for t, arm in series if t == task), key=_arm_order)
+    columns = [k for k in DIAGNOSIS if any(k in rows[-1][1] for arm in arms for rows in series[(task, arm)].values())]
+    if not columns:
+        return None
+    lines = ["| arm | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for arm in arms:
+        lasts = [rows[-1][1] for rows in series[(task, arm)].values()]
+        cells = [f"{np.mean([m[k] for m in lasts if k in m]):.3f}" if any(k in m for m in lasts) else "-" for k in columns]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]], task: str, path: str,
+                       smooth: int = 5) -> bool:
+    """Gaze-to-target distance relative to a fixed central gaze's, over env steps per arm (mean over
+    seeds, running mean over ``smooth`` iterations): 1 = no better than looking at the centre,
+    0 = on the target. False (no file) when no arm of ``task`` logs it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, reference = "gaze_target_distance", "gaze_target_distance_centre"
+    arms = [arm for t, arm in sorted(series, key=lambda ta: _arm_order(ta[1])) if t == task
+            and any(key in m and reference in m for rows in series[(t, arm)].values() for _, m in rows)]
+    if not arms:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for arm in arms:
+        by_step: dict[int, list[float]] = {}
+        for rows in series[(task, arm)].values():
+            for step, m in rows:
+                if key in m and m.get(reference, 0) > 0:
+                    by_step.setdefault(step, []).append(m[key] / m[reference])
+        steps = sorted(by_step)
+        values = np.convolve([np.mean(by_step[s]) for s in steps], np.ones(smooth) / smooth, mode="valid") \
+            if len(steps) >= smooth else np.asarray([np.mean(by_step[s]) for s in steps])
+        ax.plot(steps[len(steps) - len(values):], values, label=arm)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set(title=f"{task}: gaze centre to target / central gaze to target", xlabel="env steps",
+           ylabel="relative distance (1: no better than the centre)", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8),
                  until: float | None = None) -> str:
     """Writes ``report.md`` and ``success_<task>.png`` into ``out_dir`` (default: the experiment
@@ -265,11 +345,18 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
              "Metric: deterministic evaluation success rate (`evaluation/env_runners/success_once`); "
              "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level; its 95% "
              "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
+    series = learner_series(experiment_dir, until)
     for task in sorted({c.task for c in curves}):
         task_curves = [c for c in curves if c.task == task]
         image = f"success_{task}.png"
         plot(task_curves, os.path.join(out_dir, image))
         lines += [f"## {task}", "", f"![{task}]({image})", "", table(task_curves, levels), ""]
+        diagnosis = diagnosis_table(series, task)
+        if diagnosis:
+            lines += ["What the gaze objective did (learner metrics at the last iteration, mean over seeds; "
+                      "docs/method.md says what each means):", "", diagnosis, ""]
+        if plot_gaze_distance(series, task, os.path.join(out_dir, f"gaze_{task}.png")):
+            lines += [f"![{task} gaze-to-target distance](gaze_{task}.png)", ""]
     if not curves:
         lines += ["No trial has been evaluated yet.", ""]
     if notes:

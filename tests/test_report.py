@@ -131,3 +131,24 @@ def test_seeds_align_on_the_evaluation_iteration_when_their_step_counts_differ(t
     steps, mean, _, _ = curve.mean(common_only=True)
     assert steps.tolist() == [988.0, 1976.0, 2964.0] and mean == pytest.approx([0.3, 0.6, 0.9])
     assert curve.steps_to(0.5) == 1976.0
+
+
+def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_path):
+    for seed, last in ((0, 0.2), (1, 0.4)):
+        rows = [{"training_iteration": i, "num_env_steps_sampled_lifetime": 1000 * i,
+                 "evaluation": {"env_runners": {"success_once": 0.1 * i}},
+                 "learners": {"default_policy": {"gaze_target_distance": 0.8 if i < 6 else last,
+                                                 "gaze_target_distance_centre": 0.8,
+                                                 "contrastive_label_agreement": 0.5 + 0.1 * seed}}}
+                for i in range(1, 7)]
+        _trial(tmp_path, f"fovea_gaze_seed{seed}", {"task": "fovea", "arm": "gaze", "seed": seed,
+                                                   "evaluation_interval": 1}, rows)
+    _trial(tmp_path, "fovea_ppo_seed0", {"task": "fovea", "arm": "ppo", "seed": 0, "evaluation_interval": 1},
+           [{"training_iteration": 1, "num_env_steps_sampled_lifetime": 1000,
+             "evaluation": {"env_runners": {"success_once": 0.0}}, "learners": {"default_policy": {}}}])
+    markdown = write_report(str(tmp_path))
+    # last iteration, mean over seeds: distance (0.2 + 0.4) / 2, agreement (0.5 + 0.6) / 2; ppo logs none
+    assert "| gaze | 0.300 | 0.800 | 0.550 |" in markdown
+    assert "| ppo |" not in markdown.split("What the gaze objective did")[1]
+    png = tmp_path / "gaze_fovea.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![fovea gaze-to-target distance](gaze_fovea.png)" in markdown
