@@ -225,6 +225,8 @@ def _ratio(baseline: Curve, curve: Curve, level: float, steps: float | None) -> 
 def _interval(baseline: Curve, curve: Curve, level: float) -> str:
     if curve is baseline:
         return "-"
+    if min(len(curve.runs), len(baseline.runs)) < 2:
+        return "needs >= 2 seeds"
     low, high = bootstrap_ratio(baseline, curve, level)
     return f"[{low:.2f}, {high:.2f}] {verdict((low, high))}"
 
