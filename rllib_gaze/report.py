@@ -238,17 +238,32 @@ def plot(curves: list[Curve], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = _figure(plt, len(curves))
     for c in curves:
         steps, mean, low, high = c.mean()
         line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{c.arm} ({len(c.runs)} seed{'s' * (len(c.runs) > 1)})")
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(title=curves[0].task, xlabel="env steps", ylabel="evaluation success rate", ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
+    _finish(fig, ax, len(curves))
     fig.savefig(path)
     plt.close(fig)
+
+
+def _figure(plt, lines: int):
+    """A figure with room for ``lines`` distinct colours; many arms get a wider one (legend outside)."""
+    fig, ax = plt.subplots(figsize=(6.4 if lines <= 6 else 8.6, 4.0), dpi=110)
+    if lines > 10:
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(lines)])
+    return fig, ax
+
+
+def _finish(fig, ax, lines: int) -> None:
+    ax.grid(alpha=0.3)
+    if lines <= 6:
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.tight_layout()
 
 
 # Learner metrics that say what the gaze objective did (docs/method.md); the diagnosis table
@@ -309,7 +324,7 @@ def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, d
             and any(key in m and reference in m for rows in series[(t, arm)].values() for _, m in rows)]
     if not arms:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = _figure(plt, len(arms))
     for arm in arms:
         by_step: dict[int, list[float]] = {}
         for rows in series[(task, arm)].values():
@@ -323,9 +338,7 @@ def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, d
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set(title=f"{task}: gaze centre to target / central gaze to target", xlabel="env steps",
            ylabel="relative distance (1: no better than the centre)", ylim=(0, None))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7, ncol=2)
-    fig.tight_layout()
+    _finish(fig, ax, len(arms))
     fig.savefig(path)
     plt.close(fig)
     return True
@@ -369,15 +382,36 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
     return markdown
 
 
+def export_runs(experiment_dir: str, path: str) -> int:
+    """Writes the evaluation points and diagnosis metrics of every suite trial as gzipped JSON lines
+    (one per trial: task, arm, seed, ``[[iteration, env steps, success]]`` and
+    ``[[env steps, {metric: value}]]``): the numbers behind a report, small enough to keep in the
+    repository. Returns the number of trials written."""
+    import gzip
+
+    curves, _ = load_curves(experiment_dir)
+    series = learner_series(experiment_dir)
+    with gzip.open(path, "wt") as f:
+        for c in curves:
+            for seed, points in sorted(c.runs.items()):
+                f.write(json.dumps({"task": c.task, "arm": c.arm, "seed": seed, "evaluations": points,
+                                    "learner": series.get((c.task, c.arm), {}).get(seed, [])}) + "\n")
+    return sum(len(c.runs) for c in curves)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment_dir", help="a suite experiment directory (<storage-path>/<name>)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8], help="success levels in (0, 1]")
     p.add_argument("--out", help="where to write report.md and the PNGs (default: the experiment dir)")
     p.add_argument("--until", type=float, help="only evaluations up to this many env steps (compare at equal budgets)")
+    p.add_argument("--export", metavar="FILE.jsonl.gz", help="also write every trial's evaluations and diagnosis "
+                                                             "metrics to this file (gzipped JSON lines)")
     args = p.parse_args(argv)
     try:
         print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until))
+        if args.export:
+            print(f"exported {export_runs(args.experiment_dir, args.export)} trials to {args.export}")
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
 

@@ -152,3 +152,16 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
     assert "| ppo |" not in markdown.split("What the gaze objective did")[1]
     png = tmp_path / "gaze_fovea.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![fovea gaze-to-target distance](gaze_fovea.png)" in markdown
+
+
+def test_export_writes_every_trials_numbers_as_gzipped_json_lines(experiment, tmp_path_factory):
+    import gzip
+
+    path = tmp_path_factory.mktemp("export") / "runs.jsonl.gz"
+    from rllib_gaze.report import main
+
+    main([str(experiment), "--out", str(path.parent), "--export", str(path)])
+    trials = [json.loads(line) for line in gzip.open(path, "rt")]
+    assert len(trials) == len(CURVES)
+    gaze0 = next(t for t in trials if (t["task"], t["arm"], t["seed"]) == ("clutter", "gaze", 0))
+    assert [v for _, _, v in gaze0["evaluations"]] == CURVES[("clutter", "gaze", 0)]
