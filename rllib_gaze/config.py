@@ -43,6 +43,7 @@ ABLATIONS = {
     "gaze-peak": {"gaze_normalization": "peak"},
     "gaze-value": {"contrastive_return": "value"},
     "gaze-above": {"label_rule": "above"},
+    "gaze-return-to-go": {"contrastive_return": "return_to_go"},
 }
 ARMS.update({name: {**ARMS["gaze"], **change} for name, change in ABLATIONS.items()})
 # Alternatives measured beside the defaults (docs/results.md): the centre as a soft-argmax.
@@ -55,7 +56,7 @@ VARIANTS = {
                      "gaze_centre": "soft_argmax"},
 }
 ARMS.update(VARIANTS)
-RETURNS = ("value_target", "value")
+RETURNS = ("value_target", "value", "return_to_go")
 
 # Settings of .gaze() that go to the RLModule through model_config.
 _MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max",
@@ -120,6 +121,7 @@ class GazePPOConfig(PPOConfig):
         self.contrastive_similarity = "glimpse"
         self.contrastive_triplet_gaze = "anchor"
         self.contrastive_return = "value_target"
+        self.contrastive_gamma = 0.95
         self.contrastive_coeff = 1.0
         self.contrastive_margin = 0.2
         self.contrastive_k = 16
@@ -157,6 +159,7 @@ class GazePPOConfig(PPOConfig):
         contrastive_similarity: str | None = NotProvided,
         contrastive_triplet_gaze: str | None = NotProvided,
         contrastive_return: str | None = NotProvided,
+        contrastive_gamma: float | None = NotProvided,
         contrastive_coeff: float | None = NotProvided,
         contrastive_margin: float | None = NotProvided,
         contrastive_k: int | None = NotProvided,
@@ -212,7 +215,10 @@ class GazePPOConfig(PPOConfig):
                 triplet; ``"each"``: each map under its own gaze (which lets the loss fall by
                 pointing the negative's gaze elsewhere).
             contrastive_return: what labels a state: ``"value_target"`` (the GAE value target
-                PPO regresses on) or ``"value"`` (the critic's detached V(s)).
+                PPO regresses on), ``"value"`` (the critic's detached V(s)) or ``"return_to_go"``
+                (the discounted return-to-go with ``contrastive_gamma``, bootstrapped from the
+                critic's V where an episode chunk ends).
+            contrastive_gamma: discount of ``"return_to_go"``, in [0, 1].
             contrastive_coeff: weight of the triplet loss next to the PPO loss.
             contrastive_margin: triplet margin on cosine distance (>= 0).
             contrastive_k: neighbours searched per anchor (>= 1).
@@ -319,6 +325,8 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"contrastive_similarity={c.contrastive_similarity!r} is not known; allowed values are {SIMILARITIES}")
     if c.contrastive_triplet_gaze not in TRIPLET_GAZES:
         errors.append(f"contrastive_triplet_gaze={c.contrastive_triplet_gaze!r} is not known; allowed values are {TRIPLET_GAZES}")
+    if not 0.0 <= c.contrastive_gamma <= 1.0:
+        errors.append(f"contrastive_gamma={c.contrastive_gamma!r} must be in [0, 1]")
     if c.contrastive_return not in RETURNS:
         errors.append(f"contrastive_return={c.contrastive_return!r} is not known; allowed values are {RETURNS}")
     if not 0.0 <= c.gaze_floor < 1.0:

@@ -92,6 +92,31 @@ class FeatureReturnBuffer:
         self.push(state["maps"], state["returns"])
 
 
+@torch.no_grad()
+def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, loss_mask: torch.Tensor,
+                            bootstrap: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return-to-go ``(N,)`` of each row of a train batch laid out as RLlib's learner
+    connector lays it: each episode chunk's rows in order, then one extra row (``loss_mask``
+    False) holding the observation after the chunk's last step.
+
+    ``G_t = r_t + gamma * G_{t+1}`` within a chunk, 0 after a termination, and at each extra row
+    ``G = bootstrap`` (``(N,)``; only its values at the extra rows are read: the critic's V there).
+    """
+    out = torch.empty_like(rewards, dtype=torch.float32)
+    rewards, terminateds, loss_mask = rewards.float().cpu(), terminateds.bool().cpu(), loss_mask.bool().cpu()
+    bootstrap = bootstrap.float().cpu()
+    following = 0.0
+    values = []
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        if not loss_mask[t]:
+            following = float(bootstrap[t])
+        else:
+            following = float(rewards[t]) + (0.0 if terminateds[t] else gamma * following)
+        values.append(following)
+    out.copy_(torch.tensor(values[::-1], dtype=torch.float32))
+    return out
+
+
 @dataclass
 class Triplets:
     """Indices of mined triplets: ``anchor`` into the anchors, ``positive``/``negative`` into the

@@ -22,8 +22,8 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
-from rllib_gaze.contrastive import (FeatureReturnBuffer, gaze_similarity, mine_triplets, search_keys,
-                                   triplet_margin_loss)
+from rllib_gaze.contrastive import (FeatureReturnBuffer, discounted_return_to_go, gaze_similarity, mine_triplets,
+                                   search_keys, triplet_margin_loss)
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
 
@@ -31,6 +31,8 @@ from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
 # Learner state component holding the contrastive memory (in checkpoints, next to RLlib's
 # "rl_module" and "optimizer", which already carries the gaze's Adam moments).
 CONTRASTIVE_MEMORY = "contrastive_memory"
+# Train-batch column of the discounted return-to-go (contrastive_return="return_to_go").
+CONTRASTIVE_RETURNS = "contrastive_returns"
 # Name of the gaze's own optimizer (when .gaze(gaze_lr=...) is set); RLlib's is "default_optimizer".
 GAZE_OPTIMIZER = "gaze"
 
@@ -87,7 +89,26 @@ class GazePPOLearner(PPOTorchLearner):
             for mid, b in batch.policy_batches.items()}
         self._staged = {mid: [] for mid in batch.policy_batches}
         self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
+        for module_id, module_batch in batch.policy_batches.items():
+            config = self.config.get_config_for_module(module_id)
+            if config.contrastive and config.contrastive_return == "return_to_go":
+                module_batch[CONTRASTIVE_RETURNS] = self._return_to_go(module_id, config, module_batch)
         return batch
+
+    def _return_to_go(self, module_id: ModuleID, config, batch) -> torch.Tensor:
+        """``(N,)`` discounted return-to-go with ``contrastive_gamma``, bootstrapped from the critic's
+        V at the extra row that ends each episode chunk (``discounted_return_to_go``)."""
+        rewards = torch.as_tensor(batch[Columns.REWARDS])
+        mask = torch.as_tensor(batch[Columns.LOSS_MASK]).bool()
+        ends = (~mask).nonzero().squeeze(1)
+        bootstrap = torch.zeros(rewards.shape[0], device=rewards.device)
+        if ends.numel():
+            obs = batch[Columns.OBS]
+            end_obs = {k: v[ends] for k, v in obs.items()} if isinstance(obs, dict) else obs[ends]
+            with torch.no_grad():
+                bootstrap[ends] = self.module[module_id].unwrapped().compute_values({Columns.OBS: end_obs}).float()
+        return discounted_return_to_go(rewards, torch.as_tensor(batch[Columns.TERMINATEDS]), mask, bootstrap,
+                                       config.contrastive_gamma).to(rewards.device)
 
     @override(PPOTorchLearner)
     def compute_loss_for_module(self, *, module_id: ModuleID, config, batch: dict[str, Any],
@@ -137,6 +158,8 @@ class GazePPOLearner(PPOTorchLearner):
             module = self.module[module_id].unwrapped()
             with torch.no_grad():
                 return module.compute_values(batch, embeddings=fwd_out[Columns.EMBEDDINGS].detach())
+        if config.contrastive_return == "return_to_go":
+            return batch[CONTRASTIVE_RETURNS].detach()
         return batch[Columns.VALUE_TARGETS].detach()
 
     def _log_gaze_gradients(self, module_id: ModuleID, ppo_loss: torch.Tensor, contrastive: torch.Tensor) -> None:

@@ -253,3 +253,16 @@ def test_centred_search_ranks_neighbours_by_the_cosine_of_maps_minus_the_mean_ma
     expected_agreement = ((centred_nn.argmax(1) % 2) == 0).float().mean().item()
     assert t.label_agreement == pytest.approx(expected_agreement)
     assert not torch.equal(centred_nn.argmax(1), raw_nn.argmax(1))  # the offset decides the raw search
+
+
+def test_return_to_go_discounts_within_each_chunk_and_bootstraps_at_its_extra_row():
+    from rllib_gaze.contrastive import discounted_return_to_go
+
+    # chunk A: rewards 1, 2 then its extra row (V there = 10); chunk B: 3 (terminated), extra row
+    rewards = torch.tensor([1.0, 2.0, 0.0, 3.0, 0.0])
+    terminated = torch.tensor([False, False, False, True, False])
+    mask = torch.tensor([True, True, False, True, False])
+    bootstrap = torch.tensor([0.0, 0.0, 10.0, 0.0, 7.0])
+    g = discounted_return_to_go(rewards, terminated, mask, bootstrap, gamma=0.5)
+    # A: G_1 = 2 + 0.5 * 10 = 7, G_0 = 1 + 0.5 * 7 = 4.5; B: terminated, G = 3 (no bootstrap)
+    assert g.tolist() == pytest.approx([4.5, 7.0, 10.0, 3.0, 7.0])

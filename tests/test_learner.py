@@ -257,3 +257,21 @@ def test_gaze_predict_objective_trains_only_the_gaze_and_its_predictor():
     logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
                             timesteps={"num_env_steps_sampled_lifetime": 128})[MID]
     assert logged["gaze_predict_loss"].peek() > 0
+
+
+def test_return_to_go_labels_reach_the_memory():
+    from rllib_gaze.contrastive import discounted_return_to_go
+
+    config = tiny_config(contrastive_return="return_to_go", contrastive_gamma=0.9)
+    runner, learner, first = one_update(config, num_epochs=1)
+    mask = first[Columns.LOSS_MASK].bool()
+    stored = learner._buffers[MID].filled()[2]
+    assert stored.numel() == int(mask.sum())
+    # without the bootstrap term: at a chunk's first row (16 steps from its end) the bootstrap
+    # counts 0.9^16 x V, a few hundredths for this barely trained critic
+    no_bootstrap = discounted_return_to_go(first[Columns.REWARDS], first[Columns.TERMINATEDS], mask,
+                                           torch.zeros(mask.shape[0]), 0.9)
+    chunk_starts = torch.cat([torch.tensor([0]), (~mask).nonzero().squeeze(1)[:-1] + 1])
+    for value in no_bootstrap[chunk_starts]:
+        assert (stored - value).abs().min() < 0.05, (float(value), stored.tolist())
+    assert not torch.allclose(stored.sort().values, first[Columns.VALUE_TARGETS][mask].sort().values)

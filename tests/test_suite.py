@@ -105,3 +105,4 @@ def test_flags_override_the_preset():
     assert preset.num_gpus_per_learner == 0.5
     _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
     assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
+    assert "oracle" in PRESETS["local"].arms and "oracle" not in local.arms  # PushCube has no exposed target

@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rllib_gaze import ARMS, GazePPOConfig  # noqa: E402
+from rllib_gaze.config import TARGET_ARMS  # noqa: E402
 from rllib_gaze.suite import (PRESETS, TASKS, BudgetStop, Preset, SuiteProgress, param_space, pick_preset,  # noqa: E402
                               planned_steps, trial_config, trial_label)
 
@@ -154,7 +155,10 @@ def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
     tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
-    overrides = {"tasks": tuple(tasks), "arms": tuple(args.arms or preset.arms), "seeds": tuple(args.seeds or preset.seeds)}
+    arms = args.arms or preset.arms
+    if not args.arms and not all(t.env_config.get("expose_target") for t in tasks):
+        arms = [arm for arm in arms if arm not in TARGET_ARMS]  # the oracle needs the target's position
+    overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds)}
     for flag, key in (("num_env_runners", "num_env_runners"), ("gpus_per_env_runner", "num_gpus_per_env_runner"),
                       ("gpus_per_learner", "num_gpus_per_learner")):
         if getattr(args, flag) is not None:
