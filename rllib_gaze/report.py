@@ -13,9 +13,10 @@ points ``(env steps, evaluation success rate)``, and per task and arm averages t
 - ratio vs ppo at a level: ppo's steps / the arm's steps (> 1: the arm needs fewer env steps);
   "> r" when ppo never reached the level within its last evaluated step (a lower bound);
 - 95% interval of that ratio: a percentile bootstrap that resamples each arm's seeds (and ppo's)
-  with replacement; a resample that never reaches the level counts as infinitely slow for the arm
-  and as its last evaluated step for ppo (both against the arm). The verdict is "win" only when
-  the interval lies above 1, "loss" when it lies below 1, "-" otherwise.
+  with replacement; a resample that never reaches the level is censored at its last evaluated
+  step, against the arm at the interval's low end and for it at the high end. The verdict is
+  "win" only when the interval lies above 1, "loss" when it lies below 1, "-" otherwise (also
+  when neither reached the level).
 
 Works on partial results: running or failed trials count with the points they have.
 """
@@ -88,23 +89,27 @@ def bootstrap_ratio(baseline: Curve, curve: Curve, level: float, draws: int = BO
                     seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval ``(low, high)`` of ``baseline``'s steps to ``level`` over
     ``curve``'s, resampling each one's seeds with replacement (a fixed ``seed``: the same report
-    every time). A resample that never reaches the level counts as infinitely slow for ``curve``
-    (ratio 0) and as its last evaluated step for ``baseline``: both bias the ratio down."""
+    every time). A resample that never reaches the level is censored at its last evaluated step:
+    the low end takes the case least favourable to ``curve`` (``curve`` infinitely slow, the
+    baseline at its last step) and the high end the most favourable (the reverse), so neither a
+    win nor a loss is called from resamples in which an arm never got there."""
     rng = np.random.default_rng(seed)
 
-    def resampled_steps(c: Curve, never: float) -> np.ndarray:
+    def resampled_steps(c: Curve) -> np.ndarray:
         runs = list(c.runs.values())
         out = np.empty(draws)
         for i in range(draws):
             pick = rng.integers(len(runs), size=len(runs))
             steps = Curve(c.task, c.arm, {j: runs[k] for j, k in enumerate(pick)}).steps_to(level)
-            out[i] = never if steps is None else steps
+            out[i] = math.nan if steps is None else steps
         return out
 
-    base = resampled_steps(baseline, baseline.last_step())
-    arm = resampled_steps(curve, math.inf)
-    ratios = base / arm
-    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+    base, arm = resampled_steps(baseline), resampled_steps(curve)
+    with np.errstate(divide="ignore"):
+        low = np.where(np.isnan(base), baseline.last_step(), base) / np.where(np.isnan(arm), math.inf, arm)
+        high = np.where(np.isnan(base), math.inf, base) / np.where(np.isnan(arm), curve.last_step(), arm)
+    # no interpolation between draws (it would turn an infinite end into NaN), rounded outwards
+    return float(np.percentile(low, 2.5, method="lower")), float(np.percentile(high, 97.5, method="higher"))
 
 
 def verdict(interval: tuple[float, float]) -> str:

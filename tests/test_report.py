@@ -92,6 +92,19 @@ def test_bootstrap_interval_of_the_ratio_matches_the_hand_computed_resamples(exp
     assert verdict((0.9, 1.2)) == "-" and verdict((1.01, 2.0)) == "win" and verdict((0.2, 0.99)) == "loss"
 
 
+def test_no_verdict_when_neither_arm_reaches_the_level(experiment):
+    """80% on clutter: gaze-rl reaches it only in the {1,1} resample (0.9 at 3000); {0,0} and {0,1}
+    never do. Censored for ppo, the high end is ppo's 4000 over gaze-rl's last step 3000 = 1.33;
+    against it, 0: the interval [0, 1.33] holds 1 and calls nothing, though gaze-rl mostly failed.
+    PushCube: ppo never reaches 50%, gaze always at 2000: [3000 / 2000, inf], a win."""
+    curves, _ = load_curves(str(experiment))
+    rows = _rows(table([c for c in curves if c.task == "clutter"], (0.8,)))
+    assert rows["gaze-rl"][-1] == "[0.00, 1.33] -"
+    push = [c for c in curves if c.task == "PushCube-v1"]
+    ppo, gaze = push
+    assert bootstrap_ratio(ppo, gaze, 0.5) == (1.5, math.inf)
+
+
 def test_band_is_a_student_t_interval_clipped_to_zero_one(experiment):
     curves, _ = load_curves(str(experiment))
     ppo = next(c for c in curves if (c.task, c.arm) == ("clutter", "ppo"))
