@@ -124,9 +124,10 @@ def _t95(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1))
 
 
-def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[Curve], list[str]]:
-    """Every task x arm with at least one evaluation (up to ``until`` env steps, if given), and
-    notes on trials without any."""
+def load_curves(experiment_dir: str, until: float | None = None,
+                seeds: tuple[int, ...] | None = None) -> tuple[list[Curve], list[str]]:
+    """Every task x arm with at least one evaluation (up to ``until`` env steps, if given; of the
+    given ``seeds`` only, if given), and notes on trials without any."""
     if not os.path.isdir(experiment_dir):
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
@@ -139,6 +140,8 @@ def load_curves(experiment_dir: str, until: float | None = None) -> tuple[list[C
             params = json.load(f)
         if not {"task", "arm", "seed"} <= params.keys():
             notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
+            continue
+        if seeds is not None and int(params["seed"]) not in seeds:
             continue
         points = [p for p in _evaluation_points(os.path.join(experiment_dir, name, "result.json"),
                                                 int(params.get("evaluation_interval") or 1))
@@ -278,7 +281,8 @@ DIAGNOSIS = ("gaze_target_distance", "gaze_target_distance_centre", "gaze_sigma_
 LEARNER = ("learners", "default_policy")
 
 
-def learner_series(experiment_dir: str, until: float | None = None) -> dict[tuple[str, str], dict[int, list[tuple[int, dict]]]]:
+def learner_series(experiment_dir: str, until: float | None = None,
+                   seeds: tuple[int, ...] | None = None) -> dict[tuple[str, str], dict[int, list[tuple[int, dict]]]]:
     """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS metric: value})]`` from every suite trial."""
     out: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]] = {}
     for name in sorted(os.listdir(experiment_dir)):
@@ -287,7 +291,7 @@ def learner_series(experiment_dir: str, until: float | None = None) -> dict[tupl
             continue
         with open(params_file) as f:
             params = json.load(f)
-        if not {"task", "arm", "seed"} <= params.keys():
+        if not {"task", "arm", "seed"} <= params.keys() or (seeds is not None and int(params["seed"]) not in seeds):
             continue
         rows = []
         for row in result_rows(os.path.join(experiment_dir, name, "result.json")):
@@ -350,7 +354,7 @@ def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, d
 
 
 def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8),
-                 until: float | None = None) -> str:
+                 until: float | None = None, seeds: tuple[int, ...] | None = None) -> str:
     """Writes ``report.md`` and ``success_<task>.png`` into ``out_dir`` (default: the experiment
     dir) and returns the Markdown; ``until``: only evaluations up to that many env steps."""
     bad = [level for level in levels if not 0.0 < level <= 1.0]
@@ -358,14 +362,14 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
         raise ValueError(f"levels {bad}: each level must be in (0, 1]")
     if until is not None and until <= 0:
         raise ValueError(f"until={until}: must be > 0 env steps")
-    curves, notes = load_curves(experiment_dir, until)
+    curves, notes = load_curves(experiment_dir, until, seeds)
     out_dir = out_dir or experiment_dir
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
              "Metric: deterministic evaluation success rate (`evaluation/env_runners/success_once`); "
              "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level; its 95% "
              "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
-    series = learner_series(experiment_dir, until)
+    series = learner_series(experiment_dir, until, seeds)
     for task in sorted({c.task for c in curves}):
         task_curves = [c for c in curves if c.task == task]
         image = f"success_{task}.png"
@@ -410,11 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8], help="success levels in (0, 1]")
     p.add_argument("--out", help="where to write report.md and the PNGs (default: the experiment dir)")
     p.add_argument("--until", type=float, help="only evaluations up to this many env steps (compare at equal budgets)")
+    p.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. leave out an interrupted one)")
     p.add_argument("--export", metavar="FILE.jsonl.gz", help="also write every trial's evaluations and diagnosis "
                                                              "metrics to this file (gzipped JSON lines)")
     args = p.parse_args(argv)
     try:
-        print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until))
+        seeds = tuple(args.seeds) if args.seeds else None
+        print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until, seeds))
         if args.export:
             print(f"exported {export_runs(args.experiment_dir, args.export)} trials to {args.export}")
     except (FileNotFoundError, ValueError) as e:

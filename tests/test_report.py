@@ -126,6 +126,12 @@ def test_write_report_makes_markdown_and_one_png_per_task(experiment, tmp_path_f
     assert "never reached" in markdown and "> 1.50" in markdown
 
 
+def test_seeds_keeps_only_those_seeds(experiment):
+    curves, _ = load_curves(str(experiment), seeds=(1,))
+    ppo = next(c for c in curves if (c.task, c.arm) == ("clutter", "ppo"))
+    assert list(ppo.runs) == [1] and ppo.steps_to(0.8) == 3000.0  # seed 1 alone: 0.2 0.4 0.8
+
+
 def test_until_keeps_only_evaluations_up_to_that_many_steps(experiment):
     curves, _ = load_curves(str(experiment), until=2000)
     ppo = next(c for c in curves if (c.task, c.arm) == ("clutter", "ppo"))
