@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rllib_gaze.gaze import glimpse
+
 LABEL_RULES = ("threshold", "above", "relative")
 SIMILARITIES = ("map", "centred_map", "glimpse")
 TRIPLET_GAZES = ("anchor", "each")
@@ -102,7 +104,6 @@ def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, lo
     ``G_t = r_t + gamma * G_{t+1}`` within a chunk, 0 after a termination, and at each extra row
     ``G = bootstrap`` (``(N,)``; only its values at the extra rows are read: the critic's V there).
     """
-    out = torch.empty_like(rewards, dtype=torch.float32)
     rewards, terminateds, loss_mask = rewards.float().cpu(), terminateds.bool().cpu(), loss_mask.bool().cpu()
     bootstrap = bootstrap.float().cpu()
     following = 0.0
@@ -113,8 +114,7 @@ def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, lo
         else:
             following = float(rewards[t]) + (0.0 if terminateds[t] else gamma * following)
         values.append(following)
-    out.copy_(torch.tensor(values[::-1], dtype=torch.float32))
-    return out
+    return torch.tensor(values[::-1], dtype=torch.float32)
 
 
 @dataclass
@@ -242,8 +242,7 @@ def glimpse_cosine(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch
     attended maps, a glimpse forgets where in the fovea a feature lies, so it can only change by
     moving or reshaping the fovea, and it changes fast as the fovea moves from one object to another.
     """
-    gx = (x * wx.unsqueeze(1)).flatten(2).sum(2) / wx.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
-    gy = (y * wy.unsqueeze(1)).flatten(2).sum(2) / wy.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+    gx, gy = glimpse(x, wx), glimpse(y, wy)
     # cosine ignores scale: rescale to max |value| 1 so the squares cannot overflow
     gx = gx / gx.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
     gy = gy / gy.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)

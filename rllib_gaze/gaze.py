@@ -65,6 +65,12 @@ def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0
     return weights
 
 
+def glimpse(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """What a gaze sees: the weighted mean over cells of ``maps (B, C, H, W)`` under ``weights
+    (B, H, W)``, a ``(B, C)`` channel vector per map."""
+    return (maps * weights.unsqueeze(1)).flatten(2).sum(2) / weights.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+
+
 class _MapHead(nn.Module):
     """Feature map ``(B, C, H, W)`` -> ``(B, out_dim)``: 1x1 conv to few channels, then an MLP.
 

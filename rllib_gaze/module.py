@@ -18,7 +18,7 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from rllib_gaze.gaze import build_gaze
+from rllib_gaze.gaze import build_gaze, glimpse
 
 # Keys this module adds to its forward_train output (read by GazePPOLearner).
 PRE_ATTENTION_FEATURES = "pre_attention_features"
@@ -167,8 +167,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         gaze-weighted mean channel vector (what the fovea sees), the centre (where it looks) and
         the state. Its gradient reaches the gaze and the predictor only."""
         weights, params = self.gaze_weights(features, obs)
-        glimpse = (features * weights.unsqueeze(1)).flatten(2).sum(2) / weights.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
-        inputs = [glimpse, params[:, :2]]
+        inputs = [glimpse(features, weights), params[:, :2]]
         if isinstance(obs, dict) and "state" in obs:
             inputs.append(obs["state"].float())
         return self.gaze_predictor(torch.cat(inputs, dim=-1)).squeeze(-1)
