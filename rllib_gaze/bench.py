@@ -203,7 +203,7 @@ class ZeroCostEnv:
 def envs(args: argparse.Namespace) -> None:
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    from rllib_gaze.envs import BatchedEnvBridge, make_clutter, make_maniskill_env
+    from rllib_gaze.envs import BatchedEnvBridge
 
     def zero_cost(cfg: dict) -> BatchedEnvBridge:
         return BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"]))
@@ -220,19 +220,20 @@ def envs(args: argparse.Namespace) -> None:
         cases[f"maniskill {args.maniskill_env} (physx_cuda)"] = (
             "maniskill", {"env_id": args.maniskill_env, "camera_size": args.image, "sim_backend": "physx_cuda"},
             args.gpu_envs, args.steps)
-    makers = {"bench_zero_cost": zero_cost,
-              "clutter": make_clutter,
-              "maniskill": make_maniskill_env}
     print(f"env-steps/s: bare loop over the bridged env vs RLlib's SingleAgentEnvRunner.sample(random_actions=True) "
           f"on the same env, one process, torch threads {torch.get_num_threads()}, median of {args.repeats}")
     for name, (env_name, env_config, num_envs, steps) in cases.items():
-        bare_env = makers[env_name]({**env_config, "num_envs": num_envs})
-        bare_env.reset(seed=0)
         config = (GazePPOConfig().environment(env_name, env_config=env_config)
                   .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
                                gym_env_vectorize_mode="vector_entry_point"))
-        runner = SingleAgentEnvRunner(config=config)
+        try:
+            runner = SingleAgentEnvRunner(config=config)
+        except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
+            print(f"  {name:36s} {num_envs:5d} envs: unavailable here: {str(error)[:160]}", flush=True)
+            continue
         runner.sample(num_timesteps=num_envs, random_actions=True)  # warm up (first reset)
+        # the bare loop steps the runner's own env: ManiSkill allows one GPU simulation per process
+        bare_env = runner.env.unwrapped
 
         def bare() -> float:
             start = time.perf_counter()
@@ -252,7 +253,6 @@ def envs(args: argparse.Namespace) -> None:
         b, r = statistics.median(rates["bare"]), statistics.median(rates["rllib"])
         print(f"  {name:36s} {num_envs:5d} envs: bare {b:10.0f}  rllib {r:10.0f}  rllib/bare {r / b:.3f}", flush=True)
         runner.stop()
-        bare_env.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,28 @@ VULKAN_HELP = (
 SIM_BACKENDS = ("auto", "physx_cuda", "physx_cpu")
 
 
+def enable_physx_gpu() -> None:
+    """Loads SAPIEN's PhysX GPU library, which ``physx_cuda`` needs; raises naming the file and how
+    to provide it when that fails. SAPIEN downloads the library from GitHub on first use, which
+    fails on nodes without internet access (a fresh GPU node behind a firewall, say)."""
+    import sapien.physx
+
+    if sapien.physx.is_gpu_enabled():
+        return
+    folder = f"~/.sapien/physx/{sapien.physx.version()}"
+    try:
+        sapien.physx.enable_gpu()
+    except Exception as error:  # a failed download, a corrupt zip, a library that will not load
+        raise RuntimeError(
+            f"sim_backend='physx_cuda' needs SAPIEN's PhysX GPU library in {folder} (libPhysXGpu_64.so), "
+            f"which SAPIEN downloads from GitHub (sapien-sim/physx-precompiled, release "
+            f"{sapien.physx.version()}, linux-so.zip) on first use; that failed: {type(error).__name__}: "
+            f"{str(error)[:300]}. On a node without internet access, unzip that file into {folder} "
+            "(cluster/*.yaml's node check does it at set-up where the node can download), or use "
+            "sim_backend='physx_cpu'."
+        ) from error
+
+
 def _check_env_id(env_id: str) -> None:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
     from mani_skill.utils.registration import REGISTERED_ENVS
@@ -136,6 +158,7 @@ def make_maniskill(num_envs: int, env_id: str = "PushCube-v1", *, sim_backend: s
         raise ValueError("sim_backend='physx_cuda' needs a CUDA GPU and torch sees none; use 'physx_cpu' or 'auto'")
     args = (sim_backend, camera_size, include_state, control_mode, reconfiguration_freq, max_episode_steps, extra)
     if sim_backend == "physx_cuda":
+        enable_physx_gpu()
         env = _make_one(env_id, num_envs, *args)
         env.num_envs, env.device = num_envs, env.unwrapped.device
         env.single_observation_space = env.unwrapped.single_observation_space
