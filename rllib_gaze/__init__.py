@@ -5,8 +5,9 @@ Importing the package registers the ``"GazePPO"`` trainable and the package's en
 
 from ray import tune
 
-from rllib_gaze.config import ARMS, GazePPO, GazePPOConfig
 from rllib_gaze import envs  # noqa: F401  (registers env names)
+from rllib_gaze.arms import ARMS
+from rllib_gaze.config import GazePPO, GazePPOConfig
 
 tune.register_trainable("GazePPO", GazePPO)
 

@@ -22,13 +22,13 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
-
 from ray import tune
 from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import SampleBatch
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
-from rllib_gaze.config import ARMS, GazePPOConfig
+from rllib_gaze.arms import ARMS
+from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
 from rllib_gaze.gaze import FovealGaze
 

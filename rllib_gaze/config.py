@@ -13,49 +13,10 @@ from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
+from rllib_gaze.callbacks import GazeImages, SuccessMetrics
 from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.gaze import ATTENTION_MODES, CENTRES, NORMALIZATIONS
 
-# The compared arms (METHOD.md): name -> the .gaze() settings that differ between them; everything
-# else is shared. Use as ``config.gaze(**ARMS[arm])``.
-ARMS = {
-    "ppo": {"attention": "none", "contrastive": False},                            # plain CNN baseline
-    "gaze": {"attention": "foveal", "contrastive": True},                          # the full method
-    "gaze-rl": {"attention": "foveal", "contrastive": False},                      # gaze trained by RL only
-    "patch": {"attention": "patch", "contrastive": True},                          # free per-cell weights + contrastive loss
-    "oracle": {"attention": "oracle", "contrastive": False},                       # fovea fixed on the true target
-}
-# Arms that need the env to expose the target's position (the diagnostics do; ManiSkill does not).
-TARGET_ARMS = ("oracle",)
-
-# The first defaults (before issue 11's measurements), for comparison.
-FIRST_DEFAULTS = {"contrastive_similarity": "map", "contrastive_triplet_gaze": "each", "gaze_rl_gradient": True,
-                  "gaze_lr": None, "gaze_head_init_std": 1e-3, "gaze_normalization": "peak"}
-# Ablations of the full method: each turns one of today's defaults back (or to an alternative).
-ABLATIONS = {
-    "gaze-first": FIRST_DEFAULTS,                                     # every change undone
-    "gaze-map": {"contrastive_similarity": "map"},
-    "gaze-centred-map": {"contrastive_similarity": "centred_map"},
-    "gaze-each": {"contrastive_triplet_gaze": "each"},
-    "gaze-rl-grad": {"gaze_rl_gradient": True},
-    "gaze-shared-adam": {"gaze_lr": None},
-    "gaze-init-small": {"gaze_head_init_std": 1e-3},
-    "gaze-peak": {"gaze_normalization": "peak"},
-    "gaze-value": {"contrastive_return": "value"},
-    "gaze-above": {"label_rule": "above"},
-    "gaze-return-to-go": {"contrastive_return": "return_to_go"},
-}
-ARMS.update({name: {**ARMS["gaze"], **change} for name, change in ABLATIONS.items()})
-# Alternatives measured beside the defaults (docs/results.md): the centre as a soft-argmax.
-VARIANTS = {
-    "gaze-soft-argmax": {**ARMS["gaze"], "gaze_centre": "soft_argmax"},
-    "gaze-rl-soft-argmax": {**ARMS["gaze-rl"], "gaze_centre": "soft_argmax"},
-    "gaze-centred-search": {**ARMS["gaze"], "mining_centred": True},
-    # Ours, not the paper's: the gaze trained to predict the return (docs/method.md).
-    "gaze-predict": {"attention": "foveal", "contrastive": False, "gaze_predict_coeff": 1.0,
-                     "gaze_centre": "soft_argmax"},
-}
-ARMS.update(VARIANTS)
 RETURNS = ("value_target", "value", "return_to_go")
 
 # Settings of .gaze() that go to the RLModule through model_config.
@@ -97,9 +58,6 @@ class GazePPOConfig(PPOConfig):
         self.adam_eps = 1e-5
         # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
         # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
-        from rllib_gaze.envs.metrics import SuccessMetrics
-        from rllib_gaze.overlay import GazeImages
-
         self.callbacks_class = [SuccessMetrics, GazeImages]
 
         # Gaze (module side).

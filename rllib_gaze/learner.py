@@ -16,17 +16,41 @@ import math
 from typing import Any
 
 import torch
-
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
-from rllib_gaze.contrastive import (FeatureReturnBuffer, discounted_return_to_go, gaze_similarity, mine_triplets,
-                                   search_keys, triplet_margin_loss)
+from rllib_gaze.contrastive import (
+    FeatureReturnBuffer,
+    discounted_return_to_go,
+    gaze_similarity,
+    mine_triplets,
+    search_keys,
+    triplet_margin_loss,
+)
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
-
+from rllib_gaze.results import (
+    CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
+    CONTRASTIVE_BUFFER_FILL_KEY,
+    CONTRASTIVE_COS_AN_KEY,
+    CONTRASTIVE_COS_AP_KEY,
+    CONTRASTIVE_COS_GAP_KEY,
+    CONTRASTIVE_LABEL_AGREEMENT_KEY,
+    CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_RETURN_SPREAD_KEY,
+    CONTRASTIVE_RETURN_THRESHOLD_KEY,
+    CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
+    GAZE_GRAD_NORM_CONTRASTIVE_KEY,
+    GAZE_GRAD_NORM_PPO_KEY,
+    GAZE_PREDICT_LOSS_KEY,
+    GAZE_TARGET_DISTANCE_CENTRE_KEY,
+    GAZE_TARGET_DISTANCE_KEY,
+    GAZE_WEIGHT_MEAN_KEY,
+    GAZE_WEIGHT_STD_KEY,
+    gaze_param_key,
+)
 
 # Learner state component holding the contrastive memory (in checkpoints, next to RLlib's
 # "rl_module" and "optimizer", which already carries the gaze's Adam moments).
@@ -149,7 +173,7 @@ class GazePPOLearner(PPOTorchLearner):
         target = (target - target[keep].mean()) / target[keep].std(unbiased=False).clamp_min(1e-6)
         predicted = self.module[module_id].unwrapped().predict_return(features, obs)
         loss = ((predicted - target)[keep] ** 2).mean()
-        self.metrics.log_value((module_id, "gaze_predict_loss"), loss.detach(), window=1)
+        self.metrics.log_value((module_id, GAZE_PREDICT_LOSS_KEY), loss.detach(), window=1)
         return loss
 
     def _returns(self, module_id: ModuleID, config, batch: dict, fwd_out: dict) -> torch.Tensor:
@@ -167,7 +191,7 @@ class GazePPOLearner(PPOTorchLearner):
         minibatch of each update): which of the two trains the gaze."""
         params = [p for p in self.module[module_id].unwrapped().gaze.parameters() if p.requires_grad]
         norms = {}
-        for name, part in (("gaze_grad_norm_ppo", ppo_loss), ("gaze_grad_norm_contrastive", contrastive)):
+        for name, part in ((GAZE_GRAD_NORM_PPO_KEY, ppo_loss), (GAZE_GRAD_NORM_CONTRASTIVE_KEY, contrastive)):
             grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
                      if params and part.requires_grad else [])
             squares = [float((g.detach() ** 2).sum()) for g in grads if g is not None]
@@ -179,9 +203,9 @@ class GazePPOLearner(PPOTorchLearner):
         """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``."""
         buffer = self._buffers.get(module_id)
         zero = features.new_zeros(())
-        metrics = {"contrastive_loss": zero, "contrastive_valid_anchor_frac": 0.0,
-                   "contrastive_active_triplet_frac": 0.0,
-                   "contrastive_buffer_fill": 0.0 if buffer is None else len(buffer) / buffer.capacity}
+        metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
+                   CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY: 0.0,
+                   CONTRASTIVE_BUFFER_FILL_KEY: 0.0 if buffer is None else len(buffer) / buffer.capacity}
         if buffer is None or len(buffer) == 0 or features.shape[0] == 0:
             self.metrics.log_dict(metrics, key=module_id, window=1)
             return zero
@@ -197,10 +221,10 @@ class GazePPOLearner(PPOTorchLearner):
             centre=self._mean_maps[module_id] if centred else None,
             bank_keys=self._centred_keys.get(module_id) if centred else None,
         )
-        metrics["contrastive_return_threshold"] = threshold
-        metrics["contrastive_return_spread"] = spread
-        metrics["contrastive_valid_anchor_frac"] = triplets.valid_fraction
-        metrics["contrastive_label_agreement"] = triplets.label_agreement
+        metrics[CONTRASTIVE_RETURN_THRESHOLD_KEY] = threshold
+        metrics[CONTRASTIVE_RETURN_SPREAD_KEY] = spread
+        metrics[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] = triplets.valid_fraction
+        metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = triplets.label_agreement
         loss = zero
         n = triplets.anchor.numel()
         if n > 0:
@@ -220,11 +244,11 @@ class GazePPOLearner(PPOTorchLearner):
             cos_ap = gaze_similarity(kind, anchor, positive, w_a, w_p, mean_map)
             cos_an = gaze_similarity(kind, anchor, negative, w_a, w_n, mean_map)
             loss, active = triplet_margin_loss(cos_ap, cos_an, margin=config.contrastive_margin)
-            metrics["contrastive_active_triplet_frac"] = active
-            metrics["contrastive_cos_ap"] = cos_ap.detach().mean()
-            metrics["contrastive_cos_an"] = cos_an.detach().mean()
-            metrics["contrastive_cos_gap"] = (cos_ap - cos_an).detach().mean()
-        metrics["contrastive_loss"] = loss.detach()
+            metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
+            metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
+            metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
+            metrics[CONTRASTIVE_COS_GAP_KEY] = (cos_ap - cos_an).detach().mean()
+        metrics[CONTRASTIVE_LOSS_KEY] = loss.detach()
         self.metrics.log_dict(metrics, key=module_id, window=1)
         return loss
 
@@ -289,14 +313,14 @@ class GazePPOLearner(PPOTorchLearner):
         if params.dim() == 2:  # foveal, oracle (B, 5)
             stats = {}
             for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
-                stats[f"gaze_{name}_mean"] = column.mean()
-                stats[f"gaze_{name}_std"] = column.std(unbiased=False)
+                stats[gaze_param_key(name, "mean")] = column.mean()
+                stats[gaze_param_key(name, "std")] = column.std(unbiased=False)
             if isinstance(obs, dict) and TARGET in obs:
                 # Where the relevant object is, in the map's normalised coordinates: how far the
                 # centre is from it, next to how far a fixed central gaze would be.
                 target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
-                stats["gaze_target_distance"] = (params[:, :2] - target).norm(dim=-1).mean()
-                stats["gaze_target_distance_centre"] = target.norm(dim=-1).mean()
+                stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
+                stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = target.norm(dim=-1).mean()
         else:                  # patch (B, h, w) weights
-            stats = {"gaze_weight_mean": params.mean(), "gaze_weight_std": params.std(unbiased=False)}
+            stats = {GAZE_WEIGHT_MEAN_KEY: params.mean(), GAZE_WEIGHT_STD_KEY: params.std(unbiased=False)}
         self.metrics.log_dict(stats, key=module_id, window=1)

@@ -2,24 +2,20 @@
 
 The gaze lives on the feature map, whose normalised coordinates ``[-1, 1]`` span the image (the
 convention of ``rllib_gaze.gaze.cell_centres``), so a Gaussian drawn at image resolution with the
-same parameters shows where the gaze looks. ``GazeImages`` logs such drawings to TensorBoard
-during training.
+same parameters shows where the gaze looks. ``rllib_gaze.callbacks.GazeImages`` logs such drawings
+to TensorBoard during training.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from rllib_gaze.gaze import gaussian_map
-
-logger = logging.getLogger(__name__)
 
 ELLIPSE_COLOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow, rare in the scenes
 _HEAT_COLOUR = np.array([255.0, 40.0, 0.0])
@@ -120,34 +116,3 @@ def fixed_observations(env_name: str, env_config: dict, count: int, seed: int) -
     finally:
         env.close()
     return obs
-
-
-class GazeImages(RLlibCallback):
-    """Every ``gaze_image_interval`` iterations (config, 0 = off) puts ``gaze_images`` into the
-    result: ``(3, H', W')`` uint8, ``gaze_image_count`` fixed observations of the training env with
-    the current gaze drawn on them, tiled. Tune's TensorBoard logger writes it as the image
-    ``ray/tune/gaze_images`` of the trial."""
-
-    def __init__(self):
-        super().__init__()
-        self._obs = None
-        self._failed = False
-
-    def on_train_result(self, *, algorithm, metrics_logger=None, result: dict, **kwargs) -> None:
-        config = algorithm.config
-        interval = getattr(config, "gaze_image_interval", 0)
-        iteration = result.get("training_iteration", algorithm.iteration)  # called after Tune counted it
-        if not interval or iteration % interval or config.attention == "none" or self._failed:
-            return
-        try:
-            if self._obs is None:
-                self._obs = fixed_observations(config.env, dict(config.env_config), config.gaze_image_count,
-                                               config.seed or 0)
-            images = draw_batch(algorithm.get_module(), self._obs, config.gaze_floor)
-        except Exception as e:  # drawing must never stop training
-            self._failed = True
-            logger.warning("gaze images disabled for this trial: %s", e)
-            return
-        columns = math.ceil(math.sqrt(len(images)))
-        scale = max(1, 128 // images[0].shape[0])
-        result["gaze_images"] = tile(images, columns, scale).transpose(2, 0, 1)

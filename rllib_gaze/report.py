@@ -31,8 +31,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METRIC_PATH = ("evaluation", "env_runners", "success_once")
-STEPS = "num_env_steps_sampled_lifetime"
+from rllib_gaze.arms import ARMS
+from rllib_gaze.results import (
+    CONTRASTIVE_COS_GAP_KEY,
+    CONTRASTIVE_LABEL_AGREEMENT_KEY,
+    CONTRASTIVE_LOSS_KEY,
+    GAZE_PREDICT_LOSS_KEY,
+    GAZE_TARGET_DISTANCE_CENTRE_KEY,
+    GAZE_TARGET_DISTANCE_KEY,
+    LEARNER,
+    STEPS,
+    evaluation_success,
+    gaze_param_key,
+    result_rows,
+)
+
 BASELINE = "ppo"
 BOOTSTRAP_DRAWS = 2000
 
@@ -154,19 +167,6 @@ def load_curves(experiment_dir: str, until: float | None = None,
     return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
 
 
-def result_rows(result_file: str) -> list[dict]:
-    """The rows of a trial's ``result.json`` (one JSON object per line; none if it does not exist)."""
-    rows = []
-    if os.path.exists(result_file):
-        with open(result_file) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a killed run
-                    continue
-    return rows
-
-
 def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
     points: dict[int, tuple[int, float]] = {}
     for row in result_rows(result_file):
@@ -176,22 +176,7 @@ def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, 
     return [(iteration, step, value) for iteration, (step, value) in sorted(points.items())]
 
 
-def evaluation_success(row: dict, interval: int) -> float | None:
-    """The evaluation success rate of one result row, or None if that iteration did not evaluate.
-
-    RLlib repeats the previous evaluation's metrics in the iteration after it (then NaN), so an
-    iteration counts only when it is a multiple of ``evaluation_interval``."""
-    if row.get("training_iteration", 0) % max(1, interval):
-        return None
-    value = row
-    for key in METRIC_PATH:
-        value = value.get(key) if isinstance(value, dict) else None
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def _arm_order(arm: str) -> tuple[int, str]:
-    from rllib_gaze.config import ARMS
-
     names = list(ARMS)
     return (names.index(arm) if arm in names else len(names), arm)
 
@@ -276,9 +261,8 @@ def _finish(fig, ax, lines: int) -> None:
 
 # Learner metrics that say what the gaze objective did (docs/method.md); the diagnosis table
 # shows each one's mean over seeds at a trial's last iteration, where the arm logs it.
-DIAGNOSIS = ("gaze_target_distance", "gaze_target_distance_centre", "gaze_sigma_x_mean", "gaze_mu_x_std",
-             "contrastive_label_agreement", "contrastive_cos_gap", "contrastive_loss", "gaze_predict_loss")
-LEARNER = ("learners", "default_policy")
+DIAGNOSIS = (GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY, gaze_param_key("sigma_x", "mean"), gaze_param_key("mu_x", "std"),
+             CONTRASTIVE_LABEL_AGREEMENT_KEY, CONTRASTIVE_COS_GAP_KEY, CONTRASTIVE_LOSS_KEY, GAZE_PREDICT_LOSS_KEY)
 
 
 def learner_series(experiment_dir: str, until: float | None = None,
@@ -328,7 +312,7 @@ def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, reference = "gaze_target_distance", "gaze_target_distance_centre"
+    key, reference = GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY
     arms = [arm for t, arm in sorted(series, key=lambda ta: _arm_order(ta[1])) if t == task
             and any(key in m and reference in m for rows in series[(t, arm)].values() for _, m in rows)]
     if not arms:

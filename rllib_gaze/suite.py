@@ -19,10 +19,10 @@ from typing import Any
 
 from ray import tune
 
-from rllib_gaze.config import ABLATIONS, ARMS, TARGET_ARMS, GazePPOConfig
+from rllib_gaze.arms import ABLATIONS, ARMS, TARGET_ARMS
+from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
-from rllib_gaze.report import STEPS, evaluation_success
-
+from rllib_gaze.results import STEPS, evaluation_success
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+import rllib_gaze.cli as suite_cli
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.envs import make_clutter, make_maniskill_env
 from rllib_gaze.report import main as report_main
 from rllib_gaze.visualize import main as visualize_main
 
-from conftest import load_suite_script
-
-suite = load_suite_script()
+suite = suite_cli
 
 
 def _config(**gaze):

@@ -1,5 +1,4 @@
 import pytest
-
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.tune.registry import get_trainable_cls
 

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from rllib_gaze.contrastive import (FeatureReturnBuffer, attended_cosine, gaze_similarity, glimpse_cosine,
-                                    mine_triplets, nearest_neighbours, search_keys, triplet_margin_loss)
+from rllib_gaze.contrastive import (
+    FeatureReturnBuffer,
+    attended_cosine,
+    gaze_similarity,
+    glimpse_cosine,
+    mine_triplets,
+    nearest_neighbours,
+    search_keys,
+    triplet_margin_loss,
+)
 
 
 def maps(rows):

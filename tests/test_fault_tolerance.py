@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import running, tiny_config
+from helpers import running, tiny_config
 
 
 def _runner_pids(algo) -> list[int]:

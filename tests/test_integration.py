@@ -5,15 +5,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from helpers import running, tiny_config
 from ray import tune
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.test_utils import check, check_train_results_new_api_stack
 
 from rllib_gaze import ARMS
-
-from conftest import running, tiny_config
+from rllib_gaze.results import (
+    CONTRASTIVE_BUFFER_FILL_KEY,
+    CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
+    GAZE_TARGET_DISTANCE_KEY,
+    GAZE_WEIGHT_MEAN_KEY,
+)
 
 MID = "default_policy"
 
@@ -35,12 +40,12 @@ def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
         learner = results["learners"][MID]
         assert finite(learner["total_loss"])
         assert ("gaze_mu_x_mean" in learner) == (attention in ("foveal", "oracle"))
-        assert ("gaze_target_distance" in learner) == (attention in ("foveal", "oracle"))
-        assert ("gaze_weight_mean" in learner) == (attention == "patch")
-        assert ("contrastive_loss" in learner) == contrastive
+        assert (GAZE_TARGET_DISTANCE_KEY in learner) == (attention in ("foveal", "oracle"))
+        assert (GAZE_WEIGHT_MEAN_KEY in learner) == (attention == "patch")
+        assert (CONTRASTIVE_LOSS_KEY in learner) == contrastive
         if contrastive:  # the second iteration mines against the first one's memory
-            assert learner["contrastive_buffer_fill"] > 0
-            assert finite(learner["contrastive_loss"])
+            assert learner[CONTRASTIVE_BUFFER_FILL_KEY] > 0
+            assert finite(learner[CONTRASTIVE_LOSS_KEY])
 
 
 @pytest.mark.parametrize("num_learners", [1, 2], ids=["one_remote_learner", "two_learners_ddp"])
@@ -51,9 +56,9 @@ def test_remote_learners_train_the_full_method(ray_session, num_learners):
             results = algo.train()
         check_train_results_new_api_stack(results)
         learner = results["learners"][MID]
-        assert learner["contrastive_buffer_fill"] > 0
-        assert learner["contrastive_valid_anchor_frac"] > 0
-        assert finite(learner["contrastive_loss"]) and finite(learner["total_loss"])
+        assert learner[CONTRASTIVE_BUFFER_FILL_KEY] > 0
+        assert learner[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] > 0
+        assert finite(learner[CONTRASTIVE_LOSS_KEY]) and finite(learner["total_loss"])
         weights = [r.get() for r in algo.learner_group.foreach_learner(
             lambda lrn: lrn.module[MID].unwrapped().gaze.head.out.weight.detach().cpu().numpy())]
         assert len(weights) == num_learners
@@ -100,12 +105,12 @@ def test_checkpoint_carries_the_contrastive_memory_and_the_gaze_optimiser(ray_se
         check(restored_optimizer, optimizer)
         if kept:
             check(restored_buffer.state_dict(), memory)  # the same rows, in the same age order
-            fill = restored.train()["learners"][MID]["contrastive_buffer_fill"]
+            fill = restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY]
             assert fill > 0  # the first update after the restore already mines against the memory
         else:  # too big for the limit: left out, refills from the next iteration on
             assert restored_buffer is None
-            assert restored.train()["learners"][MID]["contrastive_buffer_fill"] == 0
-            assert restored.train()["learners"][MID]["contrastive_buffer_fill"] > 0
+            assert restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY] == 0
+            assert restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY] > 0
     finally:
         restored.stop()
 
@@ -131,5 +136,5 @@ def test_tune_runs_gazeppo_by_name(ray_session, tmp_path):
         (events,) = list(Path(r.path).glob("events.out.tfevents.*"))
         tags = EventAccumulator(str(events)).Reload().Tags()
         assert "ray/tune/learners/default_policy/policy_loss" in tags["scalars"]
-        # the gaze drawing (rllib_gaze.overlay.GazeImages) only where there is a gaze
+        # the gaze drawing (rllib_gaze.callbacks.GazeImages) only where there is a gaze
         assert ("ray/tune/gaze_images" in tags["images"]) == (r.config["attention"] == "foveal")

@@ -4,15 +4,30 @@ import copy
 
 import pytest
 import torch
-
+from helpers import tiny_config
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.policy.sample_batch import SampleBatch
 
 from rllib_gaze import ARMS
 from rllib_gaze.contrastive import search_keys
-
-from conftest import tiny_config
+from rllib_gaze.results import (
+    CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
+    CONTRASTIVE_BUFFER_FILL_KEY,
+    CONTRASTIVE_COS_AN_KEY,
+    CONTRASTIVE_COS_AP_KEY,
+    CONTRASTIVE_COS_GAP_KEY,
+    CONTRASTIVE_LABEL_AGREEMENT_KEY,
+    CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_RETURN_SPREAD_KEY,
+    CONTRASTIVE_RETURN_THRESHOLD_KEY,
+    CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
+    GAZE_GRAD_NORM_CONTRASTIVE_KEY,
+    GAZE_GRAD_NORM_PPO_KEY,
+    GAZE_PREDICT_LOSS_KEY,
+    GAZE_TARGET_DISTANCE_CENTRE_KEY,
+    GAZE_TARGET_DISTANCE_KEY,
+)
 
 MID = "default_policy"
 
@@ -58,11 +73,11 @@ def test_update_reports_the_gaze_and_contrastive_metrics(trained):
     results = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
                              timesteps={"num_env_steps_sampled_lifetime": 256})
     logged = results[MID]
-    for key in ["contrastive_loss", "contrastive_valid_anchor_frac", "contrastive_active_triplet_frac",
-                "contrastive_buffer_fill", "contrastive_return_threshold", "contrastive_return_spread",
+    for key in [CONTRASTIVE_LOSS_KEY, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY, CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
+                CONTRASTIVE_BUFFER_FILL_KEY, CONTRASTIVE_RETURN_THRESHOLD_KEY, CONTRASTIVE_RETURN_SPREAD_KEY,
                 "gaze_mu_x_mean", "gaze_mu_y_std", "gaze_sigma_x_mean", "gaze_sigma_xy_mean"]:
         assert key in logged, key
-    assert 0.0 < logged["contrastive_buffer_fill"].peek() <= 1.0
+    assert 0.0 < logged[CONTRASTIVE_BUFFER_FILL_KEY].peek() <= 1.0
 
 
 def param_grads(module):
@@ -99,7 +114,7 @@ def test_ppo_loss_is_unchanged_and_trains_everything(trained):
         return loss.detach(), param_grads(module)
 
     full, full_grads = loss_and_grads(config, 0)
-    contrastive = learner.metrics.peek((MID, "contrastive_loss"))
+    contrastive = learner.metrics.peek((MID, CONTRASTIVE_LOSS_KEY))
     plain, plain_grads = loss_and_grads(plain_config, 0)
     assert float(full - plain) == pytest.approx(0.7 * float(contrastive), rel=1e-4, abs=1e-6)
     for name in full_grads:
@@ -152,12 +167,12 @@ def test_memory_and_mining_live_on_the_learners_gpu():
                                  timesteps={"num_env_steps_sampled_lifetime": lifetime})
     buffer = learner._buffers[MID]
     assert buffer.maps.device.type == "cuda" and buffer.keys.device.type == "cuda"
-    assert results[MID]["contrastive_valid_anchor_frac"].peek() > 0
+    assert results[MID][CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
 
 
 @pytest.mark.parametrize("case, why", [
-    ("empty", "contrastive_buffer_fill"),          # nothing remembered yet
-    ("all_equal", "contrastive_return_spread"),    # no return difference: no positive/negative split
+    ("empty", CONTRASTIVE_BUFFER_FILL_KEY),          # nothing remembered yet
+    ("all_equal", CONTRASTIVE_RETURN_SPREAD_KEY),    # no return difference: no positive/negative split
 ])
 def test_degenerate_memory_gives_zero_loss_and_a_metric_that_says_why(trained, case, why):
     _, learner, _, batch = trained
@@ -168,8 +183,8 @@ def test_degenerate_memory_gives_zero_loss_and_a_metric_that_says_why(trained, c
         buffer.returns.fill_(1.5)
     logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
                             timesteps={"num_env_steps_sampled_lifetime": 256})[MID]
-    assert logged["contrastive_loss"].peek() == 0.0
-    assert logged["contrastive_valid_anchor_frac"].peek() == 0.0
+    assert logged[CONTRASTIVE_LOSS_KEY].peek() == 0.0
+    assert logged[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() == 0.0
     assert logged[why].peek() == 0.0
 
 
@@ -202,16 +217,16 @@ def test_update_reports_what_the_objective_does():
         logged = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
                                 timesteps={"num_env_steps_sampled_lifetime": lifetime})[MID]
     values = {key: logged[key].peek() for key in (
-        "contrastive_cos_ap", "contrastive_cos_an", "contrastive_cos_gap", "contrastive_label_agreement",
-        "gaze_grad_norm_ppo", "gaze_grad_norm_contrastive", "gaze_target_distance", "gaze_target_distance_centre")}
-    assert values["contrastive_cos_gap"] == pytest.approx(values["contrastive_cos_ap"] - values["contrastive_cos_an"], abs=1e-5)
-    assert 0.0 <= values["contrastive_label_agreement"] <= 1.0
-    assert values["gaze_grad_norm_ppo"] == 0.0            # RL's gradient stops at the gaze
+        CONTRASTIVE_COS_AP_KEY, CONTRASTIVE_COS_AN_KEY, CONTRASTIVE_COS_GAP_KEY, CONTRASTIVE_LABEL_AGREEMENT_KEY,
+        GAZE_GRAD_NORM_PPO_KEY, GAZE_GRAD_NORM_CONTRASTIVE_KEY, GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY)}
+    assert values[CONTRASTIVE_COS_GAP_KEY] == pytest.approx(values[CONTRASTIVE_COS_AP_KEY] - values[CONTRASTIVE_COS_AN_KEY], abs=1e-5)
+    assert 0.0 <= values[CONTRASTIVE_LABEL_AGREEMENT_KEY] <= 1.0
+    assert values[GAZE_GRAD_NORM_PPO_KEY] == 0.0            # RL's gradient stops at the gaze
     mean = learner._buffers[MID].filled()[0].mean(0)
     assert torch.allclose(learner._mean_maps[MID], mean)  # centred search keys from the memory's mean
     assert torch.allclose(learner._centred_keys[MID], search_keys(learner._buffers[MID].filled()[0] - mean, 2))
-    assert values["gaze_grad_norm_contrastive"] > 0.0
-    assert 0.0 < values["gaze_target_distance"] < 2 * 2 ** 0.5 and values["gaze_target_distance_centre"] > 0.0
+    assert values[GAZE_GRAD_NORM_CONTRASTIVE_KEY] > 0.0
+    assert 0.0 < values[GAZE_TARGET_DISTANCE_KEY] < 2 * 2 ** 0.5 and values[GAZE_TARGET_DISTANCE_CENTRE_KEY] > 0.0
 
 
 def test_one_gaze_per_triplet_applies_the_anchors_weights_to_all_three(trained):
@@ -233,7 +248,7 @@ def test_one_gaze_per_triplet_applies_the_anchors_weights_to_all_three(trained):
             torch.manual_seed(0)
             learner._contrastive_loss(MID, config.copy(copy_frozen=False).gaze(contrastive_triplet_gaze=mode),
                                       features[mask][:32], batch[Columns.VALUE_TARGETS][mask][:32])
-            n = int(learner.metrics.peek((MID, "contrastive_valid_anchor_frac")) * 32)
+            n = int(learner.metrics.peek((MID, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY)) * 32)
             assert seen == ([n] if mode == "anchor" else [3 * n]), (mode, seen, n)
     finally:
         del module.gaze_weights
@@ -256,7 +271,7 @@ def test_gaze_predict_objective_trains_only_the_gaze_and_its_predictor():
     assert any(name.startswith("gaze.relevance") for name in moved)  # the soft-argmax centre learns
     logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
                             timesteps={"num_env_steps_sampled_lifetime": 128})[MID]
-    assert logged["gaze_predict_loss"].peek() > 0
+    assert logged[GAZE_PREDICT_LOSS_KEY].peek() > 0
 
 
 def test_return_to_go_labels_reach_the_memory():

@@ -9,9 +9,9 @@ the contrastive loss), 2.50 and 5.20. A random policy scores about 2.8. The asse
 
 import math
 
-from rllib_gaze import GazePPOConfig
+from helpers import running
 
-from conftest import running
+from rllib_gaze import GazePPOConfig
 
 
 def test_full_method_improves_on_the_clutter_task(ray_session):

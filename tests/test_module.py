@@ -2,7 +2,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from ray.rllib.core.columns import Columns
 
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, GazePPOModule

@@ -60,7 +60,7 @@ def test_draw_batch_uses_the_modules_own_gaze(tmp_path):
 
 
 def test_gaze_images_land_on_every_nth_iteration(ray_session):
-    from conftest import running, tiny_config
+    from helpers import running, tiny_config
 
     with running(tiny_config().gaze(gaze_image_interval=2, gaze_image_count=4)) as algo:
         results = [algo.train() for _ in range(3)]

@@ -8,6 +8,11 @@ import math
 import pytest
 
 from rllib_gaze.report import bootstrap_ratio, load_curves, table, verdict, write_report
+from rllib_gaze.results import (
+    CONTRASTIVE_LABEL_AGREEMENT_KEY,
+    GAZE_TARGET_DISTANCE_CENTRE_KEY,
+    GAZE_TARGET_DISTANCE_KEY,
+)
 
 STEPS = [1000, 2000, 3000, 4000]
 # (task, arm, seed) -> evaluation success at STEPS (fewer values: the trial stopped early)
@@ -156,9 +161,9 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
     for seed, last in ((0, 0.2), (1, 0.4)):
         rows = [{"training_iteration": i, "num_env_steps_sampled_lifetime": 1000 * i,
                  "evaluation": {"env_runners": {"success_once": 0.1 * i}},
-                 "learners": {"default_policy": {"gaze_target_distance": 0.8 if i < 6 else last,
-                                                 "gaze_target_distance_centre": 0.8,
-                                                 "contrastive_label_agreement": 0.5 + 0.1 * seed}}}
+                 "learners": {"default_policy": {GAZE_TARGET_DISTANCE_KEY: 0.8 if i < 6 else last,
+                                                 GAZE_TARGET_DISTANCE_CENTRE_KEY: 0.8,
+                                                 CONTRASTIVE_LABEL_AGREEMENT_KEY: 0.5 + 0.1 * seed}}}
                 for i in range(1, 7)]
         _trial(tmp_path, f"fovea_gaze_seed{seed}", {"task": "fovea", "arm": "gaze", "seed": seed,
                                                    "evaluation_interval": 1}, rows)

@@ -6,12 +6,11 @@ import dataclasses
 
 from ray.tune.search.variant_generator import generate_variants
 
+import rllib_gaze.cli as suite_cli
 from rllib_gaze import ARMS, GazePPOConfig
 from rllib_gaze.suite import DIAGNOSTIC, PRESETS, TASKS, param_space, pick_preset, planned_steps
 
-from conftest import load_suite_script
-
-suite_script = load_suite_script()
+suite_script = suite_cli
 
 
 def _trials(preset) -> list[GazePPOConfig]:
@@ -77,7 +76,7 @@ def test_local_and_evidence_presets_run_the_fovea_diagnostic_with_the_oracle():
 
 
 def test_ablation_arms_each_undo_one_change_of_the_full_method():
-    from rllib_gaze.config import ABLATIONS
+    from rllib_gaze.arms import ABLATIONS
 
     preset = PRESETS["ablation"]
     trials = {c["arm"]: c for c in _trials(preset)}

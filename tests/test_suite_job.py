@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rllib_gaze.report import result_rows
+from rllib_gaze.results import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rllib_gaze.report import result_rows
+from rllib_gaze.results import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "tune_configs", "maniskill_suite.py")

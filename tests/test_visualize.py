@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import running, tiny_config
 from PIL import Image
 
 from rllib_gaze.visualize import main
-
-from conftest import running, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,13 @@
 import numpy as np
 import pytest
 import torch
-
+from episodes import plain_loop_episodes, rllib_episodes, summary
+from helpers import running
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from rllib_gaze import GazePPOConfig
-
 from rllib_gaze.envs import BatchedEnvBridge, make_clutter
 from rllib_gaze.envs.clutter import ClutterEnv
-
-from conftest import running
-from episodes import plain_loop_episodes, rllib_episodes, summary
 
 
 def test_next_step_autoreset_ignores_the_action_and_resets_only_finished_envs():

@@ -7,16 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
+from episodes import plain_loop_episodes, rllib_episodes, summary
+from helpers import running
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.test_utils import check_train_results_new_api_stack
 
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.envs import make_maniskill_env
 from rllib_gaze.envs.maniskill import check_rendering, make_maniskill
-
-from conftest import running
-from episodes import plain_loop_episodes, rllib_episodes, summary
 
 SMALL = {"env_id": "PushCube-v1", "camera_size": 32, "max_episode_steps": 4, "sim_backend": "physx_cpu"}
 

@@ -1,0 +1,45 @@
+"""The compared arms: name -> the ``GazePPOConfig.gaze()`` settings that differ between them.
+
+Everything else is shared between arms. Use as ``config.gaze(**ARMS[arm])``. A leaf module (no
+RLlib import), so the report and the suite's command line can name arms cheaply.
+"""
+
+# The arms of METHOD.md.
+ARMS = {
+    "ppo": {"attention": "none", "contrastive": False},                            # plain CNN baseline
+    "gaze": {"attention": "foveal", "contrastive": True},                          # the full method
+    "gaze-rl": {"attention": "foveal", "contrastive": False},                      # gaze trained by RL only
+    "patch": {"attention": "patch", "contrastive": True},                          # free per-cell weights + contrastive loss
+    "oracle": {"attention": "oracle", "contrastive": False},                       # fovea fixed on the true target
+}
+# Arms that need the env to expose the target's position (the diagnostics do; ManiSkill does not).
+TARGET_ARMS = ("oracle",)
+
+# The first defaults (before issue 11's measurements), for comparison.
+FIRST_DEFAULTS = {"contrastive_similarity": "map", "contrastive_triplet_gaze": "each", "gaze_rl_gradient": True,
+                  "gaze_lr": None, "gaze_head_init_std": 1e-3, "gaze_normalization": "peak"}
+# Ablations of the full method: each turns one of today's defaults back (or to an alternative).
+ABLATIONS = {
+    "gaze-first": FIRST_DEFAULTS,                                     # every change undone
+    "gaze-map": {"contrastive_similarity": "map"},
+    "gaze-centred-map": {"contrastive_similarity": "centred_map"},
+    "gaze-each": {"contrastive_triplet_gaze": "each"},
+    "gaze-rl-grad": {"gaze_rl_gradient": True},
+    "gaze-shared-adam": {"gaze_lr": None},
+    "gaze-init-small": {"gaze_head_init_std": 1e-3},
+    "gaze-peak": {"gaze_normalization": "peak"},
+    "gaze-value": {"contrastive_return": "value"},
+    "gaze-above": {"label_rule": "above"},
+    "gaze-return-to-go": {"contrastive_return": "return_to_go"},
+}
+ARMS.update({name: {**ARMS["gaze"], **change} for name, change in ABLATIONS.items()})
+# Alternatives measured beside the defaults (docs/results.md): the centre as a soft-argmax.
+VARIANTS = {
+    "gaze-soft-argmax": {**ARMS["gaze"], "gaze_centre": "soft_argmax"},
+    "gaze-rl-soft-argmax": {**ARMS["gaze-rl"], "gaze_centre": "soft_argmax"},
+    "gaze-centred-search": {**ARMS["gaze"], "mining_centred": True},
+    # Ours, not the paper's: the gaze trained to predict the return (docs/method.md).
+    "gaze-predict": {"attention": "foveal", "contrastive": False, "gaze_predict_coeff": 1.0,
+                     "gaze_centre": "soft_argmax"},
+}
+ARMS.update(VARIANTS)

@@ -1,0 +1,219 @@
+"""The comparison suite: plain PPO vs GazePPO arms, tasks x arms x seeds, as one Tune experiment.
+
+    python tune_configs/maniskill_suite.py [--preset smoke|local|paper] [flags]   (or python -m rllib_gaze.cli)
+    ray job submit -- python tune_configs/maniskill_suite.py [flags]
+
+Starts a local Ray, or joins the cluster it runs in (``ray job submit``). Without ``--preset`` it
+runs ``paper`` when that cluster has GPUs and ``local`` otherwise, and says which and why. Every
+flag value is checked before anything starts. Results, checkpoints and TensorBoard files go to
+``<storage-path>/<name>``; the report (success curves as PNG, a Markdown table of sample
+efficiency against ppo) is written there at the end, and ``--resume`` continues an interrupted
+experiment where its trials' last checkpoints left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+
+from rllib_gaze import GazePPOConfig
+from rllib_gaze.arms import ARMS, TARGET_ARMS
+from rllib_gaze.suite import (PRESETS, TASKS, BudgetStop, Preset, SuiteProgress, param_space, pick_preset,
+                              planned_steps, trial_config, trial_label)
+
+EXPERIMENT_STATE = "tuner.pkl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help=f"one of {list(PRESETS)}; default: 'paper' if the Ray cluster has GPUs, "
+                                    "else 'local'. " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--tasks", nargs="+", help=f"override the preset's tasks; any of {list(TASKS)}")
+    p.add_argument("--arms", nargs="+", help=f"override the preset's arms; any of {list(ARMS)}")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
+    p.add_argument("--budget", type=int, help="env steps per trial for every task (default: each task's own)")
+    p.add_argument("--num-env-runners", type=int, help="env runners per trial (0: sample in the trial's process)")
+    p.add_argument("--gpus-per-env-runner", type=float, help="GPUs per env runner (fractions share a GPU)")
+    p.add_argument("--gpus-per-learner", type=float, help="GPUs for each trial's learner")
+    p.add_argument("--max-concurrent-trials", type=int, default=0, help="0: as many as resources allow")
+    p.add_argument("--storage-path", default=os.path.abspath("results"),
+                   help="local dir, shared filesystem or s3:// / gs:// URI (default ./results)")
+    p.add_argument("--name", help="experiment name (default: suite-<preset>-<date-time>)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="EXPERIMENT",
+                   help="continue an interrupted experiment: its name or path (default: the latest under --storage-path)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="iterations between trial checkpoints")
+    p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
+                        "(the arms' own attention/contrastive switches excluded)")
+    args = p.parse_args(argv)
+
+    def bad(flag, values, allowed):
+        wrong = [v for v in values if v not in allowed]
+        if wrong:
+            p.error(f"{flag}: {', '.join(map(repr, wrong))} not allowed; allowed values are {list(allowed)}")
+
+    bad("--preset", [args.preset] if args.preset else [], PRESETS)
+    bad("--tasks", args.tasks or [], TASKS)
+    bad("--arms", args.arms or [], ARMS)
+    for flag, value, low in (("--budget", args.budget, 1), ("--num-env-runners", args.num_env_runners, 0),
+                             ("--max-concurrent-trials", args.max_concurrent_trials, 0),
+                             ("--checkpoint-every", args.checkpoint_every, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag}={value}: must be >= {low}")
+    for flag, value in (("--gpus-per-env-runner", args.gpus_per_env_runner), ("--gpus-per-learner", args.gpus_per_learner)):
+        if value is not None and value < 0:
+            p.error(f"{flag}={value}: must be >= 0")
+    for flag, values in (("--tasks", args.tasks), ("--arms", args.arms), ("--seeds", args.seeds)):
+        if values is not None and len(set(values)) != len(values):
+            p.error(f"{flag} {values}: name each one once")
+    if args.resume:
+        given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+                 if key not in ("resume", "storage_path") and value != p.get_default(key)]
+        if given:
+            p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
+        args.resume_path = _find_experiment(p, args.storage_path, args.resume)
+    else:
+        args.gaze = _gaze_settings(p, args.gaze)
+        _check_trials(p, args)
+    return args
+
+
+def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Builds and validates every trial's config of the preset(s) the run may pick, before Ray starts."""
+    for name in [args.preset] if args.preset else ["local", "paper"]:  # what pick_preset may choose
+        preset = preset_with_flags(args, name)
+        for task in preset.tasks:
+            for arm in preset.arms:
+                try:
+                    trial_config(task, arm, preset.seeds[0], preset).validate()
+                except ValueError as e:
+                    p.error(f"preset {name!r}, task {task.name!r}, arm {arm!r}: {e}")
+
+
+def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, else as text)."""
+    allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters if k not in ("self", "attention", "contrastive")]
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in allowed:
+            p.error(f"--gaze {pair!r}: expected KEY=VALUE with KEY one of {allowed}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        default = getattr(GazePPOConfig(), key)
+        number = (int, float)
+        if default is not None and (isinstance(default, bool) != isinstance(value, bool)
+                or (isinstance(default, number) and not isinstance(value, number))
+                or (isinstance(default, str) and not isinstance(value, str))):
+            p.error(f"--gaze {pair!r}: {key} takes a {type(default).__name__} (default {default!r})")
+        settings[key] = value
+    return settings
+
+
+def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str) -> str:
+    """The experiment directory ``--resume`` names (local storage), failing with what exists."""
+    if "://" in resume:  # a full URI, as the suite prints it
+        return resume
+    if "://" in storage_path:
+        if resume == "latest":
+            p.error("--resume on remote storage needs the experiment name: --resume NAME")
+        return f"{storage_path.rstrip('/')}/{resume}"
+    candidates = sorted((d for d in os.listdir(storage_path) if os.path.exists(os.path.join(storage_path, d, EXPERIMENT_STATE))),
+                        key=lambda d: os.path.getmtime(os.path.join(storage_path, d))) if os.path.isdir(storage_path) else []
+    if resume == "latest":
+        if not candidates:
+            p.error(f"--resume: no experiment to resume under {storage_path!r}")
+        return os.path.join(storage_path, candidates[-1])
+    path = resume if os.path.isabs(resume) or os.sep in resume else os.path.join(storage_path, resume)
+    if not os.path.exists(os.path.join(path, EXPERIMENT_STATE)):
+        p.error(f"--resume {resume!r}: {path!r} holds no Tune experiment; experiments under {storage_path!r}: {candidates}")
+    return path
+
+
+def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
+    """The preset with the flags' overrides applied, and its name."""
+    name = args.preset
+    if name is None:
+        name, why = pick_preset(cluster_gpus)
+        print(f"[suite] --preset not given: running '{name}' because {why}.", flush=True)
+    return name, preset_with_flags(args, name)
+
+
+def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
+    """Preset ``name`` with the flags' overrides applied."""
+    preset = PRESETS[name]
+    own = {t.name: t for t in preset.tasks}  # a preset's own version of a task (smoke's are tiny) first
+    tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset.tasks)
+    if args.budget:
+        tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
+    tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
+    arms = args.arms or preset.arms
+    if not args.arms and not all(t.env_config.get("expose_target") for t in tasks):
+        arms = [arm for arm in arms if arm not in TARGET_ARMS]  # the oracle needs the target's position
+    overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds)}
+    for flag, key in (("num_env_runners", "num_env_runners"), ("gpus_per_env_runner", "num_gpus_per_env_runner"),
+                      ("gpus_per_learner", "num_gpus_per_learner")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    return dataclasses.replace(preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    import ray
+    from ray import tune
+
+    from rllib_gaze.report import write_report
+
+    ray.init()  # joins the cluster when run by `ray job submit` (RAY_ADDRESS), else starts one
+    if args.resume:
+        path = args.resume_path
+        print(f"[suite] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable="GazePPO", resume_unfinished=True, resume_errored=True)
+    else:
+        name, preset = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
+        experiment = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = os.path.join(args.storage_path, experiment)
+        num_trials = len(preset.tasks) * len(preset.arms) * len(preset.seeds)
+        print(f"[suite] {name}: {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x seeds "
+              f"{list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
+        tuner = tune.Tuner(
+            "GazePPO",
+            param_space=param_space(preset),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=args.max_concurrent_trials or None,
+                trial_name_creator=lambda trial: trial_label(trial.config),
+                trial_dirname_creator=lambda trial: f"{trial_label(trial.config)}_{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=args.storage_path, stop=BudgetStop(), verbose=1,
+                callbacks=[SuiteProgress(planned_steps(preset), num_trials)],
+                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=args.checkpoint_every,
+                                                        checkpoint_at_end=True, num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=2),
+            ),
+        )
+    results = tuner.fit()
+    errors = [r for r in results if r.error]
+    if "://" not in path:
+        print(write_report(path), flush=True)
+    else:  # the report reads local files
+        local = os.path.join("results", path.rstrip("/").rsplit("/", 1)[-1])
+        print(f"[suite] the results are in {path}; for the report copy them (e.g. `aws s3 sync {path} {local}` or "
+              f"`gsutil -m rsync -r {path} {local}`) and run `python -m rllib_gaze.report {local}`", flush=True)
+    print(f"\n[suite] experiment: {path}\n[suite] TensorBoard: tensorboard --logdir {path}", flush=True)
+    if errors:
+        print(f"[suite] {len(errors)} trial(s) failed; continue them with --resume {path}", flush=True)
+        sys.exit(1)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What a trial records and how to read it back: the names of the metrics and the rows of Tune's
+``result.json``. A leaf module (no RLlib import), shared by the learner that logs the metrics, the
+suite that follows a run and the report that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+STEPS = "num_env_steps_sampled_lifetime"
+# The sample-efficiency metric: ppo_rgb's evaluation success rate (deterministic policy).
+METRIC_PATH = ("evaluation", "env_runners", "success_once")
+# Where a single-agent trial's learner metrics are in a result row.
+LEARNER = ("learners", "default_policy")
+
+# The learner's own metrics, under LEARNER (docs/method.md says what each means).
+CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY = "contrastive_active_triplet_frac"
+CONTRASTIVE_BUFFER_FILL_KEY = "contrastive_buffer_fill"
+CONTRASTIVE_COS_AN_KEY = "contrastive_cos_an"
+CONTRASTIVE_COS_AP_KEY = "contrastive_cos_ap"
+CONTRASTIVE_COS_GAP_KEY = "contrastive_cos_gap"
+CONTRASTIVE_LABEL_AGREEMENT_KEY = "contrastive_label_agreement"
+CONTRASTIVE_LOSS_KEY = "contrastive_loss"
+CONTRASTIVE_RETURN_SPREAD_KEY = "contrastive_return_spread"
+CONTRASTIVE_RETURN_THRESHOLD_KEY = "contrastive_return_threshold"
+CONTRASTIVE_VALID_ANCHOR_FRAC_KEY = "contrastive_valid_anchor_frac"
+GAZE_GRAD_NORM_CONTRASTIVE_KEY = "gaze_grad_norm_contrastive"
+GAZE_GRAD_NORM_PPO_KEY = "gaze_grad_norm_ppo"
+GAZE_PREDICT_LOSS_KEY = "gaze_predict_loss"
+GAZE_TARGET_DISTANCE_KEY = "gaze_target_distance"
+GAZE_TARGET_DISTANCE_CENTRE_KEY = "gaze_target_distance_centre"
+GAZE_WEIGHT_MEAN_KEY = "gaze_weight_mean"
+GAZE_WEIGHT_STD_KEY = "gaze_weight_std"
+
+
+def gaze_param_key(param: str, stat: str) -> str:
+    """The learner metric of one gaze parameter's batch statistic, e.g. ``gaze_sigma_x_mean``."""
+    return f"gaze_{param}_{stat}"
+
+
+def result_rows(result_file: str) -> list[dict]:
+    """The rows of a trial's ``result.json`` (one JSON object per line; none if it does not exist)."""
+    rows = []
+    if os.path.exists(result_file):
+        with open(result_file) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
+    return rows
+
+
+def evaluation_success(row: dict, interval: int) -> float | None:
+    """The evaluation success rate of one result row, or None if that iteration did not evaluate.
+
+    RLlib repeats the previous evaluation's metrics in the iteration after it (then NaN), so an
+    iteration counts only when it is a multiple of ``evaluation_interval``."""
+    if row.get("training_iteration", 0) % max(1, interval):
+        return None
+    value = row
+    for key in METRIC_PATH:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
