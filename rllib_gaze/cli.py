@@ -15,16 +15,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
+import logging
 import os
 import sys
 import time
 
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.arms import ARMS, TARGET_ARMS
-from rllib_gaze.suite import (PRESETS, TASKS, BudgetStop, Preset, SuiteProgress, param_space, pick_preset,
-                              planned_steps, trial_config, trial_label)
+from rllib_gaze.suite import (
+    PRESETS,
+    TASKS,
+    BudgetStop,
+    Preset,
+    SuiteProgress,
+    param_space,
+    pick_preset,
+    planned_steps,
+    trial_config,
+    trial_label,
+)
 
 EXPERIMENT_STATE = "tuner.pkl"
 
@@ -50,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
                         "(the arms' own attention/contrastive switches excluded)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Tune's trial tables and every Ray worker's log lines on the console (default: "
+                        "only the suite's progress lines and the report; the rest is in Ray's log files)")
+    p.add_argument("--wandb", metavar="PROJECT",
+                   help="also log every trial to this Weights & Biases project (needs `pip install "
+                        "\"rllib-gaze[wandb]\"`; WANDB_MODE=offline logs without network)")
+    p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of the trials (default: the experiment name)")
     args = p.parse_args(argv)
 
     def bad(flag, values, allowed):
@@ -58,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: {', '.join(map(repr, wrong))} not allowed; allowed values are {list(allowed)}")
 
     bad("--preset", [args.preset] if args.preset else [], PRESETS)
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        p.error(f"--wandb {args.wandb}: the wandb package is not installed; pip install \"rllib-gaze[wandb]\"")
     bad("--tasks", args.tasks or [], TASKS)
     bad("--arms", args.arms or [], ARMS)
     for flag, value, low in (("--budget", args.budget, 1), ("--num-env-runners", args.num_env_runners, 0),
@@ -171,8 +192,14 @@ def main(argv: list[str] | None = None) -> str:
     from ray import tune
 
     from rllib_gaze.report import write_report
+    from rllib_gaze.tracking import wandb_callback
 
-    ray.init()  # joins the cluster when run by `ray job submit` (RAY_ADDRESS), else starts one
+    # Joins the cluster when run by `ray job submit` (RAY_ADDRESS), else starts one. Quiet by default:
+    # the workers' log lines (RLlib's deprecation notices, actor shutdown noise) stay in Ray's log
+    # files, and the console shows the suite's progress and the report.
+    ray.init(log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        print(f"[suite] Ray's logs (every trial's output): {_ray_logs_dir()}; --verbose shows them here", flush=True)
     if args.resume:
         path = args.resume_path
         print(f"[suite] resuming {path}", flush=True)
@@ -193,8 +220,9 @@ def main(argv: list[str] | None = None) -> str:
                 trial_dirname_creator=lambda trial: f"{trial_label(trial.config)}_{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=experiment, storage_path=args.storage_path, stop=BudgetStop(), verbose=1,
-                callbacks=[SuiteProgress(planned_steps(preset), num_trials)],
+                name=experiment, storage_path=args.storage_path, stop=BudgetStop(), verbose=2 if args.verbose else 0,
+                callbacks=[SuiteProgress(planned_steps(preset), num_trials)] + (
+                    [wandb_callback(args.wandb, args.wandb_group or experiment)] if args.wandb else []),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=args.checkpoint_every,
                                                         checkpoint_at_end=True, num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=2),
@@ -213,6 +241,15 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[suite] {len(errors)} trial(s) failed; continue them with --resume {path}", flush=True)
         sys.exit(1)
     return path
+
+
+def _ray_logs_dir() -> str:
+    import ray
+
+    try:  # no public API names the session's log folder
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs (on the head node)"
 
 
 if __name__ == "__main__":
