@@ -9,7 +9,7 @@ ARMS = {
     "ppo": {"attention": "none", "contrastive": False},                            # plain CNN baseline
     "gaze": {"attention": "foveal", "contrastive": True},                          # the full method
     "gaze-rl": {"attention": "foveal", "contrastive": False},                      # gaze trained by RL only
-    "patch": {"attention": "patch", "contrastive": True},                          # free per-cell weights + contrastive loss
+    "patch": {"attention": "patch", "contrastive": True},                          # free cell weights + contrastive
     "oracle": {"attention": "oracle", "contrastive": False},                       # fovea fixed on the true target
 }
 # Arms that need the env to expose the target's position (the diagnostics do; ManiSkill does not).

@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="local dir, shared filesystem or s3:// / gs:// URI (default ./results)")
     p.add_argument("--name", help="experiment name (default: suite-<preset>-<date-time>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="EXPERIMENT",
-                   help="continue an interrupted experiment: its name or path (default: the latest under --storage-path)")
+                   help="continue an interrupted experiment: its name or path "
+                        "(default: the latest under --storage-path)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="iterations between trial checkpoints")
     p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
@@ -86,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              ("--checkpoint-every", args.checkpoint_every, 1)):
         if value is not None and value < low:
             p.error(f"{flag}={value}: must be >= {low}")
-    for flag, value in (("--gpus-per-env-runner", args.gpus_per_env_runner), ("--gpus-per-learner", args.gpus_per_learner)):
+    for flag, value in (("--gpus-per-env-runner", args.gpus_per_env_runner),
+                        ("--gpus-per-learner", args.gpus_per_learner)):
         if value is not None and value < 0:
             p.error(f"{flag}={value}: must be >= 0")
     for flag, values in (("--tasks", args.tasks), ("--arms", args.arms), ("--seeds", args.seeds)):
@@ -118,7 +120,8 @@ def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, else as text)."""
-    allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters if k not in ("self", "attention", "contrastive")]
+    allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters
+               if k not in ("self", "attention", "contrastive")]
     settings = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -146,15 +149,19 @@ def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str)
         if resume == "latest":
             p.error("--resume on remote storage needs the experiment name: --resume NAME")
         return f"{storage_path.rstrip('/')}/{resume}"
-    candidates = sorted((d for d in os.listdir(storage_path) if os.path.exists(os.path.join(storage_path, d, EXPERIMENT_STATE))),
-                        key=lambda d: os.path.getmtime(os.path.join(storage_path, d))) if os.path.isdir(storage_path) else []
+    candidates = []
+    if os.path.isdir(storage_path):
+        candidates = sorted((d for d in os.listdir(storage_path)
+                             if os.path.exists(os.path.join(storage_path, d, EXPERIMENT_STATE))),
+                            key=lambda d: os.path.getmtime(os.path.join(storage_path, d)))
     if resume == "latest":
         if not candidates:
             p.error(f"--resume: no experiment to resume under {storage_path!r}")
         return os.path.join(storage_path, candidates[-1])
     path = resume if os.path.isabs(resume) or os.sep in resume else os.path.join(storage_path, resume)
     if not os.path.exists(os.path.join(path, EXPERIMENT_STATE)):
-        p.error(f"--resume {resume!r}: {path!r} holds no Tune experiment; experiments under {storage_path!r}: {candidates}")
+        p.error(f"--resume {resume!r}: {path!r} holds no Tune experiment; "
+                f"experiments under {storage_path!r}: {candidates}")
     return path
 
 

@@ -145,7 +145,8 @@ def load_curves(experiment_dir: str, until: float | None = None,
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
     notes = []
-    trial_dirs = sorted(d for d in os.listdir(experiment_dir) if os.path.exists(os.path.join(experiment_dir, d, "params.json")))
+    trial_dirs = sorted(d for d in os.listdir(experiment_dir)
+                        if os.path.exists(os.path.join(experiment_dir, d, "params.json")))
     if not trial_dirs:
         raise FileNotFoundError(f"no Tune trials (directories with params.json) in {experiment_dir!r}")
     for name in trial_dirs:
@@ -234,7 +235,8 @@ def plot(curves: list[Curve], path: str) -> None:
     fig, ax = _figure(plt, len(curves))
     for c in curves:
         steps, mean, low, high = c.mean()
-        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{c.arm} ({len(c.runs)} seed{'s' * (len(c.runs) > 1)})")
+        label = f"{c.arm} ({len(c.runs)} seed{'s' * (len(c.runs) > 1)})"
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=label)
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(title=curves[0].task, xlabel="env steps", ylabel="evaluation success rate", ylim=(-0.02, 1.02))
     _finish(fig, ax, len(curves))
@@ -261,8 +263,9 @@ def _finish(fig, ax, lines: int) -> None:
 
 # Learner metrics that say what the gaze objective did (docs/method.md); the diagnosis table
 # shows each one's mean over seeds at a trial's last iteration, where the arm logs it.
-DIAGNOSIS = (GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY, gaze_param_key("sigma_x", "mean"), gaze_param_key("mu_x", "std"),
-             CONTRASTIVE_LABEL_AGREEMENT_KEY, CONTRASTIVE_COS_GAP_KEY, CONTRASTIVE_LOSS_KEY, GAZE_PREDICT_LOSS_KEY)
+DIAGNOSIS = (GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY, gaze_param_key("sigma_x", "mean"),
+             gaze_param_key("mu_x", "std"), CONTRASTIVE_LABEL_AGREEMENT_KEY, CONTRASTIVE_COS_GAP_KEY,
+             CONTRASTIVE_LOSS_KEY, GAZE_PREDICT_LOSS_KEY)
 
 
 def learner_series(experiment_dir: str, until: float | None = None,
@@ -297,7 +300,8 @@ def diagnosis_table(series: dict[tuple[str, str], dict[int, list[tuple[int, dict
     lines = ["| arm | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for arm in arms:
         lasts = [rows[-1][1] for rows in series[(task, arm)].values()]
-        cells = [f"{np.mean([m[k] for m in lasts if k in m]):.3f}" if any(k in m for m in lasts) else "-" for k in columns]
+        cells = [f"{np.mean([m[k] for m in lasts if k in m]):.3f}" if any(k in m for m in lasts) else "-"
+                 for k in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

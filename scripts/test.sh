@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -m ruff check --quiet .   # lint: the tree stays clean
 exec .venv/bin/python -m pytest -q "$@"

@@ -69,7 +69,8 @@ def test_steps_to_level_ratios_final_and_auc_match_hand_computed_values(experime
     # columns: seeds, env steps, to 50%, to 80%, ratio 50%, ratio 80%, final, AUC, ratio CI 50%, ratio CI 80%
     assert rows["ppo"] == ["2", "4,000", "3,000", "4,000", "1.00", "1.00", "0.90 ± 0.00", "0.533",  # (0.25+0.55+0.8)/3
                            "-", "-"]
-    assert rows["gaze"][:8] == ["2", "4,000", "1,000", "2,000", "3.00", "2.00", "1.00 ± 0.00", "0.817"]  # (0.65+0.85+0.95)/3
+    # AUC 0.817 = (0.65 + 0.85 + 0.95) / 3
+    assert rows["gaze"][:8] == ["2", "4,000", "1,000", "2,000", "3.00", "2.00", "1.00 ± 0.00", "0.817"]
     assert rows["gaze-rl"][:6] == ["2", "3,000", "never reached", "never reached", "-", "-"]
     assert rows["gaze-rl"][6] == "0.75 ± 0.21"   # last points 0.6 and 0.9
     assert rows["patch"][:6] == ["1", "2,000", "never reached", "never reached", "-", "-"]
@@ -150,7 +151,8 @@ def test_seeds_align_on_the_evaluation_iteration_when_their_step_counts_differ(t
     for seed, shift in ((0, 0), (1, -24)):
         rows = [{"training_iteration": i, "num_env_steps_sampled_lifetime": 1000 * i + shift * i,
                  "evaluation": {"env_runners": {"success_once": 0.3 * i}}} for i in (1, 2, 3)]
-        _trial(tmp_path, f"t_gaze_seed{seed}", {"task": "t", "arm": "gaze", "seed": seed, "evaluation_interval": 1}, rows)
+        params = {"task": "t", "arm": "gaze", "seed": seed, "evaluation_interval": 1}
+        _trial(tmp_path, f"t_gaze_seed{seed}", params, rows)
     (curve,), _ = load_curves(str(tmp_path))
     steps, mean, _, _ = curve.mean(common_only=True)
     assert steps.tolist() == [988.0, 1976.0, 2964.0] and mean == pytest.approx([0.3, 0.6, 0.9])
@@ -175,7 +177,8 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
     assert "| gaze | 0.300 | 0.800 | 0.550 |" in markdown
     assert "| ppo |" not in markdown.split("What the gaze objective did")[1]
     png = tmp_path / "gaze_fovea.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![fovea gaze-to-target distance](gaze_fovea.png)" in markdown
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![fovea gaze-to-target distance](gaze_fovea.png)" in markdown
 
 
 def test_export_writes_every_trials_numbers_as_gzipped_json_lines(experiment, tmp_path_factory):

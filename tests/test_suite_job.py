@@ -58,7 +58,8 @@ def loopback_cluster():
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1"]
     head = subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--temp-dir", temp_dir,
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *common, *_node_ports()],
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *common,
+                             *_node_ports()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes = [head]
     try:

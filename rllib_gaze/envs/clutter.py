@@ -95,7 +95,8 @@ class ClutterEnv:
         if seed is not None:
             self._gen.manual_seed(seed)
         idx = (options or {}).get("env_idx")
-        idx = torch.arange(self.num_envs, device=self.device) if idx is None else torch.as_tensor(idx, device=self.device)
+        idx = (torch.arange(self.num_envs, device=self.device) if idx is None
+               else torch.as_tensor(idx, device=self.device))
         self._reset_envs(idx.long().reshape(-1))
         return self._observe(), {}
 
@@ -170,7 +171,8 @@ class ClutterEnv:
         img = self.background.clone().view(n, s * s, 3)
         green = torch.tensor(_TARGET_RGB, dtype=torch.uint8, device=self.device).expand(n, 3)
         red = torch.tensor(_AGENT_RGB, dtype=torch.uint8, device=self.device).expand(n, 3)
-        yes, no = torch.ones(n, dtype=torch.bool, device=self.device), torch.zeros(n, dtype=torch.bool, device=self.device)
+        yes = torch.ones(n, dtype=torch.bool, device=self.device)
+        no = torch.zeros(n, dtype=torch.bool, device=self.device)
         for j in range(self.num_distractors):
             is_green = self.distractor_is_green[:, j]
             # Green distractors are filled (target is hollow); red ones hollow (agent is filled).

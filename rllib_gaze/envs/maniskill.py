@@ -180,7 +180,8 @@ def check_rendering(sim_backend: str = "auto", env_id: str = "PushCube-v1") -> s
     finally:
         env.close()
     gpu = torch.cuda.is_available() and sim_backend != "physx_cpu"
-    return f"ManiSkill renders {env_id} here with {'physx_cuda on ' + torch.cuda.get_device_name(0) if gpu else 'physx_cpu'}"
+    backend = "physx_cuda on " + torch.cuda.get_device_name(0) if gpu else "physx_cpu"
+    return f"ManiSkill renders {env_id} here with {backend}"
 
 
 if __name__ == "__main__":

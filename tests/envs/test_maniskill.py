@@ -53,7 +53,8 @@ def test_gazeppo_trains_on_maniskill_cpu(ray_session):
 
 
 def test_unknown_env_id_lists_close_matches():
-    with pytest.raises(ValueError, match=r"env_id='PushCub-v1' is not a registered ManiSkill task; did you mean \['PushCube-v1'"):
+    with pytest.raises(ValueError,
+                       match=r"env_id='PushCub-v1' is not a registered ManiSkill task; did you mean \['PushCube-v1'"):
         make_maniskill(1, env_id="PushCub-v1")
 
 
