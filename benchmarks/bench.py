@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py overhead [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
     python benchmarks/bench.py mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
-    python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] ...
+    python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
     python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
@@ -10,7 +10,7 @@ attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full met
 batch, interleaved round by round so machine noise hits every arm alike, with the contrastive
 memory already full (its steady state). ``mining`` times the exact neighbour search + triplet
 selection against memories of growing size; ``parts`` times each step of the contrastive path
-alone. They print figures; none asserts anything.
+alone, with an arm's gaze and triplet loss. They print figures; none asserts anything.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.arms import ARMS
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import FeatureReturnBuffer, attended_cosine, mine_triplets, triplet_margin_loss
-from rllib_gaze.gaze import FovealGaze
+from rllib_gaze.contrastive import FeatureReturnMemory, gaze_triplet_loss, mine_triplets
+from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze
 
 BENCH_ARMS = ("ppo", "gaze-rl", "gaze-first", "gaze")  # gaze-first: the objective before issue 11
 
@@ -90,8 +90,8 @@ def overhead(args: argparse.Namespace) -> None:
     while True:  # warm up every arm; fill the full method's memory to capacity
         for arm in BENCH_ARMS:
             update(arm)
-        buffer = gaze_learner._buffers["default_policy"]
-        if len(buffer) == buffer.capacity:
+        memory = gaze_learner.contrastive_memory("default_policy")
+        if len(memory) == memory.capacity:
             break
     times = {arm: [] for arm in BENCH_ARMS}
     for round_ in range(args.repeats):
@@ -103,7 +103,7 @@ def overhead(args: argparse.Namespace) -> None:
     fmap = gaze_learner.module["default_policy"].feature_map_shape
     print(f"\nlearner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
           f"rgb {args.image}x{args.image} + state {args.state_dim}, feature map {fmap}, "
-          f"memory {len(buffer)} rows, device {args.device}, median of {args.repeats}:")
+          f"memory {len(memory)} rows, device {args.device}, median of {args.repeats}:")
     for arm in BENCH_ARMS:
         med = statistics.median(times[arm])
         paired = statistics.median(t / b for t, b in zip(times[arm], times["ppo"]))
@@ -119,51 +119,55 @@ def mining(args: argparse.Namespace) -> None:
           f"device {args.device}, median of {args.repeats}")
     for pool in args.pools:
         for size in args.sizes:
-            buffer = FeatureReturnBuffer(size, shape, pool=pool, device=args.device)
-            buffer.push(torch.rand(size, *shape, generator=gen, device=args.device),
+            memory = FeatureReturnMemory(size, shape, pool=pool, device=args.device)
+            memory.push(torch.rand(size, *shape, generator=gen, device=args.device),
                         torch.randn(size, generator=gen, device=args.device))
             times = []
             for _ in range(args.repeats + 1):
                 _sync(args.device)
                 start = time.perf_counter()
-                triplets = mine_triplets(anchors, anchor_returns, buffer, k=args.k, threshold=0.0,
+                triplets = mine_triplets(anchors, anchor_returns, memory, k=args.k, threshold=0.0,
                                          chunk_size=args.chunk)
                 _sync(args.device)
                 times.append(time.perf_counter() - start)
-            print(f"  pool {pool}, key dim {buffer.keys.shape[1]:5d}, memory {size:6d} rows: "
+            print(f"  pool {pool}, key dim {memory.keys.shape[1]:5d}, memory {size:6d} rows: "
                   f"{1e3 * statistics.median(times[1:]):8.2f} ms ({triplets.anchor.numel()} triplets)", flush=True)
 
 
 def parts(args: argparse.Namespace) -> None:
-    """Time each step of the contrastive path alone, at the learner's shapes."""
+    """Time each step of the contrastive path alone, at the learner's shapes, with the gaze and the
+    triplet loss of ``args.arm``'s settings."""
     gen = torch.Generator(device=args.device).manual_seed(0)
     shape = tuple(args.map)
-    gaze = FovealGaze(*shape).to(args.device)
-    buffer = FeatureReturnBuffer(args.memory, shape, pool=args.pool, device=args.device)
-    buffer.push(torch.rand(args.memory, *shape, generator=gen, device=args.device),
+    config = GazePPOConfig().gaze(**ARMS[args.arm])
+    gaze = build_gaze({key: getattr(config, key) for key in GAZE_DEFAULTS}, *shape).to(args.device)
+    memory = FeatureReturnMemory(args.memory, shape, pool=args.pool, device=args.device)
+    memory.push(torch.rand(args.memory, *shape, generator=gen, device=args.device),
                 torch.randn(args.memory, generator=gen, device=args.device))
     minibatch = torch.rand(args.minibatch, *shape, generator=gen, device=args.device)
     returns = torch.randn(args.minibatch, generator=gen, device=args.device)
     anchors, anchor_returns = minibatch[:args.anchors], returns[:args.anchors]
-    triplets = mine_triplets(anchors, anchor_returns, buffer, k=args.k, threshold=0.0)
-    bank = buffer.filled()[0]
+    triplets = mine_triplets(anchors, anchor_returns, memory, k=args.k, threshold=0.0)
+    bank = memory.filled()[0]
     a, p, n = anchors[triplets.anchor], bank[triplets.positive], bank[triplets.negative]
+    mean_map = bank.mean(0)
 
     def loss_forward_backward():
-        weights, _ = gaze.attention_map(torch.cat([a, p, n]))
-        w_a, w_p, w_n = weights.split(a.shape[0])
-        loss, _ = triplet_margin_loss(attended_cosine(a, p, w_a, w_p), attended_cosine(a, n, w_a, w_n), 0.2)
+        loss, *_ = gaze_triplet_loss(gaze.attention_map, a, p, n, similarity=config.contrastive_similarity,
+                                     triplet_gaze=config.contrastive_triplet_gaze,
+                                     margin=config.contrastive_margin, mean_map=mean_map)
         loss.backward()
 
     steps = {
-        "neighbour search + triplet selection": lambda: mine_triplets(anchors, anchor_returns, buffer, k=args.k,
+        "neighbour search + triplet selection": lambda: mine_triplets(anchors, anchor_returns, memory, k=args.k,
                                                                       threshold=0.0),
         "gaze + triplet loss, forward and backward": loss_forward_backward,
         f"memory push of {args.minibatch} rows (once per iteration per {args.minibatch} rows)":
-            lambda: buffer.push(minibatch, returns),
+            lambda: memory.push(minibatch, returns),
     }
-    print(f"contrastive path per minibatch: {args.anchors} anchors ({triplets.anchor.numel()} triplets), memory "
-          f"{args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, median of {args.repeats}")
+    print(f"contrastive path per minibatch, arm {args.arm} ({config.contrastive_similarity} similarity, "
+          f"{config.contrastive_triplet_gaze} gaze): {args.anchors} anchors ({triplets.anchor.numel()} triplets), "
+          f"memory {args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, median of {args.repeats}")
     for name, step in steps.items():
         times = []
         for _ in range(args.repeats + 1):
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("parts", help="each step of the contrastive path alone")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+    p.add_argument("--arm", default="gaze-first", choices=[a for a, s in ARMS.items() if s.get("contrastive")],
+                   help="whose gaze and triplet loss are timed (gaze-first: the path docs/benchmarks.md times)")
     p.add_argument("--map", type=int, nargs=3, default=[64, 12, 12], metavar=("C", "H", "W"))
     p.add_argument("--memory", type=int, default=8192)
     p.add_argument("--pool", type=int, default=2)

@@ -4,7 +4,7 @@ Everything else is shared between arms. Use as ``config.gaze(**ARMS[arm])``. A l
 RLlib import), so the report and the suite's command line can name arms cheaply.
 """
 
-# The arms of METHOD.md.
+# The arms of docs/method.md.
 ARMS = {
     "ppo": {"attention": "none", "contrastive": False},                            # plain CNN baseline
     "gaze": {"attention": "foveal", "contrastive": True},                          # the full method

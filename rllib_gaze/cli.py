@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "\"rllib-gaze[wandb]\"`; WANDB_MODE=offline logs without network)")
     p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of the trials (default: the experiment name)")
     args = p.parse_args(argv)
+    if not args.verbose:
+        # RLlib's notice that the new API stack is on (its default, and ours), logged when the trial
+        # configs are checked below; its errors still show
+        logging.getLogger("ray.rllib").setLevel(logging.ERROR)
 
     def bad(flag, values, allowed):
         wrong = [v for v in values if v not in allowed]
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> str:
     # files, and the console shows the suite's progress and the report.
     ray.init(log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING)
     if not args.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's experiment heading: with verbose=0, nothing
         print(f"[suite] Ray's logs (every trial's output): {_ray_logs_dir()}; --verbose shows them here", flush=True)
     if args.resume:
         path = args.resume_path

@@ -15,18 +15,17 @@ from ray.rllib.utils.annotations import override
 
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
 from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
-from rllib_gaze.gaze import ATTENTION_MODES, CENTRES, NORMALIZATIONS
+from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
 RETURNS = ("value_target", "value", "return_to_go")
 
-# Settings of .gaze() that go to the RLModule through model_config.
-_MODULE_KEYS = ("attention", "gaze_floor", "gaze_sigma_min", "gaze_init_sigma", "gaze_rho_max",
-                "gaze_normalization", "gaze_head_init_std", "gaze_centre", "gaze_oracle_sigma", "gaze_rl_gradient",
-                "gaze_predict_coeff")
-
 
 class GazePPOConfig(PPOConfig):
-    """PPOConfig with ppo_rgb's hyperparameters as defaults and a ``.gaze(...)`` section.
+    """PPOConfig with ppo_rgb's hyperparameters as defaults, Adam's ``eps`` in ``.training(adam_eps=...)``
+    and a ``.gaze(...)`` section.
+
+    The gaze settings in ``rllib_gaze.gaze.GAZE_DEFAULTS`` reach the RLModule through its
+    model_config; the others are read by ``GazePPOLearner``.
 
     Example::
 
@@ -36,9 +35,9 @@ class GazePPOConfig(PPOConfig):
         algo = config.build_algo()
     """
 
-    def __init__(self, algo_class=None):
+    def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GazePPO)
-        # ManiSkill ppo_rgb defaults (RLLIB_NOTES 7.2). Both arms share them.
+        # ManiSkill ppo_rgb defaults (docs/method.md, "PPO settings"). Every arm shares them.
         self.lr = 3e-4
         self.gamma = 0.8
         self.lambda_ = 0.9
@@ -55,25 +54,17 @@ class GazePPOConfig(PPOConfig):
         self.rollout_fragment_length = 50
         self.train_batch_size_per_learner = 512 * 50
         self.minibatch_size = 512 * 50 // 32
-        self.adam_eps = 1e-5
+        self.adam_eps = 1e-5             # ppo_rgb's Adam(eps=1e-5); RLlib's default is 1e-8
         # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
         # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
         self.callbacks_class = [SuccessMetrics, GazeImages]
 
-        # Gaze (module side).
-        self.attention = "foveal"
-        self.gaze_floor = 0.0
-        self.gaze_sigma_min = 0.05
-        self.gaze_init_sigma = 1.0
-        self.gaze_rho_max = 0.9
-        self.gaze_normalization = "mean"
-        self.gaze_head_init_std = 0.05
-        self.gaze_centre = "mlp"
-        self.gaze_oracle_sigma = 0.3
-        self.gaze_rl_gradient = None  # None: RL trains the gaze unless the contrastive loss does
+        # Gaze (module side): attention, gaze_floor, ..., gaze_predict_coeff.
+        for key, value in GAZE_DEFAULTS.items():
+            setattr(self, key, value)
+        # The gaze's own optimizer (learner side).
         self.gaze_lr = 1e-3
         self.gaze_adam_eps = 1e-8
-        self.gaze_predict_coeff = 0.0
         # Return-guided contrastive loss (learner side).
         self.contrastive = True
         self.contrastive_similarity = "glimpse"
@@ -84,7 +75,7 @@ class GazePPOConfig(PPOConfig):
         self.contrastive_margin = 0.2
         self.contrastive_k = 16
         self.contrastive_num_anchors = 128
-        self.contrastive_buffer_capacity = 8192
+        self.contrastive_memory_capacity = 8192
         self.label_rule = "threshold"
         self.return_quantile = 0.5
         self.return_threshold = None
@@ -97,45 +88,58 @@ class GazePPOConfig(PPOConfig):
         self.gaze_image_interval = 0
         self.gaze_image_count = 4
 
+    @override(PPOConfig)
+    def training(self, *, adam_eps: float = NotProvided, **kwargs) -> GazePPOConfig:
+        """Sets the training settings: ``PPOConfig.training``'s, plus
+
+        Args:
+            adam_eps: epsilon of the main Adam optimizer, > 0 (ppo_rgb's 1e-5; RLlib's default
+                is 1e-8). The gaze's own Adam has ``.gaze(gaze_adam_eps=...)``.
+        """
+        super().training(**kwargs)
+        if adam_eps is not NotProvided:
+            self.adam_eps = adam_eps
+        return self
+
     def gaze(
         self,
         *,
-        attention: str | None = NotProvided,
-        gaze_floor: float | None = NotProvided,
-        gaze_sigma_min: float | None = NotProvided,
-        gaze_init_sigma: float | None = NotProvided,
-        gaze_rho_max: float | None = NotProvided,
-        gaze_normalization: str | None = NotProvided,
-        gaze_head_init_std: float | None = NotProvided,
-        gaze_centre: str | None = NotProvided,
-        gaze_oracle_sigma: float | None = NotProvided,
+        attention: str = NotProvided,
+        gaze_floor: float = NotProvided,
+        gaze_sigma_min: float = NotProvided,
+        gaze_init_sigma: float = NotProvided,
+        gaze_rho_max: float = NotProvided,
+        gaze_normalization: str = NotProvided,
+        gaze_head_init_std: float = NotProvided,
+        gaze_centre: str = NotProvided,
+        gaze_oracle_sigma: float = NotProvided,
         gaze_rl_gradient: bool | None = NotProvided,
         gaze_lr: float | None = NotProvided,
-        gaze_adam_eps: float | None = NotProvided,
-        gaze_predict_coeff: float | None = NotProvided,
-        contrastive: bool | None = NotProvided,
-        contrastive_similarity: str | None = NotProvided,
-        contrastive_triplet_gaze: str | None = NotProvided,
-        contrastive_return: str | None = NotProvided,
-        contrastive_gamma: float | None = NotProvided,
-        contrastive_coeff: float | None = NotProvided,
-        contrastive_margin: float | None = NotProvided,
-        contrastive_k: int | None = NotProvided,
-        contrastive_num_anchors: int | None = NotProvided,
-        contrastive_buffer_capacity: int | None = NotProvided,
-        label_rule: str | None = NotProvided,
-        return_quantile: float | None = NotProvided,
+        gaze_adam_eps: float = NotProvided,
+        gaze_predict_coeff: float = NotProvided,
+        contrastive: bool = NotProvided,
+        contrastive_similarity: str = NotProvided,
+        contrastive_triplet_gaze: str = NotProvided,
+        contrastive_return: str = NotProvided,
+        contrastive_gamma: float = NotProvided,
+        contrastive_coeff: float = NotProvided,
+        contrastive_margin: float = NotProvided,
+        contrastive_k: int = NotProvided,
+        contrastive_num_anchors: int = NotProvided,
+        contrastive_memory_capacity: int = NotProvided,
+        label_rule: str = NotProvided,
+        return_quantile: float = NotProvided,
         return_threshold: float | None = NotProvided,
-        relative_gap: float | None = NotProvided,
-        mining_chunk_size: int | None = NotProvided,
-        mining_pool: int | None = NotProvided,
-        mining_centred: bool | None = NotProvided,
-        contrastive_memory_checkpoint_mb: float | None = NotProvided,
-        adam_eps: float | None = NotProvided,
-        gaze_image_interval: int | None = NotProvided,
-        gaze_image_count: int | None = NotProvided,
-    ) -> "GazePPOConfig":
-        """Sets the attention and contrastive-loss settings.
+        relative_gap: float = NotProvided,
+        mining_chunk_size: int = NotProvided,
+        mining_pool: int = NotProvided,
+        mining_centred: bool = NotProvided,
+        contrastive_memory_checkpoint_mb: float = NotProvided,
+        gaze_image_interval: int = NotProvided,
+        gaze_image_count: int = NotProvided,
+    ) -> GazePPOConfig:
+        """Sets the attention and contrastive-loss settings (defaults: ``GazePPOConfig()``; the
+        module-side ones in ``rllib_gaze.gaze.GAZE_DEFAULTS``).
 
         Args:
             attention: ``"foveal"`` (one Gaussian), ``"patch"`` (one free weight per cell),
@@ -181,7 +185,7 @@ class GazePPOConfig(PPOConfig):
             contrastive_margin: triplet margin on cosine distance (>= 0).
             contrastive_k: neighbours searched per anchor (>= 1).
             contrastive_num_anchors: anchors (triplets at most) per minibatch.
-            contrastive_buffer_capacity: rows of the feature/return memory (>= num_anchors).
+            contrastive_memory_capacity: rows of the feature/return memory (>= num_anchors).
             label_rule: ``"threshold"``: positive = same side of the return threshold as the
                 anchor; ``"above"``: positive = above the threshold, negative = below, whatever
                 the anchor (the paper reviewers' reading); ``"relative"``: positive = return
@@ -197,8 +201,7 @@ class GazePPOConfig(PPOConfig):
                 0.96-0.98 and dominated by the background.
             contrastive_memory_checkpoint_mb: checkpoints include the contrastive memory when it
                 holds at most this many MB (0: never); a memory left out refills after a restore
-                within ``contrastive_buffer_capacity / train batch`` iterations.
-            adam_eps: Adam's epsilon (ppo_rgb: 1e-5).
+                within ``contrastive_memory_capacity / train batch`` iterations.
             gaze_image_interval: every this many iterations, log ``gaze_image_count`` fixed
                 observations with the gaze drawn on them to TensorBoard (``ray/tune/gaze_images``);
                 0 = never.
@@ -212,7 +215,7 @@ class GazePPOConfig(PPOConfig):
     @property
     @override(PPOConfig)
     def _model_config_auto_includes(self) -> dict[str, Any]:
-        return super()._model_config_auto_includes | {key: getattr(self, key) for key in _MODULE_KEYS} | {
+        return super()._model_config_auto_includes | {key: getattr(self, key) for key in GAZE_DEFAULTS} | {
             "gaze_rl_gradient": self.resolved_gaze_rl_gradient()}
 
     def resolved_gaze_rl_gradient(self) -> bool:
@@ -242,35 +245,20 @@ class GazePPOConfig(PPOConfig):
 
 
 def gaze_config_errors(c: GazePPOConfig) -> list[str]:
-    """Every problem with the gaze settings of ``c``, each naming the value and what is allowed."""
+    """Every problem with the gaze settings of ``c`` (and its ``adam_eps``), each naming the value
+    and what is allowed. The module-side settings are checked by ``gaze_settings_errors``."""
     errors = []
     user_model_config = c._model_config if isinstance(c._model_config, dict) else {}
-    for key in _MODULE_KEYS:
+    for key in GAZE_DEFAULTS:
         if key in user_model_config and user_model_config[key] != getattr(c, key):
             errors.append(f"model_config[{key!r}]={user_model_config[key]!r} disagrees with .gaze({key}="
                           f"{getattr(c, key)!r}); set it only through .gaze({key}=...) so the module and the "
                           "learner see the same value")
-    if c.attention not in ATTENTION_MODES:
-        errors.append(f"attention={c.attention!r} is not known; allowed values are {ATTENTION_MODES}")
+    errors += gaze_settings_errors({key: getattr(c, key) for key in GAZE_DEFAULTS})
     if c.contrastive and c.attention in ("none", "oracle"):
         errors.append(f"contrastive=True needs a trainable attention: the contrastive loss trains the gaze, "
                       f"and attention={c.attention!r} has none to train; use attention='foveal' or 'patch', "
                       "or contrastive=False")
-    if c.gaze_normalization not in NORMALIZATIONS:
-        errors.append(f"gaze_normalization={c.gaze_normalization!r} is not known; allowed values are {NORMALIZATIONS}")
-    if not c.gaze_head_init_std > 0:
-        errors.append(f"gaze_head_init_std={c.gaze_head_init_std!r} must be > 0")
-    if c.gaze_centre not in CENTRES:
-        errors.append(f"gaze_centre={c.gaze_centre!r} is not known; allowed values are {CENTRES}")
-    if not c.gaze_oracle_sigma > 0:
-        errors.append(f"gaze_oracle_sigma={c.gaze_oracle_sigma!r} must be > 0")
-    if c.gaze_rl_gradient is not None and not isinstance(c.gaze_rl_gradient, bool):
-        errors.append(f"gaze_rl_gradient={c.gaze_rl_gradient!r} must be True, False or None (automatic)")
-    if not c.gaze_predict_coeff >= 0:
-        errors.append(f"gaze_predict_coeff={c.gaze_predict_coeff!r} must be >= 0 (0 = off)")
-    if c.gaze_predict_coeff > 0 and c.attention not in ("foveal", "patch"):
-        errors.append(f"gaze_predict_coeff={c.gaze_predict_coeff!r} needs a trainable attention; "
-                      f"attention={c.attention!r} has none")
     if (c.attention in ("foveal", "patch") and c.gaze_rl_gradient is False and not c.contrastive
             and not c.gaze_predict_coeff > 0):
         errors.append(f"gaze_rl_gradient=False with contrastive=False leaves the {c.attention} gaze untrained; "
@@ -280,20 +268,15 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
     if not c.gaze_adam_eps > 0:
         errors.append(f"gaze_adam_eps={c.gaze_adam_eps!r} must be > 0")
     if c.contrastive_similarity not in SIMILARITIES:
-        errors.append(f"contrastive_similarity={c.contrastive_similarity!r} is not known; allowed values are {SIMILARITIES}")
+        errors.append(f"contrastive_similarity={c.contrastive_similarity!r} is not known; "
+                      f"allowed values are {SIMILARITIES}")
     if c.contrastive_triplet_gaze not in TRIPLET_GAZES:
-        errors.append(f"contrastive_triplet_gaze={c.contrastive_triplet_gaze!r} is not known; allowed values are {TRIPLET_GAZES}")
+        errors.append(f"contrastive_triplet_gaze={c.contrastive_triplet_gaze!r} is not known; "
+                      f"allowed values are {TRIPLET_GAZES}")
     if not 0.0 <= c.contrastive_gamma <= 1.0:
         errors.append(f"contrastive_gamma={c.contrastive_gamma!r} must be in [0, 1]")
     if c.contrastive_return not in RETURNS:
         errors.append(f"contrastive_return={c.contrastive_return!r} is not known; allowed values are {RETURNS}")
-    if not 0.0 <= c.gaze_floor < 1.0:
-        errors.append(f"gaze_floor={c.gaze_floor!r} must be in [0, 1)")
-    if not 0.0 < c.gaze_sigma_min < c.gaze_init_sigma:
-        errors.append(f"gaze_sigma_min={c.gaze_sigma_min!r}, gaze_init_sigma={c.gaze_init_sigma!r}: "
-                      "need 0 < gaze_sigma_min < gaze_init_sigma")
-    if not 0.0 <= c.gaze_rho_max < 1.0:
-        errors.append(f"gaze_rho_max={c.gaze_rho_max!r} must be in [0, 1)")
     if c.contrastive_coeff < 0:
         errors.append(f"contrastive_coeff={c.contrastive_coeff!r} must be >= 0")
     if c.contrastive_margin < 0:
@@ -302,8 +285,8 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
         errors.append(f"contrastive_k={c.contrastive_k!r} must be >= 1")
     if c.contrastive_num_anchors < 1:
         errors.append(f"contrastive_num_anchors={c.contrastive_num_anchors!r} must be >= 1")
-    if c.contrastive_buffer_capacity < c.contrastive_num_anchors:
-        errors.append(f"contrastive_buffer_capacity={c.contrastive_buffer_capacity!r} is smaller than one "
+    if c.contrastive_memory_capacity < c.contrastive_num_anchors:
+        errors.append(f"contrastive_memory_capacity={c.contrastive_memory_capacity!r} is smaller than one "
                       f"triplet batch (contrastive_num_anchors={c.contrastive_num_anchors!r}); it must be >= that")
     if c.label_rule not in LABEL_RULES:
         errors.append(f"label_rule={c.label_rule!r} is not known; allowed values are {LABEL_RULES}")

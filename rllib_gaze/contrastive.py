@@ -1,6 +1,6 @@
 """Return-guided contrastive learning for the gaze: feature/return memory, triplet mining, loss.
 
-Idea (METHOD.md): two visually similar states whose returns differ are told apart by
+Idea (docs/method.md): two visually similar states whose returns differ are told apart by
 task-relevant features, so the gaze should make them easy to tell apart. Mining looks for each
 anchor's nearest neighbours in the memory (cosine similarity of pre-attention feature maps) and
 labels them by return; the loss is a triplet margin loss on cosine distance after the gaze.
@@ -8,6 +8,7 @@ labels them by return; the loss is a triplet margin loss on cosine distance afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,9 @@ def search_keys(maps: torch.Tensor, pool: int = 1) -> torch.Tensor:
     return keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-class FeatureReturnBuffer:
-    """Ring buffer of detached pre-attention feature maps ``(N, C, H, W)``, their search keys and
-    returns ``(N,)``.
+class FeatureReturnMemory:
+    """The feature/return memory: detached pre-attention feature maps ``(N, C, H, W)``, their search
+    keys and returns ``(N,)``, kept in a ring (the newest ``capacity`` rows).
 
     Lives on one device (the learner's), so mining runs where the learner runs. Memory:
     ``capacity x (C*H*W + C*H*W/pool^2 + 1)`` floats.
@@ -120,7 +121,7 @@ def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, lo
 @dataclass
 class Triplets:
     """Indices of mined triplets: ``anchor`` into the anchors, ``positive``/``negative`` into the
-    buffer, each ``(T,)``; ``num_anchors`` is how many anchors were searched; ``label_agreement``
+    memory, each ``(T,)``; ``num_anchors`` is how many anchors were searched; ``label_agreement``
     the share of searched anchors whose threshold label equals their nearest neighbour's."""
 
     anchor: torch.Tensor
@@ -154,7 +155,7 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
 
 @torch.no_grad()
 def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
-                  buffer: FeatureReturnBuffer, *, k: int, label_rule: str = "threshold",
+                  memory: FeatureReturnMemory, *, k: int, label_rule: str = "threshold",
                   threshold: float = 0.0, relative_gap: float = 0.0,
                   chunk_size: int = 4096, centre: torch.Tensor | None = None,
                   bank_keys: torch.Tensor | None = None) -> Triplets:
@@ -178,14 +179,14 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         raise ValueError(f"label_rule={label_rule!r}: allowed values are {LABEL_RULES}")
     num_anchors = anchor_maps.shape[0]
     empty = torch.zeros(0, dtype=torch.long, device=anchor_maps.device)
-    if len(buffer) == 0 or num_anchors == 0:
+    if len(memory) == 0 or num_anchors == 0:
         return Triplets(empty, empty, empty, num_anchors)
-    _, own_keys, bank_returns = buffer.filled()
+    _, own_keys, bank_returns = memory.filled()
     if centre is not None:
         anchor_maps = anchor_maps - centre
     else:
         bank_keys = own_keys
-    _, nbr = nearest_neighbours(search_keys(anchor_maps, buffer.pool), bank_keys, k, chunk_size)
+    _, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size)
     nbr_returns = bank_returns[nbr]                                     # (A, k)
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
     if label_rule == "threshold":
@@ -273,3 +274,33 @@ def triplet_margin_loss(cos_ap: torch.Tensor, cos_an: torch.Tensor, margin: floa
     """
     per_triplet = torch.relu((1.0 - cos_ap) - (1.0 - cos_an) + margin)
     return per_triplet.mean(), (per_triplet > 0).float().mean()
+
+
+# Gaze of feature maps (N, C, H, W) -> (weights (N, H, W), its parameters): GazeAPI.gaze_weights.
+GazeWeights = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def gaze_triplet_loss(gaze_weights: GazeWeights, anchor: torch.Tensor, positive: torch.Tensor,
+                      negative: torch.Tensor, *, similarity: str, triplet_gaze: str, margin: float,
+                      mean_map: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The triplet loss on the gaze, for mined triplets of detached maps ``(T, C, H, W)`` each.
+
+    ``triplet_gaze`` in ``TRIPLET_GAZES``: ``"anchor"``: the anchor's gaze weighs all three maps,
+    so the loss can only fall by looking where the positive and the negative differ, not by pointing
+    the negative's gaze elsewhere; ``"each"``: each map under its own gaze. ``similarity`` and
+    ``mean_map`` as in ``gaze_similarity``. The gradient reaches only what ``gaze_weights`` computes
+    with.
+
+    Returns ``(mean loss (), share of active triplets (), cos_ap (T,), cos_an (T,))``.
+    """
+    if triplet_gaze == "anchor":
+        w_a, _ = gaze_weights(anchor)
+        w_p = w_n = w_a
+    else:
+        weights, _ = gaze_weights(torch.cat([anchor, positive, negative]))  # one batched call
+        w_a, w_p, w_n = weights.split(anchor.shape[0])
+    cos_ap = gaze_similarity(similarity, anchor, positive, w_a, w_p, mean_map)
+    cos_an = gaze_similarity(similarity, anchor, negative, w_a, w_n, mean_map)
+    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=margin)
+    return loss, active, cos_ap, cos_an

@@ -1,6 +1,7 @@
-"""Attention over a CNN feature map: the foveal Gaussian "gaze" and the unconstrained patch arm.
+"""Attention over a CNN feature map: the foveal Gaussian "gaze", the unconstrained patch arm and
+the oracle, with the gaze's settings (``GAZE_DEFAULTS``, ``gaze_settings_errors``, ``build_gaze``).
 
-Both modules take a feature map ``(B, C, H, W)`` and return ``(attended, params)`` where
+Each attention module takes a feature map ``(B, C, H, W)`` and returns ``(attended, params)`` where
 ``attended`` has the input's shape and every channel of a cell is multiplied by the same weight.
 
 Coordinates are normalised: cell centres lie in ``(-1, 1)`` on both axes, x along W, y along H,
@@ -10,6 +11,8 @@ so a sigma of 1.0 spans half the map whatever its resolution.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,19 +25,75 @@ GAZE_PARAM_NAMES = ("mu_x", "mu_y", "sigma_x", "sigma_y", "sigma_xy")
 _RAW_LIMIT = 30.0
 
 
-def cell_centres(height: int, width: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_centres(height: int, width: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised coordinates of the cell centres: ``ys (H,)`` and ``xs (W,)`` in ``(-1, 1)``."""
     ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2.0 / height) - 1.0
     xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2.0 / width) - 1.0
     return ys, xs
 
 
+ATTENTION_MODES = ("foveal", "patch", "oracle", "none")
 NORMALIZATIONS = ("peak", "mean")
 CENTRES = ("mlp", "soft_argmax")
 
+# The module-side gaze settings, named as in ``GazePPOConfig.gaze()`` and the module's
+# ``model_config``, with their defaults: the one place these defaults are set (docs/method.md
+# says why each). ``GazePPOConfig`` starts from them and ``GazePPOModule`` fills what its
+# model_config lacks from them.
+GAZE_DEFAULTS: dict[str, Any] = {
+    "attention": "foveal",         # ATTENTION_MODES
+    "gaze_floor": 0.0,             # minimum weight of any cell, in [0, 1)
+    "gaze_sigma_min": 0.05,        # foveal: smallest sigma (normalised units)
+    "gaze_init_sigma": 1.0,        # foveal: starting spread, centred
+    "gaze_rho_max": 0.9,           # foveal: |correlation| bound
+    "gaze_normalization": "mean",  # NORMALIZATIONS: "mean" (mean weight 1) | "peak" (max weight 1)
+    "gaze_head_init_std": 0.05,    # foveal: std of the head's output layer at init
+    "gaze_centre": "mlp",          # CENTRES: "mlp" (tanh of the head) | "soft_argmax" (of a relevance map)
+    "gaze_oracle_sigma": 0.3,      # oracle: fixed spread
+    # None: GazePPOConfig stops RL's gradient at the gaze exactly when another objective trains it
+    # (and hands the module that bool); a module built alone lets RL train its gaze.
+    "gaze_rl_gradient": None,
+    "gaze_predict_coeff": 0.0,     # > 0: a return predictor on what the gaze sees (ours)
+}
 
-def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0.0,
-                 normalization: str = "peak") -> torch.Tensor:
+
+def gaze_settings_errors(settings: Mapping[str, Any]) -> list[str]:
+    """Every problem with the module-side gaze ``settings`` (all of ``GAZE_DEFAULTS``' keys), each
+    message naming the value and what is allowed. ``GazePPOConfig.validate`` and ``build_gaze``
+    both check with this."""
+    s = settings
+    errors = []
+    if s["attention"] not in ATTENTION_MODES:
+        errors.append(f"attention={s['attention']!r} is not known; allowed values are {ATTENTION_MODES}")
+    if not 0.0 <= s["gaze_floor"] < 1.0:
+        errors.append(f"gaze_floor={s['gaze_floor']!r} must be in [0, 1)")
+    if not 0.0 < s["gaze_sigma_min"] < s["gaze_init_sigma"]:
+        errors.append(f"gaze_sigma_min={s['gaze_sigma_min']!r}, gaze_init_sigma={s['gaze_init_sigma']!r}: "
+                      "need 0 < gaze_sigma_min < gaze_init_sigma")
+    if not 0.0 <= s["gaze_rho_max"] < 1.0:
+        errors.append(f"gaze_rho_max={s['gaze_rho_max']!r} must be in [0, 1)")
+    if s["gaze_normalization"] not in NORMALIZATIONS:
+        errors.append(f"gaze_normalization={s['gaze_normalization']!r} is not known; "
+                      f"allowed values are {NORMALIZATIONS}")
+    if not s["gaze_head_init_std"] > 0:
+        errors.append(f"gaze_head_init_std={s['gaze_head_init_std']!r} must be > 0")
+    if s["gaze_centre"] not in CENTRES:
+        errors.append(f"gaze_centre={s['gaze_centre']!r} is not known; allowed values are {CENTRES}")
+    if not s["gaze_oracle_sigma"] > 0:
+        errors.append(f"gaze_oracle_sigma={s['gaze_oracle_sigma']!r} must be > 0")
+    if s["gaze_rl_gradient"] is not None and not isinstance(s["gaze_rl_gradient"], bool):
+        errors.append(f"gaze_rl_gradient={s['gaze_rl_gradient']!r} must be True, False or None (automatic)")
+    if not s["gaze_predict_coeff"] >= 0:
+        errors.append(f"gaze_predict_coeff={s['gaze_predict_coeff']!r} must be >= 0 (0 = off)")
+    elif s["gaze_predict_coeff"] > 0 and s["attention"] not in ("foveal", "patch"):
+        errors.append(f"gaze_predict_coeff={s['gaze_predict_coeff']!r} needs a trainable attention; "
+                      f"attention={s['attention']!r} has none")
+    return errors
+
+
+def gaussian_map(params: torch.Tensor, height: int, width: int, *, floor: float,
+                 normalization: str) -> torch.Tensor:
     """Draw the gaze map of each observation from its Gaussian parameters.
 
     Args:
@@ -42,9 +101,10 @@ def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0
             the covariance ``[[sx^2, sxy], [sxy, sy^2]]`` must be positive definite.
         height, width: grid size of the map.
         floor: every weight is ``floor + (1 - floor) * g`` so no cell is ever zeroed.
-        normalization: ``"peak"``: the Gaussian ``g`` is 1 at its centre, so widening it raises
-            every cell's weight (widening is free); ``"mean"``: the weights are divided by their
-            mean over the map, so the total weight is fixed and widening dims the centre.
+        normalization: in ``NORMALIZATIONS``. ``"peak"``: the Gaussian ``g`` is 1 at its centre, so
+            widening it raises every cell's weight (widening is free); ``"mean"``: the weights are
+            divided by their mean over the map, so the total weight is fixed and widening dims the
+            centre.
 
     Returns:
         ``(B, H, W)`` weights.
@@ -60,8 +120,6 @@ def gaussian_map(params: torch.Tensor, height: int, width: int, floor: float = 0
     weights = floor + (1.0 - floor) * torch.exp(-0.5 * mahalanobis_sq)
     if normalization == "mean":
         weights = weights / weights.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    elif normalization != "peak":
-        raise ValueError(f"normalization={normalization!r}: allowed values are {NORMALIZATIONS}")
     return weights
 
 
@@ -95,28 +153,20 @@ class _MapHead(nn.Module):
 class FovealGaze(nn.Module):
     """One 2-D Gaussian per observation, predicted from the feature map, multiplied into it.
 
-    Parameterisation (METHOD.md defaults): centre ``tanh`` in ``(-1, 1)`` (``centre="mlp"``) or
-    the soft-argmax of a learnt per-cell relevance map (``centre="soft_argmax"``: the expected cell
+    Parameterisation (docs/method.md): centre ``tanh`` in ``(-1, 1)`` (``centre="mlp"``) or the
+    soft-argmax of a learnt per-cell relevance map (``centre="soft_argmax"``: the expected cell
     position under ``softmax`` of a 1x1 convolution of the map, so the centre lands where some
     feature fires); each sigma is ``softplus + sigma_min``; correlation ``rho = rho_max * tanh`` and
     ``sigma_xy = rho * sx * sy``, so the covariance is positive definite for any input. The head
     starts at a centred gaze of spread ``init_sigma`` (wide: nothing is hidden before learning starts).
 
-    Input ``(B, C, H, W)``; output ``attended (B, C, H, W)`` and ``params (B, 5)``.
+    Input ``(B, C, H, W)``; output ``attended (B, C, H, W)`` and ``params (B, 5)``. Build it with
+    ``build_gaze``, which checks the settings; the constructor takes them as they are.
     """
 
-    def __init__(self, in_channels: int, height: int, width: int, *, floor: float = 0.0,
-                 sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9,
-                 normalization: str = "peak", head_init_std: float = 1e-3, centre: str = "mlp"):
+    def __init__(self, in_channels: int, height: int, width: int, *, floor: float, sigma_min: float,
+                 init_sigma: float, rho_max: float, normalization: str, head_init_std: float, centre: str):
         super().__init__()
-        if centre not in CENTRES:
-            raise ValueError(f"centre={centre!r}: allowed values are {CENTRES}")
-        if not 0.0 <= floor < 1.0:
-            raise ValueError(f"floor={floor!r}: must be in [0, 1)")
-        if not 0.0 < sigma_min < init_sigma:
-            raise ValueError(f"sigma_min={sigma_min!r}, init_sigma={init_sigma!r}: need 0 < sigma_min < init_sigma")
-        if not 0.0 <= rho_max < 1.0:
-            raise ValueError(f"rho_max={rho_max!r}: must be in [0, 1)")
         self.height, self.width = height, width
         self.floor, self.sigma_min, self.rho_max = floor, sigma_min, rho_max
         self.normalization = normalization
@@ -152,7 +202,8 @@ class FovealGaze(nn.Module):
             ys, xs = cell_centres(self.height, self.width, device=features.device, dtype=probs.dtype)
             mu = torch.stack([(probs.sum(1) * xs).sum(1), (probs.sum(2) * ys).sum(1)], dim=-1)
             params = torch.cat([mu, params[:, 2:]], dim=-1)
-        return gaussian_map(params, self.height, self.width, self.floor, self.normalization), params
+        weights = gaussian_map(params, self.height, self.width, floor=self.floor, normalization=self.normalization)
+        return weights, params
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, params = self.attention_map(features)
@@ -166,10 +217,8 @@ class PatchGaze(nn.Module):
     Input ``(B, C, H, W)``; output ``attended (B, C, H, W)`` and ``params (B, H, W)`` (the weights).
     """
 
-    def __init__(self, in_channels: int, height: int, width: int, *, floor: float = 0.0):
+    def __init__(self, in_channels: int, height: int, width: int, *, floor: float):
         super().__init__()
-        if not 0.0 <= floor < 1.0:
-            raise ValueError(f"floor={floor!r}: must be in [0, 1)")
         self.height, self.width, self.floor = height, width, floor
         self.head = _MapHead(in_channels, height, width, out_dim=height * width)
         nn.init.normal_(self.head.out.weight, std=1e-3)
@@ -195,11 +244,8 @@ class OracleGaze(nn.Module):
     and ``params (B, 5)``, as ``FovealGaze``.
     """
 
-    def __init__(self, height: int, width: int, *, sigma: float = 0.3, floor: float = 0.0,
-                 normalization: str = "peak"):
+    def __init__(self, height: int, width: int, *, sigma: float, floor: float, normalization: str):
         super().__init__()
-        if not sigma > 0.0:
-            raise ValueError(f"sigma={sigma!r}: must be > 0")
         self.height, self.width, self.sigma = height, width, sigma
         self.floor, self.normalization = floor, normalization
 
@@ -208,33 +254,35 @@ class OracleGaze(nn.Module):
         mu = 2.0 * target.to(features.dtype) - 1.0  # image [0, 1] -> map [-1, 1]
         sigma = mu.new_full((mu.shape[0], 2), self.sigma)
         params = torch.cat([mu, sigma, mu.new_zeros(mu.shape[0], 1)], dim=-1)
-        return gaussian_map(params, self.height, self.width, self.floor, self.normalization), params
+        weights = gaussian_map(params, self.height, self.width, floor=self.floor, normalization=self.normalization)
+        return weights, params
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, params = self.attention_map(features, target)
         return features * weights.unsqueeze(1), params
 
 
-ATTENTION_MODES = ("foveal", "patch", "oracle", "none")
+def build_gaze(settings: Mapping[str, Any], in_channels: int, height: int,
+               width: int) -> FovealGaze | PatchGaze | OracleGaze | None:
+    """The attention module over feature maps ``(B, in_channels, height, width)`` that ``settings``
+    ask for (``None`` for ``attention="none"``).
 
-
-def build_gaze(attention: str, in_channels: int, height: int, width: int, *, floor: float = 0.0,
-               sigma_min: float = 0.05, init_sigma: float = 1.0, rho_max: float = 0.9,
-               normalization: str = "peak", head_init_std: float = 1e-3, centre: str = "mlp",
-               oracle_sigma: float = 0.3) -> nn.Module | None:
-    """The attention module for ``attention`` in ``ATTENTION_MODES`` (``None`` for ``"none"``).
-
-    ``sigma_min``, ``init_sigma``, ``rho_max``, ``head_init_std`` shape the foveal Gaussian,
-    ``oracle_sigma`` the oracle's; ``normalization`` applies to both; patch uses ``floor`` only.
+    ``settings``: any of ``GAZE_DEFAULTS``' keys (the others take their defaults; other keys are
+    ignored, so a whole model_config will do). Raises ``ValueError`` listing every bad value
+    (``gaze_settings_errors``).
     """
-    if attention == "foveal":
-        return FovealGaze(in_channels, height, width, floor=floor, sigma_min=sigma_min,
-                          init_sigma=init_sigma, rho_max=rho_max, normalization=normalization,
-                          head_init_std=head_init_std, centre=centre)
-    if attention == "oracle":
-        return OracleGaze(height, width, sigma=oracle_sigma, floor=floor, normalization=normalization)
-    if attention == "patch":
-        return PatchGaze(in_channels, height, width, floor=floor)
-    if attention == "none":
-        return None
-    raise ValueError(f"attention={attention!r}: allowed values are {ATTENTION_MODES}")
+    s = {**GAZE_DEFAULTS, **settings}
+    errors = gaze_settings_errors(s)
+    if errors:
+        raise ValueError("; ".join(errors))
+    if s["attention"] == "foveal":
+        return FovealGaze(in_channels, height, width, floor=s["gaze_floor"], sigma_min=s["gaze_sigma_min"],
+                          init_sigma=s["gaze_init_sigma"], rho_max=s["gaze_rho_max"],
+                          normalization=s["gaze_normalization"], head_init_std=s["gaze_head_init_std"],
+                          centre=s["gaze_centre"])
+    if s["attention"] == "oracle":
+        return OracleGaze(height, width, sigma=s["gaze_oracle_sigma"], floor=s["gaze_floor"],
+                          normalization=s["gaze_normalization"])
+    if s["attention"] == "patch":
+        return PatchGaze(in_channels, height, width, floor=s["gaze_floor"])
+    return None

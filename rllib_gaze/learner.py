@@ -21,24 +21,24 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
 
+from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import (
-    FeatureReturnBuffer,
+    FeatureReturnMemory,
     discounted_return_to_go,
-    gaze_similarity,
+    gaze_triplet_loss,
     mine_triplets,
     search_keys,
-    triplet_margin_loss,
 )
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
-from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET, GazePPOModule
 from rllib_gaze.results import (
     CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
-    CONTRASTIVE_BUFFER_FILL_KEY,
     CONTRASTIVE_COS_AN_KEY,
     CONTRASTIVE_COS_AP_KEY,
     CONTRASTIVE_COS_GAP_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_MEMORY_FILL_KEY,
     CONTRASTIVE_RETURN_SPREAD_KEY,
     CONTRASTIVE_RETURN_THRESHOLD_KEY,
     CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
@@ -73,7 +73,7 @@ class GazePPOLearner(PPOTorchLearner):
     @override(PPOTorchLearner)
     def build(self) -> None:
         super().build()
-        self._buffers: dict[ModuleID, FeatureReturnBuffer] = {}
+        self._memories: dict[ModuleID, FeatureReturnMemory] = {}
         self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._rows_left_to_stage: dict[ModuleID, int] = {}
         self._stage_fraction: dict[ModuleID, float] = {}
@@ -81,12 +81,18 @@ class GazePPOLearner(PPOTorchLearner):
         self._centred_keys: dict[ModuleID, torch.Tensor] = {}  # (N, D') keys of the centred memory
         self._first_minibatch: set[ModuleID] = set()
 
+    def contrastive_memory(self, module_id: ModuleID) -> FeatureReturnMemory | None:
+        """The feature/return memory of ``module_id`` (``None`` before its first rows are in)."""
+        return self._memories.get(module_id)
+
+    def _gaze_module(self, module_id: ModuleID) -> GazePPOModule:
+        """The module itself (not its DDP wrapper, under ``num_learners > 1``): its ``GazeAPI``."""
+        return self.module[module_id].unwrapped()
+
     @override(PPOTorchLearner)
-    def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
-        # ppo_rgb uses Adam(eps=1e-5); RLlib's default is eps=1e-8.
+    def configure_optimizers_for_module(self, module_id: ModuleID, config: GazePPOConfig) -> None:
         params = self.get_parameters(self._module[module_id])
-        gaze = getattr(self._module[module_id], "gaze", None)
-        gaze_params = list(gaze.parameters()) if gaze is not None and config.gaze_lr is not None else []
+        gaze_params = self._gaze_module(module_id).gaze_parameters() if config.gaze_lr is not None else []
         if gaze_params:
             # The gaze in its own Adam: its lr and eps, and its gradient clipped apart from the
             # encoder's (RLlib clips per optimizer), so PPO's large encoder gradient cannot shrink it.
@@ -109,7 +115,7 @@ class GazePPOLearner(PPOTorchLearner):
         batch = super()._make_batch_if_necessary(training_data)
         self._rows_left_to_stage = {mid: len(b) for mid, b in batch.policy_batches.items()}
         self._stage_fraction = {
-            mid: min(1.0, self.config.get_config_for_module(mid).contrastive_buffer_capacity / max(len(b), 1))
+            mid: min(1.0, self.config.get_config_for_module(mid).contrastive_memory_capacity / max(len(b), 1))
             for mid, b in batch.policy_batches.items()}
         self._staged = {mid: [] for mid in batch.policy_batches}
         self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
@@ -119,7 +125,7 @@ class GazePPOLearner(PPOTorchLearner):
                 module_batch[CONTRASTIVE_RETURNS] = self._return_to_go(module_id, config, module_batch)
         return batch
 
-    def _return_to_go(self, module_id: ModuleID, config, batch) -> torch.Tensor:
+    def _return_to_go(self, module_id: ModuleID, config: GazePPOConfig, batch: dict[str, Any]) -> torch.Tensor:
         """``(N,)`` discounted return-to-go with ``contrastive_gamma``, bootstrapped from the critic's
         V at the extra row that ends each episode chunk (``discounted_return_to_go``)."""
         rewards = torch.as_tensor(batch[Columns.REWARDS])
@@ -130,12 +136,12 @@ class GazePPOLearner(PPOTorchLearner):
             obs = batch[Columns.OBS]
             end_obs = {k: v[ends] for k, v in obs.items()} if isinstance(obs, dict) else obs[ends]
             with torch.no_grad():
-                bootstrap[ends] = self.module[module_id].unwrapped().compute_values({Columns.OBS: end_obs}).float()
+                bootstrap[ends] = self._gaze_module(module_id).compute_values({Columns.OBS: end_obs}).float()
         return discounted_return_to_go(rewards, torch.as_tensor(batch[Columns.TERMINATEDS]), mask, bootstrap,
                                        config.contrastive_gamma).to(rewards.device)
 
     @override(PPOTorchLearner)
-    def compute_loss_for_module(self, *, module_id: ModuleID, config, batch: dict[str, Any],
+    def compute_loss_for_module(self, *, module_id: ModuleID, config: GazePPOConfig, batch: dict[str, Any],
                                 fwd_out: dict[str, TensorType]) -> TensorType:
         loss = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
         if GAZE_PARAMS in fwd_out:
@@ -171,17 +177,17 @@ class GazePPOLearner(PPOTorchLearner):
         mask = batch.get(Columns.LOSS_MASK)
         keep = mask if mask is not None else torch.ones_like(target, dtype=torch.bool)
         target = (target - target[keep].mean()) / target[keep].std(unbiased=False).clamp_min(1e-6)
-        predicted = self.module[module_id].unwrapped().predict_return(features, obs)
+        predicted = self._gaze_module(module_id).predict_return(features, obs)
         loss = ((predicted - target)[keep] ** 2).mean()
         self.metrics.log_value((module_id, GAZE_PREDICT_LOSS_KEY), loss.detach(), window=1)
         return loss
 
-    def _returns(self, module_id: ModuleID, config, batch: dict, fwd_out: dict) -> torch.Tensor:
+    def _returns(self, module_id: ModuleID, config: GazePPOConfig, batch: dict, fwd_out: dict) -> torch.Tensor:
         """``(B,)`` detached returns that label the rows (``config.contrastive_return``)."""
         if config.contrastive_return == "value":
-            module = self.module[module_id].unwrapped()
+            embeddings = fwd_out[Columns.EMBEDDINGS].detach()
             with torch.no_grad():
-                return module.compute_values(batch, embeddings=fwd_out[Columns.EMBEDDINGS].detach())
+                return self._gaze_module(module_id).compute_values(batch, embeddings=embeddings)
         if config.contrastive_return == "return_to_go":
             return batch[CONTRASTIVE_RETURNS].detach()
         return batch[Columns.VALUE_TARGETS].detach()
@@ -189,7 +195,7 @@ class GazePPOLearner(PPOTorchLearner):
     def _log_gaze_gradients(self, module_id: ModuleID, ppo_loss: torch.Tensor, contrastive: torch.Tensor) -> None:
         """Norms of PPO's and the contrastive loss's gradients on the gaze's parameters (first
         minibatch of each update): which of the two trains the gaze."""
-        params = [p for p in self.module[module_id].unwrapped().gaze.parameters() if p.requires_grad]
+        params = [p for p in self._gaze_module(module_id).gaze_parameters() if p.requires_grad]
         norms = {}
         for name, part in ((GAZE_GRAD_NORM_PPO_KEY, ppo_loss), (GAZE_GRAD_NORM_CONTRASTIVE_KEY, contrastive)):
             grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
@@ -198,25 +204,25 @@ class GazePPOLearner(PPOTorchLearner):
             norms[name] = sum(squares) ** 0.5
         self.metrics.log_dict(norms, key=module_id, window=1)
 
-    def _contrastive_loss(self, module_id: ModuleID, config, features: torch.Tensor,
+    def _contrastive_loss(self, module_id: ModuleID, config: GazePPOConfig, features: torch.Tensor,
                           returns: torch.Tensor) -> torch.Tensor:
         """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``."""
-        buffer = self._buffers.get(module_id)
+        memory = self._memories.get(module_id)
         zero = features.new_zeros(())
         metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
                    CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY: 0.0,
-                   CONTRASTIVE_BUFFER_FILL_KEY: 0.0 if buffer is None else len(buffer) / buffer.capacity}
-        if buffer is None or len(buffer) == 0 or features.shape[0] == 0:
+                   CONTRASTIVE_MEMORY_FILL_KEY: 0.0 if memory is None else len(memory) / memory.capacity}
+        if memory is None or len(memory) == 0 or features.shape[0] == 0:
             self.metrics.log_dict(metrics, key=module_id, window=1)
             return zero
 
-        bank_maps, _, bank_returns = buffer.filled()
+        bank_maps, _, bank_returns = memory.filled()
         threshold = (config.return_threshold if config.return_threshold is not None
                      else torch.quantile(bank_returns, config.return_quantile).item())
         spread = bank_returns.std(unbiased=False).item()
         centred = config.mining_centred and module_id in self._mean_maps
         triplets = mine_triplets(
-            features, returns, buffer, k=config.contrastive_k, label_rule=config.label_rule,
+            features, returns, memory, k=config.contrastive_k, label_rule=config.label_rule,
             threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
             centre=self._mean_maps[module_id] if centred else None,
             bank_keys=self._centred_keys.get(module_id) if centred else None,
@@ -226,24 +232,12 @@ class GazePPOLearner(PPOTorchLearner):
         metrics[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] = triplets.valid_fraction
         metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = triplets.label_agreement
         loss = zero
-        n = triplets.anchor.numel()
-        if n > 0:
-            anchor, positive, negative = (features[triplets.anchor], bank_maps[triplets.positive],
-                                          bank_maps[triplets.negative])
-            module = self.module[module_id].unwrapped()
-            if config.contrastive_triplet_gaze == "anchor":
-                # One gaze per triplet, the anchor's: the loss can only fall by looking where the
-                # positive and the negative differ, not by pointing the negative's gaze elsewhere.
-                w_a, _ = module.gaze_weights(anchor)
-                w_p = w_n = w_a
-            else:
-                weights, _ = module.gaze_weights(torch.cat([anchor, positive, negative]))  # one batched call
-                w_a, w_p, w_n = weights.split(n)
-            mean_map = self._mean_maps.get(module_id)
-            kind = config.contrastive_similarity
-            cos_ap = gaze_similarity(kind, anchor, positive, w_a, w_p, mean_map)
-            cos_an = gaze_similarity(kind, anchor, negative, w_a, w_n, mean_map)
-            loss, active = triplet_margin_loss(cos_ap, cos_an, margin=config.contrastive_margin)
+        if triplets.anchor.numel() > 0:
+            loss, active, cos_ap, cos_an = gaze_triplet_loss(
+                self._gaze_module(module_id).gaze_weights, features[triplets.anchor],
+                bank_maps[triplets.positive], bank_maps[triplets.negative],
+                similarity=config.contrastive_similarity, triplet_gaze=config.contrastive_triplet_gaze,
+                margin=config.contrastive_margin, mean_map=self._mean_maps.get(module_id))
             metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
             metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
             metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
@@ -270,47 +264,52 @@ class GazePPOLearner(PPOTorchLearner):
         super().after_gradient_based_update(timesteps=timesteps)
         for module_id, staged in self._staged.items():
             for features, returns in staged:
-                if module_id not in self._buffers:
-                    self._buffers[module_id] = self._new_buffer(module_id, features.shape[1:], features.device)
-                self._buffers[module_id].push(features, returns)
+                if module_id not in self._memories:
+                    self._memories[module_id] = self._new_memory(module_id, features.shape[1:], features.device)
+                self._memories[module_id].push(features, returns)
         self._staged = {}
         self._update_mean_maps()
 
     def _update_mean_maps(self) -> None:
         """The memory's mean map, and its search keys after subtracting it (``mining_centred``),
         once per change of the memory."""
-        for module_id, buffer in self._buffers.items():
-            if len(buffer):
-                maps = buffer.filled()[0]
+        for module_id, memory in self._memories.items():
+            if len(memory):
+                maps = memory.filled()[0]
                 self._mean_maps[module_id] = maps.mean(0)
                 if self.config.get_config_for_module(module_id).mining_centred:
-                    self._centred_keys[module_id] = search_keys(maps - self._mean_maps[module_id], buffer.pool)
+                    self._centred_keys[module_id] = search_keys(maps - self._mean_maps[module_id], memory.pool)
 
     @override(PPOTorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> StateDict:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self._check_component(CONTRASTIVE_MEMORY, components, not_components):
+            config_for = self.config.get_config_for_module
             state[CONTRASTIVE_MEMORY] = {
-                module_id: buffer.state_dict() for module_id, buffer in self._buffers.items()
-                if buffer.nbytes() <= self.config.get_config_for_module(module_id).contrastive_memory_checkpoint_mb * 2**20
+                module_id: memory.state_dict() for module_id, memory in self._memories.items()
+                if memory.nbytes() <= config_for(module_id).contrastive_memory_checkpoint_mb * 2**20
             }
         return state
 
     @override(PPOTorchLearner)
     def set_state(self, state: StateDict) -> None:
         super().set_state(state)
-        for module_id, memory in state.get(CONTRASTIVE_MEMORY, {}).items():
-            buffer = self._new_buffer(module_id, memory["maps"].shape[1:], self._device)
-            buffer.load_state_dict(memory)  # push moves the rows to the buffer's device
-            self._buffers[module_id] = buffer
+        for module_id, memory_state in state.get(CONTRASTIVE_MEMORY, {}).items():
+            memory = self._new_memory(module_id, memory_state["maps"].shape[1:], self._device)
+            memory.load_state_dict(memory_state)  # push moves the rows to the memory's device
+            self._memories[module_id] = memory
         self._update_mean_maps()
 
-    def _new_buffer(self, module_id: ModuleID, map_shape, device) -> FeatureReturnBuffer:
+    def _new_memory(self, module_id: ModuleID, map_shape: tuple[int, int, int],
+                    device: torch.device | str) -> FeatureReturnMemory:
         config = self.config.get_config_for_module(module_id)
-        return FeatureReturnBuffer(config.contrastive_buffer_capacity, map_shape, pool=config.mining_pool, device=device)
+        return FeatureReturnMemory(config.contrastive_memory_capacity, map_shape, pool=config.mining_pool,
+                                   device=device)
 
     def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor, obs: Any) -> None:
-        if params.dim() == 2:  # foveal, oracle (B, 5)
+        if self._gaze_module(module_id).attention_kind == "patch":  # (B, h, w) weights
+            stats = {GAZE_WEIGHT_MEAN_KEY: params.mean(), GAZE_WEIGHT_STD_KEY: params.std(unbiased=False)}
+        else:  # foveal, oracle: (B, 5) Gaussians
             stats = {}
             for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
                 stats[gaze_param_key(name, "mean")] = column.mean()
@@ -321,6 +320,4 @@ class GazePPOLearner(PPOTorchLearner):
                 target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
                 stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
                 stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = target.norm(dim=-1).mean()
-        else:                  # patch (B, h, w) weights
-            stats = {GAZE_WEIGHT_MEAN_KEY: params.mean(), GAZE_WEIGHT_STD_KEY: params.std(unbiased=False)}
         self.metrics.log_dict(stats, key=module_id, window=1)

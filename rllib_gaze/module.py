@@ -2,11 +2,13 @@
 
 Data path: obs -> NatureCNN conv stack -> pre-attention map (B, C, h, w) -> gaze -> flatten ->
 Linear 256 (+ state -> Linear 256) -> 512-d features -> actor mean / critic value.
+
+Outside this module (learner, drawings, benchmarks) the gaze is reached only through ``GazeAPI``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import abc
 
 import gymnasium as gym
 import numpy as np
@@ -17,7 +19,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 from torch import nn
 
-from rllib_gaze.gaze import build_gaze, glimpse
+from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze, glimpse
 
 # Keys this module adds to its forward_train output (read by GazePPOLearner).
 PRE_ATTENTION_FEATURES = "pre_attention_features"
@@ -26,18 +28,9 @@ GAZE_PARAMS = "gaze_params"
 # ManiSkill ppo_rgb's NatureCNN: (out_channels, kernel, stride) per conv.
 NATURE_CNN_FILTERS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
 
+# The gaze's settings (rllib_gaze.gaze.GAZE_DEFAULTS), then the network's shape.
 DEFAULT_MODEL_CONFIG = {
-    "attention": "foveal",        # "foveal" | "patch" | "none"
-    "gaze_floor": 0.0,            # minimum weight of any cell
-    "gaze_sigma_min": 0.05,       # foveal: smallest sigma (normalised units)
-    "gaze_init_sigma": 1.0,       # foveal: starting spread, centred
-    "gaze_rho_max": 0.9,          # foveal: |correlation| bound
-    "gaze_normalization": "peak", # "peak" (max weight 1) | "mean" (mean weight 1)
-    "gaze_head_init_std": 1e-3,   # foveal: std of the gaze head's output layer at init
-    "gaze_centre": "mlp",         # foveal: "mlp" (tanh of the head) | "soft_argmax" (of a relevance map)
-    "gaze_oracle_sigma": 0.3,     # oracle: fixed spread
-    "gaze_rl_gradient": True,     # False: RL's gradient stops at the gaze weights
-    "gaze_predict_coeff": 0.0,    # > 0: a return predictor on what the gaze sees (gaze_predictor)
+    **GAZE_DEFAULTS,
     "conv_filters": NATURE_CNN_FILTERS,
     "image_feature_dim": 256,
     "state_feature_dim": 256,
@@ -51,6 +44,10 @@ def _layer_init(layer: nn.Module, std: float = np.sqrt(2), bias: float = 0.0) ->
     nn.init.constant_(layer.bias, bias)
     return layer
 
+
+# An observation batch: images (B, H, W, C), or a dict with "rgb" (B, H, W, C) and optionally
+# "state" (B, S) and TARGET (B, 2).
+Observations = torch.Tensor | dict[str, torch.Tensor]
 
 # Observation key of the target's position (B, 2) in image coordinates [0, 1], where an env
 # knows it (the diagnostics' ``expose_target``): read only by the oracle gaze and the learner's
@@ -77,15 +74,52 @@ def _split_obs_space(space: gym.Space) -> tuple[gym.spaces.Box, gym.spaces.Box |
     return rgb, state
 
 
-class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
-    """PPO actor-critic for pixel observations with optional foveal/patch attention.
+class GazeAPI(abc.ABC):
+    """An RLModule with a gaze on a CNN feature map, as the learner and the drawings use it (in the
+    spirit of RLlib's ``ValueFunctionAPI``).
+
+    Besides the methods below, ``feature_map_shape`` is the ``(C, h, w)`` of the map the gaze acts on.
+    """
+
+    feature_map_shape: tuple[int, int, int]
+
+    @property
+    @abc.abstractmethod
+    def attention_kind(self) -> str:
+        """``"foveal"``, ``"patch"``, ``"oracle"`` or ``"none"``. The gaze's parameters are ``(B, 5)``
+        Gaussians (``rllib_gaze.gaze.GAZE_PARAM_NAMES``) for foveal and oracle, ``(B, h, w)``
+        weights for patch."""
+
+    @abc.abstractmethod
+    def feature_map(self, obs: Observations) -> torch.Tensor:
+        """The feature map ``(B, C, h, w)`` the gaze acts on, of observations (images ``(B, H, W, C)``
+        or a dict with ``"rgb"``), before attention."""
+
+    @abc.abstractmethod
+    def gaze_weights(self, features: torch.Tensor,
+                     obs: Observations | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gaze on feature maps ``(B, C, h, w)``: weights ``(B, h, w)`` and parameters (shape by
+        ``attention_kind``). The oracle also reads ``obs`` (its ``"target"``). Raises
+        ``ValueError`` for ``attention_kind == "none"``."""
+
+    @abc.abstractmethod
+    def gaze_parameters(self) -> list[nn.Parameter]:
+        """The gaze's own trainable parameters (none without a learnt gaze): what a separate gaze
+        optimizer steps and what gaze gradient norms are measured on."""
+
+
+class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeAPI):
+    """PPO actor-critic for pixel observations with optional foveal/patch/oracle attention.
 
     Observations: Box ``(H, W, C)`` (uint8 is scaled by 1/255) or Dict ``{"rgb": (H, W, C),
-    "state": (S,)}``. Actions: Box ``(A,)``; the policy is a diagonal Gaussian with a free,
-    state-independent log-std (as in ppo_rgb).
+    "state": (S,)}`` (optionally with ``"target": (2,)``, read only by the oracle). Actions: Box
+    ``(A,)``; the policy is a diagonal Gaussian with a free, state-independent log-std (as in ppo_rgb).
 
     ``forward_train`` adds ``pre_attention_features (B, C, h, w)`` and, with attention,
-    ``gaze_params`` (``(B, 5)`` foveal, ``(B, h, w)`` patch) for the learner's contrastive loss.
+    ``gaze_params`` (``(B, 5)`` foveal and oracle, ``(B, h, w)`` patch) for the learner's losses.
+
+    The learner, the drawings and the benchmarks use its ``GazeAPI`` (and ``predict_return``,
+    the ``gaze-predict`` head), not its attributes.
     """
 
     @override(TorchRLModule)
@@ -106,18 +140,14 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             _, fc, fh, fw = self.cnn(torch.zeros(1, channels, height, width)).shape
         self.feature_map_shape = (fc, fh, fw)
 
-        self.attention = cfg["attention"]
-        if self.attention == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
-                                               and TARGET in self.observation_space.spaces):
+        self._attention_kind = cfg["attention"]
+        if self._attention_kind == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
+                                                     and TARGET in self.observation_space.spaces):
             raise ValueError(f"attention='oracle' needs the target's position in the observation "
                              f"(a Dict with a {TARGET!r} key, e.g. the clutter env's expose_target=True); "
                              f"got {self.observation_space}")
-        self.gaze = build_gaze(self.attention, fc, fh, fw, floor=cfg["gaze_floor"],
-                               sigma_min=cfg["gaze_sigma_min"], init_sigma=cfg["gaze_init_sigma"],
-                               rho_max=cfg["gaze_rho_max"], normalization=cfg["gaze_normalization"],
-                               head_init_std=cfg["gaze_head_init_std"], centre=cfg["gaze_centre"],
-                               oracle_sigma=cfg["gaze_oracle_sigma"])
-        self._gaze_rl_gradient = bool(cfg["gaze_rl_gradient"])
+        self.gaze = build_gaze(cfg, fc, fh, fw)
+        self._gaze_rl_gradient = cfg["gaze_rl_gradient"] is not False  # None: see GAZE_DEFAULTS
         self.image_fc = nn.Sequential(nn.Linear(fc * fh * fw, cfg["image_feature_dim"]), nn.ReLU())
         feature_dim = cfg["image_feature_dim"]
         self.state_fc = None
@@ -144,24 +174,33 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             _layer_init(nn.Linear(hidden, 1)),
         )
 
-    def image_features(self, rgb: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, H, W, 3)`` -> the CNN's feature map ``(B, C, h, w)`` the gaze acts on."""
+    @property
+    @override(GazeAPI)
+    def attention_kind(self) -> str:
+        return self._attention_kind
+
+    @override(GazeAPI)
+    def feature_map(self, obs: Observations) -> torch.Tensor:
+        rgb = obs["rgb"] if isinstance(obs, dict) else obs
         x = rgb.permute(0, 3, 1, 2).float()
         if self._scale_image:
             x = x / 255.0
         return self.cnn(x)
 
-    def gaze_weights(self, features: torch.Tensor, obs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention of feature maps ``(B, C, h, w)``: weights ``(B, h, w)`` and the gaze's
-        parameters (``(B, 5)`` foveal and oracle, ``(B, h, w)`` patch). The oracle also needs the
-        observations ``obs`` (their ``"target"``). Only for modules with attention."""
+    @override(GazeAPI)
+    def gaze_weights(self, features: torch.Tensor,
+                     obs: Observations | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gaze is None:
             raise ValueError("this module has attention='none': it has no gaze")
-        if self.attention == "oracle":
+        if self._attention_kind == "oracle":
             return self.gaze.attention_map(features, obs[TARGET])
         return self.gaze.attention_map(features)
 
-    def predict_return(self, features: torch.Tensor, obs: Any) -> torch.Tensor:
+    @override(GazeAPI)
+    def gaze_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gaze is None else list(self.gaze.parameters())
+
+    def predict_return(self, features: torch.Tensor, obs: Observations) -> torch.Tensor:
         """``(B,)`` return predicted from the gaze on detached feature maps ``(B, C, h, w)``: the
         gaze-weighted mean channel vector (what the fovea sees), the centre (where it looks) and
         the state. Its gradient reaches the gaze and the predictor only."""
@@ -171,9 +210,9 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             inputs.append(obs["state"].float())
         return self.gaze_predictor(torch.cat(inputs, dim=-1)).squeeze(-1)
 
-    def encode(self, obs: Any) -> dict[str, torch.Tensor]:
+    def encode(self, obs: Observations) -> dict[str, torch.Tensor]:
         """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
-        pre = self.image_features(obs["rgb"] if isinstance(obs, dict) else obs)
+        pre = self.feature_map(obs)
         out = {PRE_ATTENTION_FEATURES: pre}
         attended = pre
         if self.gaze is not None:

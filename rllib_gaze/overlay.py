@@ -9,7 +9,7 @@ to TensorBoard during training.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,36 +17,45 @@ import torch.nn.functional as F
 
 from rllib_gaze.gaze import gaussian_map
 
+if TYPE_CHECKING:
+    from rllib_gaze.module import GazeAPI
+
+# An observation batch as the envs give it: images (B, H, W, 3) or a dict with "rgb" (B, H, W, 3)
+# (and "state", "target").
+NumpyObservations = np.ndarray | dict[str, np.ndarray]
+
 ELLIPSE_COLOUR = np.array([255, 255, 0], dtype=np.uint8)  # yellow, rare in the scenes
 _HEAT_COLOUR = np.array([255.0, 40.0, 0.0])
 
 
-def module_gaze(module, obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """The gaze of ``module`` (a GazePPOModule with attention) on a batch of observations.
+def module_gaze(module: GazeAPI, obs: NumpyObservations) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gaze of ``module`` (with attention) on a batch of observations.
 
     Args:
         obs: numpy image batch ``(B, H, W, 3)`` or dict with ``"rgb"`` (and ``"state"``, ``"target"``).
 
     Returns:
-        weights ``(B, h, w)`` on the feature map, and the foveal parameters ``(B, 5)`` =
-        (mu_x, mu_y, sigma_x, sigma_y, sigma_xy), or None for patch attention.
+        weights ``(B, h, w)`` on the feature map, and the Gaussian's parameters ``(B, 5)`` =
+        (mu_x, mu_y, sigma_x, sigma_y, sigma_xy) (foveal, oracle), or None for patch attention.
     """
-    if module.gaze is None:
+    if module.attention_kind == "none":
         raise ValueError("this module has attention='none': there is no gaze to draw")
     device = next(module.parameters()).device
     tensors = ({k: torch.as_tensor(np.asarray(v), device=device) for k, v in obs.items()} if isinstance(obs, dict)
                else torch.as_tensor(np.asarray(obs), device=device))
     with torch.no_grad():
-        features = module.image_features(tensors["rgb"] if isinstance(tensors, dict) else tensors)
-        weights, params = module.gaze_weights(features, tensors)
-    return weights.cpu().numpy(), (params.cpu().numpy() if params.dim() == 2 else None)
+        weights, params = module.gaze_weights(module.feature_map(tensors), tensors)
+    return weights.cpu().numpy(), (None if module.attention_kind == "patch" else params.cpu().numpy())
 
 
-def image_weights(weights: np.ndarray, params: np.ndarray | None, height: int, width: int, floor: float = 0.0) -> np.ndarray:
-    """One observation's gaze at image resolution ``(height, width)`` in ``[0, 1]``: the Gaussian
-    redrawn per pixel (foveal) or the cell weights upsampled (patch)."""
+def image_weights(weights: np.ndarray | None, params: np.ndarray | None, height: int, width: int,
+                  floor: float) -> np.ndarray:
+    """One observation's gaze at image resolution ``(height, width)`` in ``[floor, 1]``: the Gaussian
+    of ``params (5,)`` redrawn per pixel with its peak at 1 (foveal, oracle: ``weights`` unused), or
+    the cell weights ``(h, w)`` upsampled (patch: ``params`` None)."""
     if params is not None:
-        return gaussian_map(torch.as_tensor(params, dtype=torch.float32)[None], height, width, floor)[0].numpy()
+        params = torch.as_tensor(params, dtype=torch.float32)[None]
+        return gaussian_map(params, height, width, floor=floor, normalization="peak")[0].numpy()
     t = torch.as_tensor(weights, dtype=torch.float32)[None, None]
     return F.interpolate(t, size=(height, width), mode="nearest")[0, 0].numpy()
 
@@ -79,8 +88,9 @@ def ellipse_pixels(params: np.ndarray, height: int, width: int) -> list[tuple[in
     return sorted(set(zip(rows[inside].tolist(), cols[inside].tolist())))
 
 
-def draw_batch(module, obs: Any, floor: float = 0.0) -> list[np.ndarray]:
-    """Every observation of the batch with the module's gaze drawn on it (``(H, W, 3) uint8`` each)."""
+def draw_batch(module: GazeAPI, obs: NumpyObservations, floor: float) -> list[np.ndarray]:
+    """Every observation of the batch with the module's gaze drawn on it (``(H, W, 3) uint8`` each);
+    ``floor``: the module's ``gaze_floor``, the smallest weight the drawing gives a pixel."""
     rgb = np.asarray(obs["rgb"] if isinstance(obs, dict) else obs)
     weights, params = module_gaze(module, obs)
     height, width = rgb.shape[1:3]
@@ -105,7 +115,7 @@ def tile(images: list[np.ndarray], columns: int, scale: int = 1, gap: int = 2) -
     return sheet
 
 
-def fixed_observations(env_name: str, env_config: dict, count: int, seed: int) -> Any:
+def fixed_observations(env_name: str, env_config: dict, count: int, seed: int) -> NumpyObservations:
     """``count`` first observations of the registered env ``env_name``, reset with ``seed``: the same
     scenes every time, so drawings from different iterations compare."""
     from rllib_gaze.envs import make_env

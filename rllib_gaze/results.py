@@ -17,12 +17,12 @@ LEARNER = ("learners", "default_policy")
 
 # The learner's own metrics, under LEARNER (docs/method.md says what each means).
 CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY = "contrastive_active_triplet_frac"
-CONTRASTIVE_BUFFER_FILL_KEY = "contrastive_buffer_fill"
 CONTRASTIVE_COS_AN_KEY = "contrastive_cos_an"
 CONTRASTIVE_COS_AP_KEY = "contrastive_cos_ap"
 CONTRASTIVE_COS_GAP_KEY = "contrastive_cos_gap"
 CONTRASTIVE_LABEL_AGREEMENT_KEY = "contrastive_label_agreement"
 CONTRASTIVE_LOSS_KEY = "contrastive_loss"
+CONTRASTIVE_MEMORY_FILL_KEY = "contrastive_memory_fill"
 CONTRASTIVE_RETURN_SPREAD_KEY = "contrastive_return_spread"
 CONTRASTIVE_RETURN_THRESHOLD_KEY = "contrastive_return_threshold"
 CONTRASTIVE_VALID_ANCHOR_FRAC_KEY = "contrastive_valid_anchor_frac"

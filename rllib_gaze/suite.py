@@ -45,7 +45,7 @@ class Task:
     gamma: float = 0.8
     eval_interval: int = 10      # iterations between evaluations
     eval_episodes: int = 16      # ppo_rgb's num_eval_envs: one episode per eval sub-env
-    gaze: dict = field(default_factory=dict)  # .gaze() settings shared by every arm (buffer size...)
+    gaze: dict = field(default_factory=dict)  # .gaze() settings shared by every arm (memory size...)
 
     def batch_size(self, num_env_runners: int) -> int:
         return self.num_envs * self.rollout_length * max(1, num_env_runners)
@@ -83,7 +83,7 @@ PAPER_CLUTTER = 8  # distractor objects in the cluttered variants
 DIAGNOSTIC = Task(
     "clutter", CLUTTER, {"image_size": 64, "num_distractors": 4, "expose_target": True}, budget=196_608,
     num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8, eval_episodes=32,
-    gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096, "gaze_image_interval": 32},
+    gaze={"contrastive_num_anchors": 128, "contrastive_memory_capacity": 4096, "gaze_image_interval": 32},
 )
 
 # The diagnostic where one fovea is enough: 96 px (an 8 x 8 map), the agent's position in the
@@ -95,7 +95,7 @@ FOVEA = Task(
                        "expose_target": True},
     budget=98_304, num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8,
     eval_episodes=32,
-    gaze={"contrastive_num_anchors": 128, "contrastive_buffer_capacity": 4096, "gaze_image_interval": 32},
+    gaze={"contrastive_num_anchors": 128, "contrastive_memory_capacity": 4096, "gaze_image_interval": 32},
 )
 
 TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC, FOVEA.name: FOVEA}
@@ -124,11 +124,11 @@ PRESETS: dict[str, Preset] = {
         tasks=(
             dataclasses.replace(DIAGNOSTIC, budget=3 * 256, num_envs=16, rollout_length=16, num_epochs=1,
                                 num_minibatches=2, eval_interval=1, eval_episodes=4,  # no gaze images
-                                gaze={"contrastive_num_anchors": 32, "contrastive_buffer_capacity": 512}),
+                                gaze={"contrastive_num_anchors": 32, "contrastive_memory_capacity": 512}),
             Task("PushCube-v1", MANISKILL, {"env_id": "PushCube-v1", "camera_size": 64, "sim_backend": "physx_cpu"},
                  budget=2 * 32, num_envs=2, rollout_length=16, num_epochs=1, num_minibatches=2,
                  eval_interval=1, eval_episodes=2,
-                 gaze={"contrastive_num_anchors": 16, "contrastive_buffer_capacity": 64}),
+                 gaze={"contrastive_num_anchors": 16, "contrastive_memory_capacity": 64}),
         ),
         seeds=(0,),
     ),
@@ -180,7 +180,8 @@ def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConf
         GazePPOConfig()
         .environment(task.env, env_config=env_config)
         .env_runners(num_env_runners=runners, num_envs_per_env_runner=task.num_envs,
-                     rollout_fragment_length=task.rollout_length, num_gpus_per_env_runner=preset.num_gpus_per_env_runner,
+                     rollout_fragment_length=task.rollout_length,
+                     num_gpus_per_env_runner=preset.num_gpus_per_env_runner,
                      gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=0, num_gpus_per_learner=preset.num_gpus_per_learner)
         .training(train_batch_size_per_learner=batch, minibatch_size=batch // task.num_minibatches,
@@ -208,7 +209,7 @@ def param_space(preset: Preset) -> dict[str, Any]:
     for key in space:
         if any(cfg.get(key) != space[key] for cfg in per_trial.values()):
             space[key] = tune.sample_from(
-                lambda spec, key=key: per_trial[(spec.config["task"], spec.config["arm"])][key])
+                lambda config, key=key: per_trial[(config["task"], config["arm"])][key])
     space["task"] = tune.grid_search([t.name for t in preset.tasks])
     space["arm"] = tune.grid_search(list(preset.arms))
     space["seed"] = tune.grid_search(list(preset.seeds))
@@ -274,5 +275,6 @@ def _duration(seconds: float) -> str:
 
 def planned_steps(preset: Preset) -> int:
     """Env steps the whole preset trains for (every task x arm x seed)."""
-    per_seed_arm = sum(t.iterations(preset.num_env_runners) * t.batch_size(preset.num_env_runners) for t in preset.tasks)
+    runners = preset.num_env_runners
+    per_seed_arm = sum(t.iterations(runners) * t.batch_size(runners) for t in preset.tasks)
     return per_seed_arm * len(preset.arms) * len(preset.seeds)

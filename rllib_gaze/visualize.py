@@ -17,15 +17,21 @@ import json
 import os
 import pickle
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from rllib_gaze.envs import BatchedEnvBridge
+    from rllib_gaze.module import GazePPOModule
 
 MODULE_PATH = os.path.join("learner_group", "learner", "rl_module", "default_policy")
 SHEET_COLUMNS = 8
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str) -> tuple[GazePPOModule, str, dict]:
     """``(module, env_name, env_config)`` of an algorithm checkpoint, failing with what it expected."""
     module_dir = os.path.join(path, MODULE_PATH)
     ctor_file = os.path.join(path, "class_and_ctor_args.pkl")
@@ -44,7 +50,8 @@ def load_checkpoint(path: str):
     return module, config["env"], dict(config.get("env_config") or {})
 
 
-def rollout(module, env, progress=print) -> tuple[list[list[np.ndarray]], list[dict]]:
+def rollout(module: GazePPOModule, env: BatchedEnvBridge,
+            progress: Callable[[str], None] = print) -> tuple[list[list[np.ndarray]], list[dict]]:
     """Runs every sub-env of ``env`` (a BatchedEnvBridge with ``ignore_terminations``) for one episode
     with the policy's deterministic actions. Returns frames per episode (``(H, W, 3)`` uint8 with the
     gaze drawn) and ``{"success": bool, "return": float, "length": int}`` per episode."""
@@ -58,7 +65,7 @@ def rollout(module, env, progress=print) -> tuple[list[list[np.ndarray]], list[d
     done = np.zeros(n, bool)
     step = 0
     while not done.all():
-        for i, image in enumerate(draw_batch(module, obs, module.model_config.get("gaze_floor", 0.0))):
+        for i, image in enumerate(draw_batch(module, obs, module.model_config["gaze_floor"])):
             if not done[i]:
                 frames[i].append(image)
         with torch.no_grad():
@@ -75,7 +82,8 @@ def rollout(module, env, progress=print) -> tuple[list[list[np.ndarray]], list[d
         step += 1
         if step % 10 == 0 or done.all():
             progress(f"[visualize] step {step}: {int(done.sum())}/{n} episodes finished")
-    return frames, [{"success": bool(s), "return": float(r), "length": int(k)} for s, r, k in zip(success, returns, length)]
+    episodes = [{"success": bool(s), "return": float(r), "length": int(k)} for s, r, k in zip(success, returns, length)]
+    return frames, episodes
 
 
 def _to_tensor(obs):
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         module, env_name, env_config = load_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         p.error(str(e))
-    if module.gaze is None:
+    if module.attention_kind == "none":
         p.error(f"{args.checkpoint!r} was trained with attention='none' (plain PPO): it has no gaze to draw")
     env_name = args.env or env_name
     env_config = evaluation_env_config(env_name, {**env_config, **(args.env_config or {})})

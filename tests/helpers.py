@@ -28,6 +28,6 @@ def tiny_config(attention: str = "foveal", contrastive: bool = True, **gaze) -> 
         .rl_module(model_config={"conv_filters": ((16, 8, 4), (32, 4, 2), (32, 3, 1)),
                                  "head_hidden": 64, "image_feature_dim": 64})
         .gaze(**{"attention": attention, "contrastive": contrastive, "contrastive_num_anchors": 32,
-                 "contrastive_buffer_capacity": 512, "contrastive_k": 8, **gaze})
+                 "contrastive_memory_capacity": 512, "contrastive_k": 8, **gaze})
         .debugging(seed=0)
     )

@@ -3,8 +3,9 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.tune.registry import get_trainable_cls
 
 from rllib_gaze import GazePPO, GazePPOConfig
+from rllib_gaze.gaze import GAZE_DEFAULTS
 from rllib_gaze.learner import GazePPOLearner
-from rllib_gaze.module import GazePPOModule
+from rllib_gaze.module import DEFAULT_MODEL_CONFIG, GazePPOModule
 
 
 def test_defaults_mirror_ppo_rgb():
@@ -14,6 +15,23 @@ def test_defaults_mirror_ppo_rgb():
     assert (c.num_envs_per_env_runner, c.rollout_fragment_length) == (512, 50)
     assert c.train_batch_size_per_learner == 25_600 and c.minibatch_size == 800
     assert c.adam_eps == 1e-5
+
+
+def test_config_and_module_take_the_gaze_defaults_from_one_place():
+    c = GazePPOConfig()
+    assert {key: getattr(c, key) for key in GAZE_DEFAULTS} == GAZE_DEFAULTS
+    assert {key: DEFAULT_MODEL_CONFIG[key] for key in GAZE_DEFAULTS} == GAZE_DEFAULTS
+    assert {key: c.model_config[key] for key in GAZE_DEFAULTS} == {
+        **GAZE_DEFAULTS, "gaze_rl_gradient": False}  # None resolved: the contrastive loss trains the gaze
+
+
+def test_adam_eps_is_a_training_setting():
+    c = GazePPOConfig().training(adam_eps=1e-4, lr=1e-3)
+    assert (c.adam_eps, c.lr) == (1e-4, 1e-3)
+    with pytest.raises(TypeError, match="adam_eps"):
+        GazePPOConfig().gaze(adam_eps=1e-4)
+    with pytest.raises(ValueError, match=r"adam_eps=0.0 must be > 0"):
+        GazePPOConfig().environment("clutter").training(adam_eps=0.0).validate()
 
 
 def test_plain_ppo_arm_differs_only_in_the_gaze_settings():
@@ -36,27 +54,33 @@ def test_registered_for_tune_by_name():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"attention": "spotlight"}, r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'none'\)"),
+    ({"attention": "spotlight"},
+     r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'none'\)"),
     ({"attention": "oracle", "contrastive": True}, r"contrastive=True needs a trainable attention.*attention='oracle'"),
     ({"gaze_normalization": "sum"}, r"gaze_normalization='sum' is not known; allowed values are \('peak', 'mean'\)"),
     ({"gaze_head_init_std": 0.0}, r"gaze_head_init_std=0.0 must be > 0"),
     ({"gaze_oracle_sigma": -1.0}, r"gaze_oracle_sigma=-1.0 must be > 0"),
     ({"gaze_centre": "peak"}, r"gaze_centre='peak' is not known; allowed values are \('mlp', 'soft_argmax'\)"),
-    ({"gaze_rl_gradient": False, "contrastive": False}, r"gaze_rl_gradient=False with contrastive=False leaves the foveal gaze untrained"),
+    ({"gaze_rl_gradient": False, "contrastive": False},
+     r"gaze_rl_gradient=False with contrastive=False leaves the foveal gaze untrained"),
     ({"gaze_lr": 0.0}, r"gaze_lr=0.0 must be > 0 \(or None"),
     ({"gaze_adam_eps": 0.0}, r"gaze_adam_eps=0.0 must be > 0"),
-    ({"contrastive_similarity": "dot"}, r"contrastive_similarity='dot' is not known; allowed values are \('map', 'centred_map', 'glimpse'\)"),
-    ({"contrastive_triplet_gaze": "both"}, r"contrastive_triplet_gaze='both' is not known; allowed values are \('anchor', 'each'\)"),
-    ({"contrastive_return": "episode"}, r"contrastive_return=.episode. is not known; allowed values are \(.value_target., .value., .return_to_go.\)"),
+    ({"contrastive_similarity": "dot"},
+     r"contrastive_similarity='dot' is not known; allowed values are \('map', 'centred_map', 'glimpse'\)"),
+    ({"contrastive_triplet_gaze": "both"},
+     r"contrastive_triplet_gaze='both' is not known; allowed values are \('anchor', 'each'\)"),
+    ({"contrastive_return": "episode"},
+     r"contrastive_return=.episode. is not known; allowed values are \(.value_target., .value., .return_to_go.\)"),
     ({"contrastive_gamma": 1.5}, r"contrastive_gamma=1.5 must be in \[0, 1\]"),
     ({"contrastive_margin": -0.1}, r"contrastive_margin=-0.1 must be >= 0"),
     ({"attention": "none", "contrastive": True}, r"contrastive=True needs a trainable attention"),
     ({"contrastive_k": 0}, r"contrastive_k=0 must be >= 1"),
-    ({"contrastive_buffer_capacity": 100, "contrastive_num_anchors": 256},
-     r"contrastive_buffer_capacity=100 is smaller than one triplet batch \(contrastive_num_anchors=256\)"),
+    ({"contrastive_memory_capacity": 100, "contrastive_num_anchors": 256},
+     r"contrastive_memory_capacity=100 is smaller than one triplet batch \(contrastive_num_anchors=256\)"),
     ({"return_quantile": 1.0}, r"return_quantile=1.0 must be in the open interval \(0, 1\)"),
     ({"return_quantile": 0.0}, r"return_quantile=0.0 must be in the open interval \(0, 1\)"),
-    ({"label_rule": "median"}, r"label_rule='median' is not known; allowed values are \('threshold', 'above', 'relative'\)"),
+    ({"label_rule": "median"},
+     r"label_rule='median' is not known; allowed values are \('threshold', 'above', 'relative'\)"),
     ({"gaze_floor": 1.0}, r"gaze_floor=1.0 must be in \[0, 1\)"),
     ({"contrastive_coeff": -1.0}, r"contrastive_coeff=-1.0 must be >= 0"),
     ({"mining_pool": 0}, r"mining_pool=0 must be an integer >= 1"),
@@ -69,7 +93,8 @@ def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
 
 def test_attention_set_behind_gaze_s_back_is_refused():
     config = GazePPOConfig().environment("clutter").rl_module(model_config={"attention": "patch"})
-    with pytest.raises(ValueError, match=r"model_config\['attention'\]='patch' disagrees with .gaze\(attention='foveal'\)"):
+    disagreement = r"model_config\['attention'\]='patch' disagrees with .gaze\(attention='foveal'\)"
+    with pytest.raises(ValueError, match=disagreement):
         config.validate()
 
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from rllib_gaze.contrastive import (
-    FeatureReturnBuffer,
+    FeatureReturnMemory,
     attended_cosine,
     gaze_similarity,
+    gaze_triplet_loss,
     glimpse_cosine,
     mine_triplets,
     nearest_neighbours,
@@ -18,39 +19,39 @@ def maps(rows):
     return torch.as_tensor(rows, dtype=torch.float32).view(len(rows), -1, 1, 1)
 
 
-def buffer_of(rows, returns, capacity=None):
+def memory_of(rows, returns, capacity=None):
     m = maps(rows)
-    buf = FeatureReturnBuffer(capacity or len(m), m.shape[1:])
-    buf.push(m, torch.as_tensor(returns, dtype=torch.float32))
-    return buf
+    memory = FeatureReturnMemory(capacity or len(m), m.shape[1:])
+    memory.push(m, torch.as_tensor(returns, dtype=torch.float32))
+    return memory
 
 
-def test_buffer_is_a_ring_that_keeps_the_newest_rows():
-    buf = FeatureReturnBuffer(4, (2, 1, 1))
-    buf.push(maps(torch.arange(6.0).view(3, 2)), torch.tensor([0.0, 1.0, 2.0]))
-    buf.push(maps(torch.arange(6.0, 12.0).view(3, 2)), torch.tensor([3.0, 4.0, 5.0]))
-    stored, keys, rets = buf.filled()
-    assert len(buf) == 4
+def test_memory_is_a_ring_that_keeps_the_newest_rows():
+    memory = FeatureReturnMemory(4, (2, 1, 1))
+    memory.push(maps(torch.arange(6.0).view(3, 2)), torch.tensor([0.0, 1.0, 2.0]))
+    memory.push(maps(torch.arange(6.0, 12.0).view(3, 2)), torch.tensor([3.0, 4.0, 5.0]))
+    stored, keys, rets = memory.filled()
+    assert len(memory) == 4
     assert sorted(rets.tolist()) == [2.0, 3.0, 4.0, 5.0]
     assert torch.allclose(keys, torch.nn.functional.normalize(stored.flatten(1), dim=1))
-    buf.push(torch.zeros(9, 2, 1, 1), torch.full((9,), 7.0))  # more rows than capacity
-    assert len(buf) == 4 and torch.all(buf.filled()[2] == 7.0)
+    memory.push(torch.zeros(9, 2, 1, 1), torch.full((9,), 7.0))  # more rows than capacity
+    assert len(memory) == 4 and torch.all(memory.filled()[2] == 7.0)
 
 
-def test_buffer_state_round_trip():
-    buf = buffer_of(torch.randn(5, 3), torch.arange(5.0), capacity=8)
-    other = FeatureReturnBuffer(8, (3, 1, 1))
-    other.load_state_dict(buf.state_dict())
+def test_memory_state_round_trip():
+    memory = memory_of(torch.randn(5, 3), torch.arange(5.0), capacity=8)
+    other = FeatureReturnMemory(8, (3, 1, 1))
+    other.load_state_dict(memory.state_dict())
     assert len(other) == 5
-    assert torch.equal(other.filled()[0], buf.filled()[0]) and torch.equal(other.filled()[2], buf.filled()[2])
+    assert torch.equal(other.filled()[0], memory.filled()[0]) and torch.equal(other.filled()[2], memory.filled()[2])
 
 
-def test_wrapped_buffer_state_is_oldest_first_and_fits_another_capacity():
-    buf = buffer_of(torch.randn(6, 2), torch.arange(6.0), capacity=4)  # rows 2..5 kept, the ring wrapped
-    assert buf.state_dict()["returns"].tolist() == [2.0, 3.0, 4.0, 5.0]
-    smaller, larger = FeatureReturnBuffer(3, (2, 1, 1)), FeatureReturnBuffer(8, (2, 1, 1))
-    smaller.load_state_dict(buf.state_dict())
-    larger.load_state_dict(buf.state_dict())
+def test_wrapped_memory_state_is_oldest_first_and_fits_another_capacity():
+    memory = memory_of(torch.randn(6, 2), torch.arange(6.0), capacity=4)  # rows 2..5 kept, the ring wrapped
+    assert memory.state_dict()["returns"].tolist() == [2.0, 3.0, 4.0, 5.0]
+    smaller, larger = FeatureReturnMemory(3, (2, 1, 1)), FeatureReturnMemory(8, (2, 1, 1))
+    smaller.load_state_dict(memory.state_dict())
+    larger.load_state_dict(memory.state_dict())
     assert sorted(smaller.filled()[2].tolist()) == [3.0, 4.0, 5.0]  # the newest rows
     assert sorted(larger.filled()[2].tolist()) == [2.0, 3.0, 4.0, 5.0] and len(larger) == 4
     larger.push(torch.zeros(1, 2, 1, 1), torch.tensor([9.0]))      # no stale rows counted
@@ -78,7 +79,7 @@ def test_chunked_neighbour_search_is_exact(chunk_size):
 
 
 def constructed_set():
-    """Buffer rows: directions around the circle; returns chosen so the right triplets are known.
+    """Memory rows: directions around the circle; returns chosen so the right triplets are known.
 
     Anchor 0 points along e0. Its neighbours by similarity: row 0 (e0, return 1), row 1 (close, return 0),
     row 2 (further, return 1), row 3 (opposite, return 0).
@@ -86,13 +87,13 @@ def constructed_set():
     e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     rows = torch.stack([e0, e0 + 0.2 * e1, e0 + 0.6 * e1, -e0])
     rets = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    return buffer_of(rows, rets)
+    return memory_of(rows, rets)
 
 
 def test_mining_finds_the_known_triplets():
-    buf = constructed_set()
+    memory = constructed_set()
     anchors = maps([[1.0, 0.0], [1.0, 0.3]])
-    t = mine_triplets(anchors, torch.tensor([1.0, 0.0]), buf, k=3, threshold=0.5)
+    t = mine_triplets(anchors, torch.tensor([1.0, 0.0]), memory, k=3, threshold=0.5)
     assert t.anchor.tolist() == [0, 1]
     # high-return anchor: nearest same-side neighbour is row 0, nearest other-side row 1
     # low-return anchor at 16.7 degrees: rows by angle 11.3 (row 1), 31.0 (row 2), 0 (row 0);
@@ -103,28 +104,28 @@ def test_mining_finds_the_known_triplets():
 
 
 def test_anchors_without_a_negative_among_k_neighbours_are_dropped():
-    buf = constructed_set()
-    t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([1.0]), buf, k=1, threshold=0.5)
+    memory = constructed_set()
+    t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([1.0]), memory, k=1, threshold=0.5)
     assert t.anchor.numel() == 0 and t.valid_fraction == 0.0
 
 
 def test_relative_rule_labels_by_distance_to_the_anchor_return():
-    buf = buffer_of([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2]], [0.9, 0.5, 0.1])
-    t = mine_triplets(maps([[1.0, 0.05]]), torch.tensor([0.55]), buf, k=3,
+    memory = memory_of([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2]], [0.9, 0.5, 0.1])
+    t = mine_triplets(maps([[1.0, 0.05]]), torch.tensor([0.55]), memory, k=3,
                       label_rule="relative", relative_gap=0.1)
     assert t.positive.tolist() == [1]          # |0.5 - 0.55| <= 0.1
     assert t.negative.tolist() == [0]          # nearest of the rest
 
 
 @pytest.mark.parametrize("case", ["empty", "all_equal", "fewer_than_k"])
-def test_degenerate_buffers_give_no_triplets_not_errors(case):
+def test_degenerate_memories_give_no_triplets_not_errors(case):
     if case == "empty":
-        buf = FeatureReturnBuffer(8, (2, 1, 1))
+        memory = FeatureReturnMemory(8, (2, 1, 1))
     elif case == "all_equal":
-        buf = buffer_of(torch.randn(6, 2), torch.ones(6))
+        memory = memory_of(torch.randn(6, 2), torch.ones(6))
     else:
-        buf = buffer_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
-    t = mine_triplets(maps(torch.randn(3, 2)), torch.ones(3), buf, k=16, threshold=0.5)
+        memory = memory_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
+    t = mine_triplets(maps(torch.randn(3, 2)), torch.ones(3), memory, k=16, threshold=0.5)
     if case == "fewer_than_k":
         assert t.anchor.numel() == 3     # k clipped to the two rows, both labels present
     else:
@@ -181,20 +182,21 @@ def test_loss_and_gradients_stay_finite_for_random_and_extreme_maps(seed):
 
 def test_above_rule_labels_by_the_threshold_whatever_the_anchor():
     # neighbours of the anchor in order of similarity: returns 0.1 (low), 0.9 (high)
-    buf = buffer_of([[1.0, 0.1], [1.0, 0.3]], [0.1, 0.9])
+    memory = memory_of([[1.0, 0.1], [1.0, 0.3]], [0.1, 0.9])
     for anchor_return in (0.0, 1.0):
-        t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([anchor_return]), buf, k=2,
+        t = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([anchor_return]), memory, k=2,
                           label_rule="above", threshold=0.5)
         assert (t.positive.tolist(), t.negative.tolist()) == ([1], [0])
-    same_side = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([0.0]), buf, k=2, label_rule="threshold", threshold=0.5)
+    same_side = mine_triplets(maps([[1.0, 0.0]]), torch.tensor([0.0]), memory, k=2, label_rule="threshold",
+                              threshold=0.5)
     assert (same_side.positive.tolist(), same_side.negative.tolist()) == ([0], [1])
 
 
 def test_label_agreement_counts_anchors_labelled_as_their_nearest_neighbour():
-    buf = buffer_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
+    memory = memory_of([[1.0, 0.0], [0.0, 1.0]], [1.0, 0.0])
     anchors = maps([[1.0, 0.1], [1.0, 0.2], [0.1, 1.0], [0.2, 1.0]])
     # nearest neighbours: rows 0, 0, 1, 1 (returns 1, 1, 0, 0); anchors' own labels high, low, low, high
-    t = mine_triplets(anchors, torch.tensor([1.0, 0.0, 0.0, 1.0]), buf, k=1, threshold=0.5)
+    t = mine_triplets(anchors, torch.tensor([1.0, 0.0, 0.0, 1.0]), memory, k=1, threshold=0.5)
     assert t.label_agreement == pytest.approx(0.5)
 
 
@@ -209,10 +211,30 @@ def test_glimpse_is_the_cosine_of_the_gaze_weighted_mean_channel_vectors():
     # centred: the mean map is subtracted from both maps first
     m = torch.randn(5, 4, 4)
     assert torch.allclose(gaze_similarity("glimpse", x, y, wx, wy, m), glimpse_cosine(x - m, y - m, wx, wy), atol=1e-6)
-    assert torch.allclose(gaze_similarity("centred_map", x, y, wx, wy, m), attended_cosine(x - m, y - m, wx, wy), atol=1e-6)
+    assert torch.allclose(gaze_similarity("centred_map", x, y, wx, wy, m), attended_cosine(x - m, y - m, wx, wy),
+                          atol=1e-6)
     assert torch.allclose(gaze_similarity("map", x, y, wx, wy, m), attended_cosine(x, y, wx, wy), atol=1e-6)
     with pytest.raises(ValueError, match="similarity='dot'"):
         gaze_similarity("dot", x, y, wx, wy)
+
+
+@pytest.mark.parametrize("triplet_gaze", ["anchor", "each"])
+def test_gaze_triplet_loss_weighs_all_three_by_the_anchors_gaze_or_each_by_its_own(triplet_gaze):
+    torch.manual_seed(0)
+    a, p, n = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+
+    def gaze(maps):  # weights that depend on the map: a softmax of channel 0 over the cells
+        weights = torch.softmax(maps[:, 0].flatten(1), 1).view(-1, 5, 5)
+        return weights, weights
+
+    loss, active, cos_ap, cos_an = gaze_triplet_loss(gaze, a, p, n, similarity="map", triplet_gaze=triplet_gaze,
+                                                     margin=0.2)
+    w_a = gaze(a)[0]
+    w_p, w_n = (w_a, w_a) if triplet_gaze == "anchor" else (gaze(p)[0], gaze(n)[0])
+    assert torch.allclose(cos_ap, attended_cosine(a, p, w_a, w_p))
+    assert torch.allclose(cos_an, attended_cosine(a, n, w_a, w_n))
+    expected_loss, expected_active = triplet_margin_loss(cos_ap, cos_an, margin=0.2)
+    assert torch.allclose(loss, expected_loss) and torch.equal(active, expected_active)
 
 
 def test_glimpse_gradient_moves_the_fovea_to_where_positive_and_negative_differ():
@@ -229,7 +251,7 @@ def test_glimpse_gradient_moves_the_fovea_to_where_positive_and_negative_differ(
     negative[:, 0, :, :4] = 0.0
     negative[:, 1, :, :4] = 1.0         # left half differs: channel 1 instead of 0
     centre = torch.tensor([[0.3, 0.0, 0.6, 0.6, 0.0]], requires_grad=True)
-    weights = draw(centre, h, w)
+    weights = draw(centre, h, w, floor=0.0, normalization="peak")
     loss, _ = triplet_margin_loss(glimpse_cosine(anchor, positive, weights, weights),
                                   glimpse_cosine(anchor, negative, weights, weights), margin=0.5)
     loss.backward()
@@ -251,10 +273,10 @@ def test_centred_search_ranks_neighbours_by_the_cosine_of_maps_minus_the_mean_ma
     offset = torch.full((1, 6), 10.0)                         # what every scene shares (background)
     bank = offset + torch.rand(40, 6)
     anchors = offset + torch.rand(8, 6)
-    buf = buffer_of(bank.tolist(), torch.arange(40.0) % 2)
-    mean = buf.filled()[0].mean(0)
-    t = mine_triplets(maps(anchors.tolist()), torch.zeros(8), buf, k=1, threshold=0.5, centre=mean,
-                      bank_keys=search_keys(buf.filled()[0] - mean))
+    memory = memory_of(bank.tolist(), torch.arange(40.0) % 2)
+    mean = memory.filled()[0].mean(0)
+    t = mine_triplets(maps(anchors.tolist()), torch.zeros(8), memory, k=1, threshold=0.5, centre=mean,
+                      bank_keys=search_keys(memory.filled()[0] - mean))
     centred_nn = torch.nn.functional.normalize(anchors - mean.view(1, -1), dim=1) @ \
         torch.nn.functional.normalize(bank - mean.view(1, -1), dim=1).T
     raw_nn = torch.nn.functional.normalize(anchors, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T

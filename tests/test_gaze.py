@@ -3,11 +3,20 @@ import math
 import pytest
 import torch
 
-from rllib_gaze.gaze import FovealGaze, PatchGaze, build_gaze, cell_centres, gaussian_map
+from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze, cell_centres, gaussian_map, gaze_settings_errors
 
 
 def params(mu_x, mu_y, sx, sy, sxy):
     return torch.tensor([[mu_x, mu_y, sx, sy, sxy]], dtype=torch.float64)
+
+
+def peak_map(p, height, width, floor=0.0):
+    """The Gaussian with its peak at 1 (``normalization="peak"``)."""
+    return gaussian_map(p, height, width, floor=floor, normalization="peak")
+
+
+def foveal(in_channels, height, width, **settings):
+    return build_gaze({"attention": "foveal", **settings}, in_channels, height, width)
 
 
 def value_at(m, ys, xs, x, y):
@@ -22,7 +31,7 @@ def test_cell_centres_span_minus_one_to_one():
 
 def test_peak_is_one_at_the_centre():
     ys, xs = cell_centres(8, 8, dtype=torch.float64)
-    m = gaussian_map(params(xs[5].item(), ys[2].item(), 0.3, 0.5, 0.0), 8, 8)
+    m = peak_map(params(xs[5].item(), ys[2].item(), 0.3, 0.5, 0.0), 8, 8)
     assert m.max().item() == pytest.approx(1.0)
     assert m[0, 2, 5].item() == pytest.approx(1.0)
     assert torch.all(m <= 1.0)
@@ -32,7 +41,7 @@ def test_value_at_one_sigma_is_exp_minus_half():
     ys, xs = cell_centres(8, 8, dtype=torch.float64)
     sx = (xs[6] - xs[3]).item()      # one sigma along x lands exactly on a cell centre
     sy = (ys[5] - ys[3]).item()
-    m = gaussian_map(params(xs[3].item(), ys[3].item(), sx, sy, 0.0), 8, 8)
+    m = peak_map(params(xs[3].item(), ys[3].item(), sx, sy, 0.0), 8, 8)
     assert m[0, 3, 6].item() == pytest.approx(math.exp(-0.5))
     assert m[0, 5, 3].item() == pytest.approx(math.exp(-0.5))
     # two sigmas along y
@@ -42,7 +51,7 @@ def test_value_at_one_sigma_is_exp_minus_half():
 def test_correlation_rotates_the_ellipse():
     ys, xs = cell_centres(9, 9, dtype=torch.float64)
     s, rho = (xs[2] - xs[0]).item(), 0.6
-    m = gaussian_map(params(xs[4].item(), ys[4].item(), s, s, rho * s * s), 9, 9)
+    m = peak_map(params(xs[4].item(), ys[4].item(), s, s, rho * s * s), 9, 9)
     # At (+s, +s) the Mahalanobis distance squared is 2 / (1 + rho); at (+s, -s) it is 2 / (1 - rho).
     assert m[0, 6, 6].item() == pytest.approx(math.exp(-1.0 / (1 + rho)))
     assert m[0, 2, 6].item() == pytest.approx(math.exp(-1.0 / (1 - rho)))
@@ -53,13 +62,14 @@ def test_correlation_rotates_the_ellipse():
 
 
 def test_floor_bounds_every_weight():
-    m = gaussian_map(params(0.9, 0.9, 0.05, 0.05, 0.0), 12, 12, floor=0.2)
+    m = peak_map(params(0.9, 0.9, 0.05, 0.05, 0.0), 12, 12, floor=0.2)
     assert m.min().item() == pytest.approx(0.2, abs=1e-6)
     assert m.max().item() <= 1.0
 
 
 def test_foveal_starts_centred_and_wide():
-    gaze = FovealGaze(16, 6, 6, init_sigma=1.0)
+    # a small output-layer std, so each observation starts within 0.05 of the bias's decoded gaze
+    gaze = foveal(16, 6, 6, gaze_init_sigma=1.0, gaze_head_init_std=1e-3)
     _, p = gaze(torch.rand(4, 16, 6, 6))
     assert torch.allclose(p[:, :2], torch.zeros(4, 2), atol=0.05)
     assert torch.allclose(p[:, 2:4], torch.ones(4, 2), atol=0.05)
@@ -67,18 +77,19 @@ def test_foveal_starts_centred_and_wide():
 
 
 def test_foveal_weights_every_channel_of_a_cell_alike():
-    gaze = FovealGaze(5, 6, 7)
+    gaze = foveal(5, 6, 7)
     x = torch.rand(3, 5, 6, 7) + 0.5
     attended, p = gaze(x)
     ratio = attended / x
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))
-    assert torch.allclose(ratio[:, 0], gaussian_map(p, 6, 7))
+    expected = gaussian_map(p, 6, 7, floor=0.0, normalization=GAZE_DEFAULTS["gaze_normalization"])
+    assert torch.allclose(ratio[:, 0], expected)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1.0, 1e3, 1e6, 1e12, 1e30])
 def test_foveal_covariance_positive_definite_and_everything_finite(scale):
     torch.manual_seed(0)
-    gaze = FovealGaze(8, 5, 5, rho_max=0.95)
+    gaze = foveal(8, 5, 5, gaze_rho_max=0.95)
     with torch.no_grad():  # extreme head weights push the raw outputs to saturation
         gaze.head.out.weight.normal_(std=10.0)
     x = (torch.randn(16, 8, 5, 5) * scale).requires_grad_(True)
@@ -93,7 +104,7 @@ def test_foveal_covariance_positive_definite_and_everything_finite(scale):
 
 
 def test_patch_weights_per_cell_in_range():
-    gaze = PatchGaze(4, 3, 5, floor=0.1)
+    gaze = build_gaze({"attention": "patch", "gaze_floor": 0.1}, 4, 3, 5)
     x = torch.rand(2, 4, 3, 5) + 0.1
     attended, w = gaze(x)
     assert w.shape == (2, 3, 5)
@@ -102,21 +113,30 @@ def test_patch_weights_per_cell_in_range():
 
 
 def test_build_gaze_rejects_unknown_mode():
-    assert build_gaze("none", 4, 3, 3) is None
+    assert build_gaze({"attention": "none"}, 4, 3, 3) is None
     with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'oracle', 'none'"):
-        build_gaze("spotlight", 4, 3, 3)
+        build_gaze({"attention": "spotlight"}, 4, 3, 3)
+
+
+def test_the_defaults_pass_the_checks_and_build_refuses_naming_every_bad_value():
+    assert gaze_settings_errors(GAZE_DEFAULTS) == []
+    with pytest.raises(ValueError) as refused:
+        build_gaze({"gaze_floor": 1.0, "gaze_normalization": "sum", "gaze_centre": "peak",
+                    "gaze_sigma_min": 2.0}, 4, 3, 3)
+    for text in ("gaze_floor=1.0 must be in [0, 1)", "gaze_normalization='sum' is not known",
+                 "('peak', 'mean')", "gaze_centre='peak' is not known", "('mlp', 'soft_argmax')",
+                 "gaze_sigma_min=2.0, gaze_init_sigma=1.0: need 0 < gaze_sigma_min < gaze_init_sigma"):
+        assert text in str(refused.value), str(refused.value)
 
 
 def test_mean_normalisation_fixes_the_total_weight_so_widening_is_not_free():
-    narrow = gaussian_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8, normalization="mean")
-    wide = gaussian_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8, normalization="mean")
+    narrow = gaussian_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8, floor=0.0, normalization="mean")
+    wide = gaussian_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8, floor=0.0, normalization="mean")
     assert narrow.mean().item() == pytest.approx(1.0) and wide.mean().item() == pytest.approx(1.0)
     assert narrow.max() > 4 * wide.max()       # the narrow fovea concentrates the same total weight
-    peak_wide = gaussian_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8)
-    peak_narrow = gaussian_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8)
+    peak_wide = peak_map(params(0.0, 0.0, 2.0, 2.0, 0.0), 8, 8)
+    peak_narrow = peak_map(params(0.0, 0.0, 0.2, 0.2, 0.0), 8, 8)
     assert torch.all(peak_wide >= peak_narrow)  # peak-1: widening raises every cell's weight
-    with pytest.raises(ValueError, match="normalization='sum'"):
-        gaussian_map(params(0.0, 0.0, 1.0, 1.0, 0.0), 8, 8, normalization="sum")
 
 
 def test_head_init_std_sets_how_much_the_centre_follows_the_input_at_init():
@@ -125,13 +145,13 @@ def test_head_init_std_sets_how_much_the_centre_follows_the_input_at_init():
     spread = {}
     for std in (1e-3, 0.05):
         torch.manual_seed(0)
-        _, p = FovealGaze(4, 6, 6, head_init_std=std)(x)
+        _, p = foveal(4, 6, 6, gaze_head_init_std=std)(x)
         spread[std] = p[:, 0].std().item()
     assert spread[0.05] > 20 * spread[1e-3]
 
 
 def test_oracle_centres_its_fixed_gaussian_on_the_target():
-    gaze = build_gaze("oracle", 4, 8, 8, oracle_sigma=0.25)
+    gaze = build_gaze({"attention": "oracle", "gaze_oracle_sigma": 0.25, "gaze_normalization": "peak"}, 4, 8, 8)
     target = torch.tensor([[0.8125, 0.0625], [0.5, 0.5]])  # image coordinates [0, 1]
     attended, p = gaze(torch.ones(2, 4, 8, 8), target)
     assert torch.allclose(p[:, :2], 2 * target - 1) and torch.all(p[:, 2:4] == 0.25) and torch.all(p[:, 4] == 0)
@@ -141,7 +161,7 @@ def test_oracle_centres_its_fixed_gaussian_on_the_target():
 
 
 def test_soft_argmax_centre_lands_where_the_relevance_map_fires():
-    gaze = FovealGaze(3, 6, 6, centre="soft_argmax", head_init_std=0.05)
+    gaze = foveal(3, 6, 6, gaze_centre="soft_argmax", gaze_head_init_std=0.05)
     x = torch.zeros(2, 3, 6, 6)
     _, start = gaze(x)
     assert torch.allclose(start[:, :2], torch.zeros(2, 2), atol=1e-6)   # uniform relevance: centred
@@ -153,5 +173,3 @@ def test_soft_argmax_centre_lands_where_the_relevance_map_fires():
     _, p = gaze(x)
     ys, xs = cell_centres(6, 6)
     assert torch.allclose(p[:, :2], torch.tensor([[xs[1], ys[4]], [xs[5], ys[0]]]), atol=1e-4)
-    with pytest.raises(ValueError, match="centre='peak'"):
-        FovealGaze(3, 6, 6, centre="peak")

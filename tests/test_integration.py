@@ -13,8 +13,8 @@ from ray.rllib.utils.test_utils import check, check_train_results_new_api_stack
 
 from rllib_gaze import ARMS
 from rllib_gaze.results import (
-    CONTRASTIVE_BUFFER_FILL_KEY,
     CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_MEMORY_FILL_KEY,
     CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
     GAZE_TARGET_DISTANCE_KEY,
     GAZE_WEIGHT_MEAN_KEY,
@@ -27,7 +27,8 @@ def finite(value) -> bool:
     return bool(np.isfinite(float(value)))
 
 
-@pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first", "gaze-predict"])
+@pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first",
+                                 "gaze-predict"])
 def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
     attention, contrastive = ARMS[arm]["attention"], ARMS[arm]["contrastive"]
     config = (tiny_config().gaze(**ARMS[arm]).env_runners(num_env_runners=1)
@@ -44,7 +45,7 @@ def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
         assert (GAZE_WEIGHT_MEAN_KEY in learner) == (attention == "patch")
         assert (CONTRASTIVE_LOSS_KEY in learner) == contrastive
         if contrastive:  # the second iteration mines against the first one's memory
-            assert learner[CONTRASTIVE_BUFFER_FILL_KEY] > 0
+            assert learner[CONTRASTIVE_MEMORY_FILL_KEY] > 0
             assert finite(learner[CONTRASTIVE_LOSS_KEY])
 
 
@@ -56,14 +57,15 @@ def test_remote_learners_train_the_full_method(ray_session, num_learners):
             results = algo.train()
         check_train_results_new_api_stack(results)
         learner = results["learners"][MID]
-        assert learner[CONTRASTIVE_BUFFER_FILL_KEY] > 0
+        assert learner[CONTRASTIVE_MEMORY_FILL_KEY] > 0
         assert learner[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] > 0
         assert finite(learner[CONTRASTIVE_LOSS_KEY]) and finite(learner["total_loss"])
         weights = [r.get() for r in algo.learner_group.foreach_learner(
-            lambda lrn: lrn.module[MID].unwrapped().gaze.head.out.weight.detach().cpu().numpy())]
+            lambda lrn: [p.detach().cpu().numpy() for p in lrn.module[MID].unwrapped().gaze_parameters()])]
         assert len(weights) == num_learners
         if num_learners == 2:  # DDP kept both replicas identical
-            np.testing.assert_allclose(weights[0], weights[1], rtol=0, atol=1e-6)
+            for first, second in zip(*weights, strict=True):
+                np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
 
 
 def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
@@ -73,13 +75,13 @@ def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
         obs = np.stack([algo.env_runner.env.unwrapped.single_observation_space.sample() for _ in range(6)])
         batch = {Columns.OBS: torch.as_tensor(obs)}
         before = algo.get_module().forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
-        learner_before = algo.learner_group._learner.module[MID].gaze.head.out.weight.clone()
+        learner_before = [p.clone() for p in algo.learner_group._learner.module[MID].gaze_parameters()]
     restored = Algorithm.from_checkpoint(path)
     try:
         assert type(restored.config).__name__ == "GazePPOConfig" and restored.config.attention == "foveal"
         after = restored.get_module().forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
         torch.testing.assert_close(after, before)
-        torch.testing.assert_close(restored.learner_group._learner.module[MID].gaze.head.out.weight, learner_before)
+        torch.testing.assert_close(restored.learner_group._learner.module[MID].gaze_parameters(), learner_before)
         check_train_results_new_api_stack(restored.train())  # and it keeps training
     finally:
         restored.stop()
@@ -87,7 +89,7 @@ def test_checkpoint_round_trip_reproduces_actions(ray_session, tmp_path):
 
 def _learner_state(algo):
     learner = algo.learner_group._learner
-    return learner._buffers.get(MID), learner.get_state()["optimizer"]
+    return learner.contrastive_memory(MID), learner.get_state()["optimizer"]
 
 
 @pytest.mark.parametrize("limit_mb, kept", [(64.0, True), (0.0, False)])
@@ -96,21 +98,21 @@ def test_checkpoint_carries_the_contrastive_memory_and_the_gaze_optimiser(ray_se
         algo.train()
         algo.train()
         path = algo.save_to_path(str(tmp_path / "ckpt"))
-        buffer, optimizer = _learner_state(algo)
-        memory = buffer.state_dict()
+        memory, optimizer = _learner_state(algo)
+        rows = memory.state_dict()
     restored = Algorithm.from_checkpoint(path)
     try:
-        restored_buffer, restored_optimizer = _learner_state(restored)
+        restored_memory, restored_optimizer = _learner_state(restored)
         # Adam's moments of every parameter, the gaze's included, come back in any case
         check(restored_optimizer, optimizer)
         if kept:
-            check(restored_buffer.state_dict(), memory)  # the same rows, in the same age order
-            fill = restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY]
+            check(restored_memory.state_dict(), rows)  # the same rows, in the same age order
+            fill = restored.train()["learners"][MID][CONTRASTIVE_MEMORY_FILL_KEY]
             assert fill > 0  # the first update after the restore already mines against the memory
         else:  # too big for the limit: left out, refills from the next iteration on
-            assert restored_buffer is None
-            assert restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY] == 0
-            assert restored.train()["learners"][MID][CONTRASTIVE_BUFFER_FILL_KEY] > 0
+            assert restored_memory is None
+            assert restored.train()["learners"][MID][CONTRASTIVE_MEMORY_FILL_KEY] == 0
+            assert restored.train()["learners"][MID][CONTRASTIVE_MEMORY_FILL_KEY] > 0
     finally:
         restored.stop()
 

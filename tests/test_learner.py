@@ -13,12 +13,12 @@ from rllib_gaze import ARMS
 from rllib_gaze.contrastive import search_keys
 from rllib_gaze.results import (
     CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
-    CONTRASTIVE_BUFFER_FILL_KEY,
     CONTRASTIVE_COS_AN_KEY,
     CONTRASTIVE_COS_AP_KEY,
     CONTRASTIVE_COS_GAP_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     CONTRASTIVE_LOSS_KEY,
+    CONTRASTIVE_MEMORY_FILL_KEY,
     CONTRASTIVE_RETURN_SPREAD_KEY,
     CONTRASTIVE_RETURN_THRESHOLD_KEY,
     CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
@@ -60,12 +60,12 @@ def trained():
 
 def test_memory_takes_each_row_once_per_iteration_not_once_per_epoch(trained):
     _, learner, first, _ = trained
-    buffer = learner._buffers[MID]
+    memory = learner.contrastive_memory(MID)
     # every unmasked row of the iteration's batch once (the loss-masked row of each chunk stays out),
     # with its GAE value target as the return
     targets = first[Columns.VALUE_TARGETS][first[Columns.LOSS_MASK]]
-    assert len(buffer) == targets.numel() == 128
-    assert sorted(buffer.filled()[2].tolist()) == pytest.approx(sorted(targets.tolist()), abs=1e-5)
+    assert len(memory) == targets.numel() == 128
+    assert sorted(memory.filled()[2].tolist()) == pytest.approx(sorted(targets.tolist()), abs=1e-5)
 
 
 def test_update_reports_the_gaze_and_contrastive_metrics(trained):
@@ -74,10 +74,10 @@ def test_update_reports_the_gaze_and_contrastive_metrics(trained):
                              timesteps={"num_env_steps_sampled_lifetime": 256})
     logged = results[MID]
     for key in [CONTRASTIVE_LOSS_KEY, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY, CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
-                CONTRASTIVE_BUFFER_FILL_KEY, CONTRASTIVE_RETURN_THRESHOLD_KEY, CONTRASTIVE_RETURN_SPREAD_KEY,
+                CONTRASTIVE_MEMORY_FILL_KEY, CONTRASTIVE_RETURN_THRESHOLD_KEY, CONTRASTIVE_RETURN_SPREAD_KEY,
                 "gaze_mu_x_mean", "gaze_mu_y_std", "gaze_sigma_x_mean", "gaze_sigma_xy_mean"]:
         assert key in logged, key
-    assert 0.0 < logged[CONTRASTIVE_BUFFER_FILL_KEY].peek() <= 1.0
+    assert 0.0 < logged[CONTRASTIVE_MEMORY_FILL_KEY].peek() <= 1.0
 
 
 def param_grads(module):
@@ -135,7 +135,7 @@ def test_with_gaze_rl_gradient_the_ppo_loss_trains_the_gaze_too(trained):
     module.zero_grad()
     learner.compute_loss_for_module(module_id=MID, config=plain, batch=batch,
                                     fwd_out=module.forward_train(batch)).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.gaze.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.gaze_parameters())
 
 
 def test_optimizer_uses_ppo_rgb_adam_eps(trained):
@@ -144,13 +144,19 @@ def test_optimizer_uses_ppo_rgb_adam_eps(trained):
     assert optimizers["default_optimizer"].defaults["eps"] == 1e-5   # the gaze's own Adam: gaze_adam_eps
 
 
+def test_adam_eps_is_a_training_setting_also_for_plain_ppo():
+    config = tiny_config(**ARMS["ppo"]).training(adam_eps=1e-4)
+    learner = config.build_learner(env=SingleAgentEnvRunner(config=config).env.unwrapped)
+    assert dict(learner.get_optimizers_for_module(MID))["default_optimizer"].defaults["eps"] == 1e-4
+
+
 def test_memory_subsamples_an_iteration_larger_than_its_capacity():
-    _, learner, batch = one_update(tiny_config(contrastive_buffer_capacity=48, contrastive_num_anchors=16),
+    _, learner, batch = one_update(tiny_config(contrastive_memory_capacity=48, contrastive_num_anchors=16),
                                    num_epochs=2)
-    buffer = learner._buffers[MID]
-    stored = buffer.filled()[2].tolist()
+    memory = learner.contrastive_memory(MID)
+    stored = memory.filled()[2].tolist()
     targets = batch[Columns.VALUE_TARGETS][batch[Columns.LOSS_MASK]].tolist()
-    assert 44 <= len(buffer) <= 48   # about capacity / rows of each minibatch, rounded up
+    assert 44 <= len(memory) <= 48   # about capacity / rows of each minibatch, rounded up
     # a uniform draw from the whole epoch, not just its first minibatch's rows
     first_minibatch = set(round(t, 5) for t in batch[Columns.VALUE_TARGETS][:64].tolist())
     assert any(round(r, 5) not in first_minibatch for r in stored)
@@ -165,22 +171,22 @@ def test_memory_and_mining_live_on_the_learners_gpu():
     for lifetime in (128, 256):
         results = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
                                  timesteps={"num_env_steps_sampled_lifetime": lifetime})
-    buffer = learner._buffers[MID]
-    assert buffer.maps.device.type == "cuda" and buffer.keys.device.type == "cuda"
+    memory = learner.contrastive_memory(MID)
+    assert memory.maps.device.type == "cuda" and memory.keys.device.type == "cuda"
     assert results[MID][CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
 
 
 @pytest.mark.parametrize("case, why", [
-    ("empty", CONTRASTIVE_BUFFER_FILL_KEY),          # nothing remembered yet
+    ("empty", CONTRASTIVE_MEMORY_FILL_KEY),          # nothing remembered yet
     ("all_equal", CONTRASTIVE_RETURN_SPREAD_KEY),    # no return difference: no positive/negative split
 ])
 def test_degenerate_memory_gives_zero_loss_and_a_metric_that_says_why(trained, case, why):
     _, learner, _, batch = trained
-    buffer = learner._buffers[MID]
+    memory = learner.contrastive_memory(MID)
     if case == "empty":
-        buffer.size = buffer._next = 0
+        memory.size = memory._next = 0
     else:
-        buffer.returns.fill_(1.5)
+        memory.returns.fill_(1.5)
     logged = learner.update(batch=SampleBatch(batch), num_epochs=1, minibatch_size=64,
                             timesteps={"num_env_steps_sampled_lifetime": 256})[MID]
     assert logged[CONTRASTIVE_LOSS_KEY].peek() == 0.0
@@ -193,17 +199,17 @@ def test_the_gaze_gets_its_own_adam_when_gaze_lr_is_set():
     runner = SingleAgentEnvRunner(config=config)
     learner = config.build_learner(env=runner.env.unwrapped)
     optimizers = dict(learner.get_optimizers_for_module(MID))
-    gaze_ids = {id(p) for p in learner.module[MID].gaze.parameters()}
+    gaze_ids = {id(p) for p in learner.module[MID].gaze_parameters()}
     gaze_opt, main_opt = optimizers["gaze"], optimizers["default_optimizer"]
     assert {id(p) for g in gaze_opt.param_groups for p in g["params"]} == gaze_ids
     assert not gaze_ids & {id(p) for g in main_opt.param_groups for p in g["params"]}
     assert (gaze_opt.defaults["eps"], gaze_opt.param_groups[0]["lr"]) == (1e-8, 1e-3)
     assert (main_opt.defaults["eps"], main_opt.param_groups[0]["lr"]) == (1e-5, 3e-4)
-    before = [p.detach().clone() for p in learner.module[MID].gaze.parameters()]
+    before = [p.detach().clone() for p in learner.module[MID].gaze_parameters()]
     for lifetime in (128, 256):  # the first update fills the memory; the second mines it
         learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
                        timesteps={"num_env_steps_sampled_lifetime": lifetime})
-    assert any(not torch.equal(b, p) for b, p in zip(before, learner.module[MID].gaze.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.module[MID].gaze_parameters()))
 
 
 def test_update_reports_what_the_objective_does():
@@ -218,13 +224,16 @@ def test_update_reports_what_the_objective_does():
                                 timesteps={"num_env_steps_sampled_lifetime": lifetime})[MID]
     values = {key: logged[key].peek() for key in (
         CONTRASTIVE_COS_AP_KEY, CONTRASTIVE_COS_AN_KEY, CONTRASTIVE_COS_GAP_KEY, CONTRASTIVE_LABEL_AGREEMENT_KEY,
-        GAZE_GRAD_NORM_PPO_KEY, GAZE_GRAD_NORM_CONTRASTIVE_KEY, GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY)}
-    assert values[CONTRASTIVE_COS_GAP_KEY] == pytest.approx(values[CONTRASTIVE_COS_AP_KEY] - values[CONTRASTIVE_COS_AN_KEY], abs=1e-5)
+        GAZE_GRAD_NORM_PPO_KEY, GAZE_GRAD_NORM_CONTRASTIVE_KEY, GAZE_TARGET_DISTANCE_KEY,
+        GAZE_TARGET_DISTANCE_CENTRE_KEY)}
+    gap = values[CONTRASTIVE_COS_AP_KEY] - values[CONTRASTIVE_COS_AN_KEY]
+    assert values[CONTRASTIVE_COS_GAP_KEY] == pytest.approx(gap, abs=1e-5)
     assert 0.0 <= values[CONTRASTIVE_LABEL_AGREEMENT_KEY] <= 1.0
     assert values[GAZE_GRAD_NORM_PPO_KEY] == 0.0            # RL's gradient stops at the gaze
-    mean = learner._buffers[MID].filled()[0].mean(0)
+    maps = learner.contrastive_memory(MID).filled()[0]
+    mean = maps.mean(0)
     assert torch.allclose(learner._mean_maps[MID], mean)  # centred search keys from the memory's mean
-    assert torch.allclose(learner._centred_keys[MID], search_keys(learner._buffers[MID].filled()[0] - mean, 2))
+    assert torch.allclose(learner._centred_keys[MID], search_keys(maps - mean, 2))
     assert values[GAZE_GRAD_NORM_CONTRASTIVE_KEY] > 0.0
     assert 0.0 < values[GAZE_TARGET_DISTANCE_KEY] < 2 * 2 ** 0.5 and values[GAZE_TARGET_DISTANCE_CENTRE_KEY] > 0.0
 
@@ -280,7 +289,7 @@ def test_return_to_go_labels_reach_the_memory():
     config = tiny_config(contrastive_return="return_to_go", contrastive_gamma=0.9)
     runner, learner, first = one_update(config, num_epochs=1)
     mask = first[Columns.LOSS_MASK].bool()
-    stored = learner._buffers[MID].filled()[2]
+    stored = learner.contrastive_memory(MID).filled()[2]
     assert stored.numel() == int(mask.sum())
     # without the bootstrap term: at a chunk's first row (16 steps from its end) the bootstrap
     # counts 0.9^16 x V, a few hundredths for this barely trained critic

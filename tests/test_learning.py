@@ -21,7 +21,7 @@ def test_full_method_improves_on_the_clutter_task(ray_session):
         .env_runners(num_env_runners=0, num_envs_per_env_runner=32, rollout_fragment_length=32,
                      gym_env_vectorize_mode="vector_entry_point")
         .training(train_batch_size_per_learner=1024, minibatch_size=128, num_epochs=8)
-        .gaze(attention="foveal", contrastive=True, contrastive_num_anchors=128, contrastive_buffer_capacity=4096)
+        .gaze(attention="foveal", contrastive=True, contrastive_num_anchors=128, contrastive_memory_capacity=4096)
         .debugging(seed=0)
     )
     returns = []

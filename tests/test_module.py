@@ -40,6 +40,23 @@ def test_nature_cnn_on_128px_gives_a_12x12_map():
     assert m.feature_map_shape == (64, 12, 12)
 
 
+@pytest.mark.parametrize("attention, params_shape, learnt", [
+    ("foveal", (5, 5), True), ("patch", (5, 4, 4), True), ("oracle", (5, 5), False), ("none", None, False)])
+def test_gaze_api(attention, params_shape, learnt):
+    m = module(TARGETED, attention)
+    obs = obs_batch(TARGETED)
+    features = m.feature_map(obs)
+    assert m.attention_kind == attention and features.shape == (5, *m.feature_map_shape)
+    assert torch.equal(features, m.forward_train({Columns.OBS: obs})[PRE_ATTENTION_FEATURES])
+    assert bool(m.gaze_parameters()) == learnt
+    if attention == "none":
+        with pytest.raises(ValueError, match="attention='none'"):
+            m.gaze_weights(features, obs)
+        return
+    weights, params = m.gaze_weights(features, obs)
+    assert weights.shape == (5, 4, 4) and params.shape == params_shape
+
+
 def test_values_without_embeddings_build_no_graph():
     m = module(DICT)
     batch = {Columns.OBS: obs_batch(DICT)}
@@ -53,7 +70,7 @@ def test_values_without_embeddings_build_no_graph():
 def test_inference_only_module_drops_the_value_head_but_keeps_the_gaze():
     m = GazePPOModule(observation_space=IMAGE, action_space=ACTIONS, inference_only=True,
                       model_config={"attention": "foveal"})
-    assert not hasattr(m, "vf") and m.gaze is not None
+    assert not hasattr(m, "vf") and m.attention_kind == "foveal" and m.gaze_parameters()
     m.forward_inference({Columns.OBS: obs_batch(IMAGE)})
 
 
@@ -106,6 +123,6 @@ def test_stopping_rl_gradient_at_the_gaze_leaves_its_parameters_without_gradient
     for rl_gradient in (True, False):
         m = module(DICT, "foveal", gaze_rl_gradient=rl_gradient, gaze_head_init_std=0.05)
         m.forward_train({Columns.OBS: obs_batch(DICT)})[Columns.ACTION_DIST_INPUTS].sum().backward()
-        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in m.gaze.parameters()]
+        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in m.gaze_parameters()]
         assert all(moved) if rl_gradient else not any(moved)
         assert m.cnn[0].weight.grad.abs().sum() > 0  # the encoder still learns through the attended map

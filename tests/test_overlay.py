@@ -20,7 +20,7 @@ def _round_trip(image: np.ndarray, path) -> np.ndarray:
 def test_foveal_overlay_centre_and_one_sigma_ellipse_where_the_parameters_put_them(tmp_path):
     params = np.array([0.5, -0.5, 0.15, 0.1, 0.0])  # centre right of middle, in the upper half
     grey = np.full((SIZE, SIZE, 3), 128, np.uint8)
-    png = _round_trip(draw(grey, image_weights(None, params, SIZE, SIZE), params), tmp_path / "foveal.png")
+    png = _round_trip(draw(grey, image_weights(None, params, SIZE, SIZE, floor=0.0), params), tmp_path / "foveal.png")
 
     # pixel i's centre is at (i + 0.5) * 2 / 64 - 1: mu_x = 0.5 -> column 47.5, mu_y = -0.5 -> row 15.5
     not_ellipse = ~np.all(png == ELLIPSE_COLOUR, axis=-1)
@@ -39,7 +39,8 @@ def test_patch_overlay_brightens_exactly_the_attended_cell(tmp_path):
     weights = np.zeros((4, 4), np.float32)
     weights[1, 3] = 1.0  # feature cell (row 1, col 3) -> image rows 16..31, cols 48..63
     grey = np.full((SIZE, SIZE, 3), 128, np.uint8)
-    png = _round_trip(draw(grey, image_weights(weights, None, SIZE, SIZE)), tmp_path / "patch.png").astype(int)
+    drawing = draw(grey, image_weights(weights, None, SIZE, SIZE, floor=0.0))
+    png = _round_trip(drawing, tmp_path / "patch.png").astype(int)
     bright = png[..., 0] > 128
     assert bright[16:32, 48:64].all() and bright.sum() == 16 * 16
 
@@ -49,11 +50,11 @@ def test_draw_batch_uses_the_modules_own_gaze(tmp_path):
 
     module = build_module(attention="foveal")
     obs = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
-    images = draw_batch(module, obs)
+    images = draw_batch(module, obs, floor=0.0)
     assert len(images) == 3 and images[0].shape == (64, 64, 3) and images[0].dtype == np.uint8
     with torch.no_grad():
-        _, params = module.gaze.attention_map(module.image_features(torch.as_tensor(obs)))
-    expected = draw(obs[0], image_weights(None, params[0].numpy(), 64, 64), params[0].numpy())
+        _, params = module.gaze_weights(module.feature_map(torch.as_tensor(obs)))
+    expected = draw(obs[0], image_weights(None, params[0].numpy(), 64, 64, floor=0.0), params[0].numpy())
     np.testing.assert_array_equal(images[0], expected)
     sheet = tile(images, columns=2, scale=2, gap=2)
     assert sheet.shape == (2 * 128 + 2, 2 * 128 + 2, 3)

@@ -27,7 +27,7 @@ def maniskill_config(**env_config):
             .training(train_batch_size_per_learner=16, minibatch_size=8, num_epochs=1)
             .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2)), "head_hidden": 32,
                                      "image_feature_dim": 32, "state_feature_dim": 32})
-            .gaze(contrastive_num_anchors=8, contrastive_buffer_capacity=64, contrastive_k=4)
+            .gaze(contrastive_num_anchors=8, contrastive_memory_capacity=64, contrastive_k=4)
             .debugging(seed=5))
 
 

@@ -1,0 +1,43 @@
+"""The suite's command line as a user meets it: a quiet console by default, everything with --verbose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = os.path.join(ROOT, "tune_configs", "maniskill_suite.py")
+
+
+def run_suite(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, SUITE, "--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze",
+               "--storage-path", str(tmp_path), "--name", "exp", *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_the_console_shows_progress_and_the_report_and_little_else(tmp_path):
+    proc = run_suite(tmp_path)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    lines = console.splitlines()
+    assert len(lines) < 60, console           # 2 trials; the full smoke preset (8 trials) stays under 100
+    assert "Traceback" not in console
+    assert "Warning" not in console and "WARNING" not in console, console
+    assert any(line.startswith("[suite] finished: 2/2 trials done") for line in lines)
+    assert "| gaze | 1 |" in console          # the report's table
+    assert (tmp_path / "exp" / "report.md").exists()
+
+
+def test_wandb_without_the_package_fails_before_anything_starts(tmp_path):
+    # sys.modules[name] = None makes Python treat the package as not installed
+    code = ("import sys; sys.modules['wandb'] = None; from rllib_gaze.cli import parse_args; "
+            "parse_args(['--preset', 'smoke', '--wandb', 'myproject'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--wandb myproject" in proc.stderr and 'pip install "rllib-gaze[wandb]"' in proc.stderr
