@@ -187,7 +187,7 @@ def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
     tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
     arms = args.arms or preset.arms
-    if not args.arms and not all(t.env_config.get("expose_target") for t in tasks):
+    if not args.arms and not all(t.exposes_target for t in tasks):
         arms = [arm for arm in arms if arm not in TARGET_ARMS]  # the oracle needs the target's position
     overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds)}
     for flag, key in (("num_env_runners", "num_env_runners"), ("gpus_per_env_runner", "num_gpus_per_env_runner"),

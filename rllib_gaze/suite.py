@@ -47,6 +47,11 @@ class Task:
     eval_episodes: int = 16      # ppo_rgb's num_eval_envs: one episode per eval sub-env
     gaze: dict = field(default_factory=dict)  # .gaze() settings shared by every arm (memory size...)
 
+    @property
+    def exposes_target(self) -> bool:
+        """Whether the env puts the target's true position in its observations (the oracle needs it)."""
+        return bool(self.env_config.get("expose_target"))
+
     def batch_size(self, num_env_runners: int) -> int:
         return self.num_envs * self.rollout_length * max(1, num_env_runners)
 
@@ -165,9 +170,9 @@ def pick_preset(cluster_gpus: float) -> tuple[str, str]:
 def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConfig:
     """The full GazePPO config of one trial. Arms differ only in their ``ARMS`` settings, which
     take precedence over the task's ``gaze`` settings."""
-    if arm in TARGET_ARMS and not task.env_config.get("expose_target"):
+    if arm in TARGET_ARMS and not task.exposes_target:
         raise ValueError(f"arm {arm!r} reads the target's true position, which task {task.name!r} does not expose "
-                         f"(tasks that do: {[t.name for t in TASKS.values() if t.env_config.get('expose_target')]}, "
+                         f"(tasks that do: {[t.name for t in TASKS.values() if t.exposes_target]}, "
                          "with env_config expose_target=True)")
     runners = preset.num_env_runners
     batch = task.batch_size(runners)
