@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -70,3 +71,47 @@ def test_paper_trial_needs_three_cpus_and_one_gpu_as_docs_cluster_md_says():
     request = GazePPO.default_resource_request(trial_config(TASKS["PushCube-v1"], "gaze", 0, PRESETS["paper"]))
     assert request.bundles == [{"CPU": 1.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 0.25}, {"CPU": 1.0, "GPU": 0.25}]
     assert "| **per trial** | **3** | **1.0** |" in open(os.path.join(ROOT, "docs", "cluster.md")).read()
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_the_head_can_import_its_cloud_provider_from_the_venv_it_runs_ray_in(name):
+    # The head's autoscaler runs in ~/venv; setup_node.sh installs the package's extra named after
+    # the provider there. The tests' venv has the same extras (dev), so the same import must work.
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+
+    config = _load(name)
+    provider = config["provider"]["type"]
+    assert f"cluster/setup_node.sh {provider}" in " ".join(config["setup_commands"])
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert re.search(rf"^{provider} = \[", f.read(), re.M), f"pyproject.toml has no [{provider}] extra"
+    assert _get_node_provider_cls(config["provider"]).__name__.endswith("NodeProvider")
+
+
+def _node_script(command: str, tmp_path) -> subprocess.CompletedProcess:
+    script = os.path.join(ROOT, "cluster", "setup_node.sh")
+    return subprocess.run(["bash", "-c", f"source {script}; {command}"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+
+
+def test_node_setup_registers_the_vulkan_icd_only_where_no_folder_has_one(tmp_path):
+    for folder in ("usr", "etc"):
+        (tmp_path / folder).mkdir()
+    assert _node_script("nvidia_icds usr etc", tmp_path).stdout == ""      # none: register it
+    (tmp_path / "etc" / "nvidia_icd.json").write_text("{}")
+    assert _node_script("nvidia_icds usr etc", tmp_path).stdout.strip() == "etc/nvidia_icd.json"  # one is enough
+
+
+def test_node_setup_names_an_unknown_provider():
+    proc = subprocess.run(["bash", os.path.join(ROOT, "cluster", "setup_node.sh"), "azure"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "provider 'azure' unknown; allowed: aws, gcp" in proc.stderr
+
+
+def test_kuberay_workers_fit_the_gpu_nodes_docs_cluster_md_names():
+    # 8-vCPU / 32 GB nodes: about 7.9 CPUs and 28 GiB allocatable before DaemonSets
+    job = _load("kuberay-rayjob.yaml")
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    requests = container["resources"]["requests"]
+    cpus, memory_gib = float(requests["cpu"]), float(requests["memory"].removesuffix("Gi"))
+    assert 3 <= cpus <= 7.5 and memory_gib <= 26  # one paper trial needs 3 CPUs (test above)
