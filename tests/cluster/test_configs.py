@@ -115,3 +115,51 @@ def test_kuberay_workers_fit_the_gpu_nodes_docs_cluster_md_names():
     requests = container["resources"]["requests"]
     cpus, memory_gib = float(requests["cpu"]), float(requests["memory"].removesuffix("Gi"))
     assert 3 <= cpus <= 7.5 and memory_gib <= 26  # one paper trial needs 3 CPUs (test above)
+
+
+# boto3 calls of Ray's AWS node provider -> the IAM action each needs (CamelCase of the method,
+# except where boto3's name differs from the API's)
+_BOTO3_TO_IAM = {"create_instances": "ec2:RunInstances", "filter": "ec2:DescribeInstances",
+                 "terminate": "ec2:TerminateInstances", "stop": "ec2:StopInstances"}
+
+
+def _autoscaler_ec2_actions() -> set[str]:
+    import ray.autoscaler._private.aws.node_provider as provider
+
+    source = open(provider.__file__).read()
+    calls = set(re.findall(r"ec2(?:_fail_fast)?(?:\.meta\.client|\.instances)?\.([a-z_]+)\b", source))
+    calls |= set(re.findall(r"\bnode\.(terminate|stop)\(", source))
+    calls -= {"meta", "instances"}
+    return {_BOTO3_TO_IAM.get(c) or "ec2:" + "".join(w.title() for w in c.split("_")) for c in calls}
+
+
+def test_the_head_policy_allows_every_ec2_call_of_rays_autoscaler_and_workers_get_none():
+    import json
+
+    def actions(name: str) -> set[str]:
+        with open(os.path.join(ROOT, "cluster", name)) as f:
+            statements = json.load(f)["Statement"]
+        return {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+
+    needed = _autoscaler_ec2_actions()
+    assert {"ec2:RunInstances", "ec2:DescribeInstances", "ec2:TerminateInstances", "ec2:CreateTags"} <= needed
+    head, worker = actions("aws-head-policy.json"), actions("aws-worker-policy.json")
+    assert needed <= head, needed - head
+    assert "iam:PassRole" in head                       # the workers' instance profile
+    assert not any(a.startswith(("ec2:", "iam:")) for a in worker)
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= head & worker
+    config = _load("aws.yaml")
+    arns = {t: config["available_node_types"][t]["node_config"]["IamInstanceProfile"]["Arn"]
+            for t in config["available_node_types"]}
+    assert arns[config["head_node_type"]] != arns["gpu_worker"]  # the head may launch VMs; workers may not
+
+
+def test_gcp_head_and_worker_service_accounts_have_the_listed_roles():
+    roles = [line.split("#")[0].split() for line in open(os.path.join(ROOT, "cluster", "gcp-roles.txt"))]
+    roles = {(r[0], r[1]) for r in roles if r}
+    assert {("head", "roles/compute.instanceAdmin.v1"), ("head", "roles/iam.serviceAccountUser"),
+            ("head", "roles/storage.objectAdmin"), ("worker", "roles/storage.objectAdmin")} == roles
+    config = _load("gcp.yaml")
+    emails = {t: config["available_node_types"][t]["node_config"]["serviceAccounts"][0]["email"]
+              for t in config["available_node_types"]}
+    assert emails[config["head_node_type"]] != emails["gpu_worker"]
