@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, values in (("--tasks", args.tasks), ("--arms", args.arms), ("--seeds", args.seeds)):
         if values is not None and len(set(values)) != len(values):
             p.error(f"{flag} {values}: name each one once")
+    if "://" not in args.storage_path:
+        _check_writable(p, args.storage_path)
     if args.resume:
         given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
                  if key not in ("resume", "storage_path") and value != p.get_default(key)]
@@ -143,6 +145,17 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
             p.error(f"--gaze {pair!r}: {key} takes a {type(default).__name__} (default {default!r})")
         settings[key] = value
     return settings
+
+
+def _check_writable(p: argparse.ArgumentParser, storage_path: str) -> None:
+    """Refuses a local storage path where results could not be written (hours of training lost at the
+    first checkpoint otherwise)."""
+    existing = os.path.abspath(storage_path)
+    while not os.path.exists(existing):  # the nearest folder that exists is where it would be made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--storage-path {storage_path!r}: cannot write there ({existing!r} is not a writable folder); "
+                "give a writable local folder, a shared filesystem or an s3:// / gs:// URI")
 
 
 def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str) -> str:

@@ -14,6 +14,11 @@ from rllib_gaze.visualize import main as visualize_main
 suite = suite_cli
 
 
+def _a_file(tmp):
+    (tmp / "a-file").write_text("")
+    return tmp / "a-file"
+
+
 def _config(**gaze):
     GazePPOConfig().environment("clutter").gaze(**gaze).validate()
 
@@ -58,6 +63,8 @@ BAD_INPUTS = [
     ("suite", lambda tmp: suite.main(["--resume", "--storage-path", str(tmp)]), ["no experiment to resume", "under"]),
     ("suite", lambda tmp: suite.main(["--gaze", "coeff=2"]), ["'coeff=2'", "contrastive_coeff"]),
     ("suite", lambda tmp: suite.main(["--gaze", "contrastive_coeff=-2"]), ["contrastive_coeff=-2", ">= 0"]),
+    ("suite", lambda tmp: suite.main(["--preset", "smoke", "--storage-path", str(_a_file(tmp) / "results")]),
+     ["--storage-path", "a-file", "not a writable folder"]),
     ("report", lambda tmp: report_main([str(tmp / "missing")]), ["missing", "does not exist"]),
     ("report", lambda tmp: report_main([str(tmp)]), ["no Tune trials"]),
     ("report", lambda tmp: report_main([str(tmp), "--levels", "80"]), ["80", "(0, 1]"]),
