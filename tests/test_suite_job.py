@@ -6,45 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+from loopback import RAY, free_ports, node_ports, wait_for
 
 from rllib_gaze.results import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _node_ports() -> list[str]:
-    manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(6)
-    return ["--node-manager-port", str(manager), "--object-manager-port", str(objects),
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)  # polling a starting process, not timing anything
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
 
 
 @pytest.fixture
@@ -53,23 +24,23 @@ def loopback_cluster():
     we stop ourselves (never `ray stop`, which would kill every Ray on the machine). Its own
     --temp-dir keeps /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dashboard = _free_ports(2)
+    gcs, dashboard = free_ports(2)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1"]
     head = subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--temp-dir", temp_dir,
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *common,
-                             *_node_ports()],
+                             *node_ports()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes = [head]
     try:
         from ray.job_submission import JobSubmissionClient
 
         address = f"http://127.0.0.1:{dashboard}"
-        client = _wait_for(lambda: _client(JobSubmissionClient, address), 120, "the head's job server")
-        processes.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, *_node_ports()],
+        client = wait_for(lambda: _client(JobSubmissionClient, address), 120, "the head's job server")
+        processes.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, *node_ports()],
                                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for(lambda: _alive_nodes(address) == 2, 120, "the worker node")
+        wait_for(lambda: _alive_nodes(address) == 2, 120, "the worker node")
         yield address, client, env
     finally:
         for process in reversed(processes):

@@ -40,7 +40,7 @@ def test_launcher_has_a_cpu_head_without_trials_and_autoscaling_gpu_workers(name
     assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
     commands = " ".join(config["setup_commands"] + config["worker_setup_commands"])
     assert "cluster/setup_node.sh" in commands and "rllib_gaze.envs.maniskill physx_cuda" in commands
-    assert config["file_mounts"] == {"~/rllib-gaze": "."}
+    assert config["file_mounts"]["~/rllib-gaze"] == "."
     assert os.access(os.path.join(ROOT, "cluster", "setup_node.sh"), os.X_OK)
 
 
