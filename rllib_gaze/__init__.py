@@ -1,6 +1,6 @@
-"""rllib-gaze: "Gaze on the Prize" (foveal attention + return-guided contrastive loss) for RLlib PPO.
+"""rllib-gaze: "Gaze on the Prize" (foveal attention + return-guided contrastive loss) for RLlib PPO and SAC.
 
-Importing the package registers the ``"GazePPO"`` trainable and the package's envs with Tune.
+Importing the package registers the ``"GazePPO"`` and ``"GazeSAC"`` trainables and the package's envs with Tune.
 """
 
 from ray import tune
@@ -8,7 +8,9 @@ from ray import tune
 from rllib_gaze import envs  # noqa: F401  (registers env names)
 from rllib_gaze.arms import ARMS
 from rllib_gaze.config import GazePPO, GazePPOConfig
+from rllib_gaze.sac_config import GazeSAC, GazeSACConfig
 
 tune.register_trainable("GazePPO", GazePPO)
+tune.register_trainable("GazeSAC", GazeSAC)
 
-__all__ = ["ARMS", "GazePPO", "GazePPOConfig"]
+__all__ = ["ARMS", "GazePPO", "GazePPOConfig", "GazeSAC", "GazeSACConfig"]

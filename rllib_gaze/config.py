@@ -1,4 +1,5 @@
-"""GazePPOConfig / GazePPO: PPO with ManiSkill ppo_rgb's defaults plus the gaze knobs.
+"""GazePPOConfig / GazePPO: PPO with ManiSkill ppo_rgb's defaults plus the gaze knobs, and the
+``.gaze()`` section they share with GazeSACConfig (``GazeConfigMixin``).
 
 Plain PPO, the baseline arm, is ``GazePPOConfig().gaze(attention="none", contrastive=False)``:
 every other setting is identical between arms.
@@ -6,9 +7,9 @@ every other setting is identical between arms.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
-from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
@@ -20,45 +21,19 @@ from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 RETURNS = ("value_target", "value", "return_to_go")
 
 
-class GazePPOConfig(PPOConfig):
-    """PPOConfig with ppo_rgb's hyperparameters as defaults, Adam's ``eps`` in ``.training(adam_eps=...)``
-    and a ``.gaze(...)`` section.
+class GazeConfigMixin:
+    """The ``.gaze(...)`` section and ``.training(adam_eps=...)``, shared by ``GazePPOConfig`` and
+    ``GazeSACConfig``: put it before the RLlib config class in the bases and call
+    ``_init_gaze_settings()`` in ``__init__``.
 
     The gaze settings in ``rllib_gaze.gaze.GAZE_DEFAULTS`` reach the RLModule through its
-    model_config; the others are read by ``GazePPOLearner``.
-
-    Example::
-
-        config = (GazePPOConfig()
-                  .environment("clutter")
-                  .gaze(attention="foveal", contrastive=True, contrastive_margin=0.2))
-        algo = config.build_algo()
+    model_config; the others are read by the learner (``ContrastiveGazeLearnerMixin``).
     """
 
-    def __init__(self, algo_class: type | None = None):
-        super().__init__(algo_class=algo_class or GazePPO)
-        # ManiSkill ppo_rgb defaults (docs/method.md, "PPO settings"). Every arm shares them.
-        self.lr = 3e-4
-        self.gamma = 0.8
-        self.lambda_ = 0.9
-        self.clip_param = 0.2
-        self.num_epochs = 4
-        self.entropy_coeff = 0.0
-        self.vf_loss_coeff = 0.25        # RLlib's vf loss has no 0.5 factor: 0.25 == ppo_rgb's 0.5 * 0.5 * MSE
-        self.vf_clip_param = 1e6         # ppo_rgb: clip_vloss=False
-        self.grad_clip = 0.5
-        self.grad_clip_by = "global_norm"
-        self.use_kl_loss = False         # ppo_rgb has no KL penalty (it early-stops at target_kl instead)
-        self.num_env_runners = 1
-        self.num_envs_per_env_runner = 512
-        self.rollout_fragment_length = 50
-        self.train_batch_size_per_learner = 512 * 50
-        self.minibatch_size = 512 * 50 // 32
-        self.adam_eps = 1e-5             # ppo_rgb's Adam(eps=1e-5); RLlib's default is 1e-8
-        # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
-        # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
-        self.callbacks_class = [SuccessMetrics, GazeImages]
+    # What may label a state for the contrastive loss (``contrastive_return``) with this algorithm.
+    ALLOWED_RETURNS: tuple[str, ...] = RETURNS
 
+    def _init_gaze_settings(self) -> None:
         # Gaze (module side): attention, gaze_floor, ..., gaze_predict_coeff.
         for key, value in GAZE_DEFAULTS.items():
             setattr(self, key, value)
@@ -88,9 +63,9 @@ class GazePPOConfig(PPOConfig):
         self.gaze_image_interval = 0
         self.gaze_image_count = 4
 
-    @override(PPOConfig)
-    def training(self, *, adam_eps: float = NotProvided, **kwargs) -> GazePPOConfig:
-        """Sets the training settings: ``PPOConfig.training``'s, plus
+    @override(AlgorithmConfig)
+    def training(self, *, adam_eps: float = NotProvided, **kwargs) -> Self:
+        """Sets the training settings: the algorithm config's ``training``'s, plus
 
         Args:
             adam_eps: epsilon of the main Adam optimizer, > 0 (ppo_rgb's 1e-5; RLlib's default
@@ -137,7 +112,7 @@ class GazePPOConfig(PPOConfig):
         contrastive_memory_checkpoint_mb: float = NotProvided,
         gaze_image_interval: int = NotProvided,
         gaze_image_count: int = NotProvided,
-    ) -> GazePPOConfig:
+    ) -> Self:
         """Sets the attention and contrastive-loss settings (defaults: ``GazePPOConfig()``; the
         module-side ones in ``rllib_gaze.gaze.GAZE_DEFAULTS``).
 
@@ -179,9 +154,11 @@ class GazePPOConfig(PPOConfig):
             contrastive_return: what labels a state: ``"value_target"`` (the GAE value target
                 PPO regresses on), ``"value"`` (the critic's detached V(s)) or ``"return_to_go"``
                 (the discounted return-to-go with ``contrastive_gamma``, bootstrapped from the
-                critic's V where an episode chunk ends).
+                critic's V where an episode chunk ends). GazeSAC: ``"value_target"`` is the
+                critic's Bellman target, ``"value"`` its detached twin-min Q(s, a); no
+                ``"return_to_go"`` (``ALLOWED_RETURNS``).
             contrastive_gamma: discount of ``"return_to_go"``, in [0, 1].
-            contrastive_coeff: weight of the triplet loss next to the PPO loss.
+            contrastive_coeff: weight of the triplet loss next to the RL loss.
             contrastive_margin: triplet margin on cosine distance (>= 0).
             contrastive_k: neighbours searched per anchor (>= 1).
             contrastive_num_anchors: anchors (triplets at most) per minibatch.
@@ -213,7 +190,7 @@ class GazePPOConfig(PPOConfig):
         return self
 
     @property
-    @override(PPOConfig)
+    @override(AlgorithmConfig)
     def _model_config_auto_includes(self) -> dict[str, Any]:
         return super()._model_config_auto_includes | {key: getattr(self, key) for key in GAZE_DEFAULTS} | {
             "gaze_rl_gradient": self.resolved_gaze_rl_gradient()}
@@ -224,6 +201,53 @@ class GazePPOConfig(PPOConfig):
         if self.gaze_rl_gradient is None:
             return not (self.contrastive or self.gaze_predict_coeff > 0)
         return bool(self.gaze_rl_gradient)
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        super().validate()
+        for message in gaze_config_errors(self):
+            self._value_error(message)
+
+
+class GazePPOConfig(GazeConfigMixin, PPOConfig):
+    """PPOConfig with ppo_rgb's hyperparameters as defaults, Adam's ``eps`` in ``.training(adam_eps=...)``
+    and a ``.gaze(...)`` section.
+
+    The gaze settings in ``rllib_gaze.gaze.GAZE_DEFAULTS`` reach the RLModule through its
+    model_config; the others are read by ``GazePPOLearner``.
+
+    Example::
+
+        config = (GazePPOConfig()
+                  .environment("clutter")
+                  .gaze(attention="foveal", contrastive=True, contrastive_margin=0.2))
+        algo = config.build_algo()
+    """
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or GazePPO)
+        # ManiSkill ppo_rgb defaults (docs/method.md, "PPO settings"). Every arm shares them.
+        self.lr = 3e-4
+        self.gamma = 0.8
+        self.lambda_ = 0.9
+        self.clip_param = 0.2
+        self.num_epochs = 4
+        self.entropy_coeff = 0.0
+        self.vf_loss_coeff = 0.25        # RLlib's vf loss has no 0.5 factor: 0.25 == ppo_rgb's 0.5 * 0.5 * MSE
+        self.vf_clip_param = 1e6         # ppo_rgb: clip_vloss=False
+        self.grad_clip = 0.5
+        self.grad_clip_by = "global_norm"
+        self.use_kl_loss = False         # ppo_rgb has no KL penalty (it early-stops at target_kl instead)
+        self.num_env_runners = 1
+        self.num_envs_per_env_runner = 512
+        self.rollout_fragment_length = 50
+        self.train_batch_size_per_learner = 512 * 50
+        self.minibatch_size = 512 * 50 // 32
+        self.adam_eps = 1e-5             # ppo_rgb's Adam(eps=1e-5); RLlib's default is 1e-8
+        # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
+        # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
+        self.callbacks_class = [SuccessMetrics, GazeImages]
+        self._init_gaze_settings()
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -237,14 +261,8 @@ class GazePPOConfig(PPOConfig):
 
         return GazePPOLearner
 
-    @override(PPOConfig)
-    def validate(self) -> None:
-        super().validate()
-        for message in gaze_config_errors(self):
-            self._value_error(message)
 
-
-def gaze_config_errors(c: GazePPOConfig) -> list[str]:
+def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
     """Every problem with the gaze settings of ``c`` (and its ``adam_eps``), each naming the value
     and what is allowed. The module-side settings are checked by ``gaze_settings_errors``."""
     errors = []
@@ -275,8 +293,9 @@ def gaze_config_errors(c: GazePPOConfig) -> list[str]:
                       f"allowed values are {TRIPLET_GAZES}")
     if not 0.0 <= c.contrastive_gamma <= 1.0:
         errors.append(f"contrastive_gamma={c.contrastive_gamma!r} must be in [0, 1]")
-    if c.contrastive_return not in RETURNS:
-        errors.append(f"contrastive_return={c.contrastive_return!r} is not known; allowed values are {RETURNS}")
+    if c.contrastive_return not in c.ALLOWED_RETURNS:
+        errors.append(f"contrastive_return={c.contrastive_return!r} is not known; "
+                      f"allowed values are {c.ALLOWED_RETURNS}")
     if c.contrastive_coeff < 0:
         errors.append(f"contrastive_coeff={c.contrastive_coeff!r} must be >= 0")
     if c.contrastive_margin < 0:

@@ -8,99 +8,41 @@ Per training iteration:
      the gaze's parameters; PPO's gradient trains everything, the gaze included;
   3. after the last minibatch, this iteration's maps and returns (each row once, from the first
      epoch) enter the memory.
+The memory, mining, loss and checkpointing are ``ContrastiveGazeLearnerMixin``'s (shared with
+GazeSACLearner); this module adds PPO's labels, optimizers and the gaze-predict objective.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.typing import ModuleID, StateDict, TensorType
+from ray.rllib.utils.typing import ModuleID, TensorType
 
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import (
-    FeatureReturnMemory,
-    discounted_return_to_go,
-    gaze_triplet_loss,
-    mine_triplets,
-    search_keys,
-)
-from rllib_gaze.gaze import GAZE_PARAM_NAMES
-from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, TARGET, GazePPOModule
-from rllib_gaze.results import (
-    CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
-    CONTRASTIVE_COS_AN_KEY,
-    CONTRASTIVE_COS_AP_KEY,
-    CONTRASTIVE_COS_GAP_KEY,
-    CONTRASTIVE_LABEL_AGREEMENT_KEY,
-    CONTRASTIVE_LOSS_KEY,
-    CONTRASTIVE_MEMORY_FILL_KEY,
-    CONTRASTIVE_RETURN_SPREAD_KEY,
-    CONTRASTIVE_RETURN_THRESHOLD_KEY,
-    CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
-    GAZE_GRAD_NORM_CONTRASTIVE_KEY,
-    GAZE_GRAD_NORM_PPO_KEY,
-    GAZE_PREDICT_LOSS_KEY,
-    GAZE_TARGET_DISTANCE_CENTRE_KEY,
-    GAZE_TARGET_DISTANCE_KEY,
-    GAZE_WEIGHT_MEAN_KEY,
-    GAZE_WEIGHT_STD_KEY,
-    gaze_param_key,
-)
+from rllib_gaze.contrastive import discounted_return_to_go
+from rllib_gaze.contrastive_learner import ContrastiveGazeLearnerMixin
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
+from rllib_gaze.results import GAZE_GRAD_NORM_PPO_KEY, GAZE_PREDICT_LOSS_KEY
 
-# Learner state component holding the contrastive memory (in checkpoints, next to RLlib's
-# "rl_module" and "optimizer", which already carries the gaze's Adam moments).
-CONTRASTIVE_MEMORY = "contrastive_memory"
 # Train-batch column of the discounted return-to-go (contrastive_return="return_to_go").
 CONTRASTIVE_RETURNS = "contrastive_returns"
-# Name of the gaze's own optimizer (when .gaze(gaze_lr=...) is set); RLlib's is "default_optimizer".
-GAZE_OPTIMIZER = "gaze"
 
 
-class GazePPOLearner(PPOTorchLearner):
-    """PPOTorchLearner + a per-module feature/return memory and the triplet loss on the gaze.
+class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
+    """PPOTorchLearner + a per-module feature/return memory and the triplet loss on the gaze
+    (``ContrastiveGazeLearnerMixin``), labelled by PPO's returns (``contrastive_return``).
 
     Reads its settings from ``GazePPOConfig`` (``config.contrastive_*``, ``config.return_*``).
-    Under ``num_learners > 1`` each learner keeps its own memory, filled from its own shard.
-    Checkpoints carry the memory when it is at most ``contrastive_memory_checkpoint_mb``; a larger
-    one is left out and refills from the next ``capacity / batch`` iterations after a restore.
     """
 
     @override(PPOTorchLearner)
-    def build(self) -> None:
-        super().build()
-        self._memories: dict[ModuleID, FeatureReturnMemory] = {}
-        self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._rows_left_to_stage: dict[ModuleID, int] = {}
-        self._stage_fraction: dict[ModuleID, float] = {}
-        self._mean_maps: dict[ModuleID, torch.Tensor] = {}  # (C, h, w) mean of each memory
-        self._centred_keys: dict[ModuleID, torch.Tensor] = {}  # (N, D') keys of the centred memory
-        self._first_minibatch: set[ModuleID] = set()
-
-    def contrastive_memory(self, module_id: ModuleID) -> FeatureReturnMemory | None:
-        """The feature/return memory of ``module_id`` (``None`` before its first rows are in)."""
-        return self._memories.get(module_id)
-
-    def _gaze_module(self, module_id: ModuleID) -> GazePPOModule:
-        """The module itself (not its DDP wrapper, under ``num_learners > 1``): its ``GazeAPI``."""
-        return self.module[module_id].unwrapped()
-
-    @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config: GazePPOConfig) -> None:
-        params = self.get_parameters(self._module[module_id])
-        gaze_params = self._gaze_module(module_id).gaze_parameters() if config.gaze_lr is not None else []
-        if gaze_params:
-            # The gaze in its own Adam: its lr and eps, and its gradient clipped apart from the
-            # encoder's (RLlib clips per optimizer), so PPO's large encoder gradient cannot shrink it.
-            ids = {id(p) for p in gaze_params}
-            params = [p for p in params if id(p) not in ids]
-            self.register_optimizer(module_id=module_id, optimizer_name=GAZE_OPTIMIZER,
-                                    optimizer=torch.optim.Adam(gaze_params, eps=config.gaze_adam_eps),
-                                    params=gaze_params, lr_or_lr_schedule=config.gaze_lr)
+        gaze_ids = self._register_gaze_optimizer(module_id, config)
+        params = [p for p in self.get_parameters(self._module[module_id]) if id(p) not in gaze_ids]
         self.register_optimizer(
             module_id=module_id,
             optimizer=torch.optim.Adam(params, eps=config.adam_eps),
@@ -109,16 +51,7 @@ class GazePPOLearner(PPOTorchLearner):
         )
 
     def _make_batch_if_necessary(self, training_data):
-        # The one place the whole post-connector train batch is seen: remember its size, so that
-        # exactly one epoch's worth of rows is staged for the memory, subsampled uniformly when the
-        # batch holds more rows than the memory can keep.
         batch = super()._make_batch_if_necessary(training_data)
-        self._rows_left_to_stage = {mid: len(b) for mid, b in batch.policy_batches.items()}
-        self._stage_fraction = {
-            mid: min(1.0, self.config.get_config_for_module(mid).contrastive_memory_capacity / max(len(b), 1))
-            for mid, b in batch.policy_batches.items()}
-        self._staged = {mid: [] for mid in batch.policy_batches}
-        self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
         for module_id, module_batch in batch.policy_batches.items():
             config = self.config.get_config_for_module(module_id)
             if config.contrastive and config.contrastive_return == "return_to_go":
@@ -153,17 +86,9 @@ class GazePPOLearner(PPOTorchLearner):
             loss = loss + config.gaze_predict_coeff * self._predict_loss(module_id, batch, fwd_out)
         if not config.contrastive:
             return loss
-
-        features = fwd_out[PRE_ATTENTION_FEATURES].detach()
         returns = self._returns(module_id, config, batch, fwd_out)
-        rows = (batch[Columns.LOSS_MASK].nonzero().squeeze(1) if Columns.LOSS_MASK in batch
-                else torch.arange(features.shape[0], device=features.device))
-        self._stage(module_id, features, returns, rows)
-        anchors = rows[torch.randperm(rows.numel(), device=rows.device)[:config.contrastive_num_anchors]]
-        contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors])
-        if module_id in self._first_minibatch:
-            self._first_minibatch.discard(module_id)
-            self._log_gaze_gradients(module_id, loss, contrastive)
+        contrastive = self._contrastive_term(module_id, config, batch, fwd_out, returns,
+                                             rl_losses={GAZE_GRAD_NORM_PPO_KEY: loss})
         return loss + config.contrastive_coeff * contrastive
 
     def _predict_loss(self, module_id: ModuleID, batch: dict, fwd_out: dict) -> torch.Tensor:
@@ -191,133 +116,3 @@ class GazePPOLearner(PPOTorchLearner):
         if config.contrastive_return == "return_to_go":
             return batch[CONTRASTIVE_RETURNS].detach()
         return batch[Columns.VALUE_TARGETS].detach()
-
-    def _log_gaze_gradients(self, module_id: ModuleID, ppo_loss: torch.Tensor, contrastive: torch.Tensor) -> None:
-        """Norms of PPO's and the contrastive loss's gradients on the gaze's parameters (first
-        minibatch of each update): which of the two trains the gaze."""
-        params = [p for p in self._gaze_module(module_id).gaze_parameters() if p.requires_grad]
-        norms = {}
-        for name, part in ((GAZE_GRAD_NORM_PPO_KEY, ppo_loss), (GAZE_GRAD_NORM_CONTRASTIVE_KEY, contrastive)):
-            grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
-                     if params and part.requires_grad else [])
-            squares = [float((g.detach() ** 2).sum()) for g in grads if g is not None]
-            norms[name] = sum(squares) ** 0.5
-        self.metrics.log_dict(norms, key=module_id, window=1)
-
-    def _contrastive_loss(self, module_id: ModuleID, config: GazePPOConfig, features: torch.Tensor,
-                          returns: torch.Tensor) -> torch.Tensor:
-        """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``."""
-        memory = self._memories.get(module_id)
-        zero = features.new_zeros(())
-        metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
-                   CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY: 0.0,
-                   CONTRASTIVE_MEMORY_FILL_KEY: 0.0 if memory is None else len(memory) / memory.capacity}
-        if memory is None or len(memory) == 0 or features.shape[0] == 0:
-            self.metrics.log_dict(metrics, key=module_id, window=1)
-            return zero
-
-        bank_maps, _, bank_returns = memory.filled()
-        threshold = (config.return_threshold if config.return_threshold is not None
-                     else torch.quantile(bank_returns, config.return_quantile).item())
-        spread = bank_returns.std(unbiased=False).item()
-        centred = config.mining_centred and module_id in self._mean_maps
-        triplets = mine_triplets(
-            features, returns, memory, k=config.contrastive_k, label_rule=config.label_rule,
-            threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
-            centre=self._mean_maps[module_id] if centred else None,
-            bank_keys=self._centred_keys.get(module_id) if centred else None,
-        )
-        metrics[CONTRASTIVE_RETURN_THRESHOLD_KEY] = threshold
-        metrics[CONTRASTIVE_RETURN_SPREAD_KEY] = spread
-        metrics[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] = triplets.valid_fraction
-        metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = triplets.label_agreement
-        loss = zero
-        if triplets.anchor.numel() > 0:
-            loss, active, cos_ap, cos_an = gaze_triplet_loss(
-                self._gaze_module(module_id).gaze_weights, features[triplets.anchor],
-                bank_maps[triplets.positive], bank_maps[triplets.negative],
-                similarity=config.contrastive_similarity, triplet_gaze=config.contrastive_triplet_gaze,
-                margin=config.contrastive_margin, mean_map=self._mean_maps.get(module_id))
-            metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
-            metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
-            metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
-            metrics[CONTRASTIVE_COS_GAP_KEY] = (cos_ap - cos_an).detach().mean()
-        metrics[CONTRASTIVE_LOSS_KEY] = loss.detach()
-        self.metrics.log_dict(metrics, key=module_id, window=1)
-        return loss
-
-    def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
-               rows: torch.Tensor) -> None:
-        """Keep this minibatch's valid ``rows`` for the memory until one epoch's worth has been seen."""
-        take = min(self._rows_left_to_stage.get(module_id, 0), features.shape[0])
-        if take <= 0:
-            return
-        self._rows_left_to_stage[module_id] -= take
-        rows = rows[rows < take]
-        fraction = self._stage_fraction.get(module_id, 1.0)
-        if fraction < 1.0:
-            rows = rows[torch.randperm(rows.numel(), device=rows.device)[:math.ceil(rows.numel() * fraction)]]
-        self._staged.setdefault(module_id, []).append((features[rows], returns[rows]))
-
-    @override(PPOTorchLearner)
-    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
-        super().after_gradient_based_update(timesteps=timesteps)
-        for module_id, staged in self._staged.items():
-            for features, returns in staged:
-                if module_id not in self._memories:
-                    self._memories[module_id] = self._new_memory(module_id, features.shape[1:], features.device)
-                self._memories[module_id].push(features, returns)
-        self._staged = {}
-        self._update_mean_maps()
-
-    def _update_mean_maps(self) -> None:
-        """The memory's mean map, and its search keys after subtracting it (``mining_centred``),
-        once per change of the memory."""
-        for module_id, memory in self._memories.items():
-            if len(memory):
-                maps = memory.filled()[0]
-                self._mean_maps[module_id] = maps.mean(0)
-                if self.config.get_config_for_module(module_id).mining_centred:
-                    self._centred_keys[module_id] = search_keys(maps - self._mean_maps[module_id], memory.pool)
-
-    @override(PPOTorchLearner)
-    def get_state(self, components=None, *, not_components=None, **kwargs) -> StateDict:
-        state = super().get_state(components, not_components=not_components, **kwargs)
-        if self._check_component(CONTRASTIVE_MEMORY, components, not_components):
-            config_for = self.config.get_config_for_module
-            state[CONTRASTIVE_MEMORY] = {
-                module_id: memory.state_dict() for module_id, memory in self._memories.items()
-                if memory.nbytes() <= config_for(module_id).contrastive_memory_checkpoint_mb * 2**20
-            }
-        return state
-
-    @override(PPOTorchLearner)
-    def set_state(self, state: StateDict) -> None:
-        super().set_state(state)
-        for module_id, memory_state in state.get(CONTRASTIVE_MEMORY, {}).items():
-            memory = self._new_memory(module_id, memory_state["maps"].shape[1:], self._device)
-            memory.load_state_dict(memory_state)  # push moves the rows to the memory's device
-            self._memories[module_id] = memory
-        self._update_mean_maps()
-
-    def _new_memory(self, module_id: ModuleID, map_shape: tuple[int, int, int],
-                    device: torch.device | str) -> FeatureReturnMemory:
-        config = self.config.get_config_for_module(module_id)
-        return FeatureReturnMemory(config.contrastive_memory_capacity, map_shape, pool=config.mining_pool,
-                                   device=device)
-
-    def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor, obs: Any) -> None:
-        if self._gaze_module(module_id).attention_kind == "patch":  # (B, h, w) weights
-            stats = {GAZE_WEIGHT_MEAN_KEY: params.mean(), GAZE_WEIGHT_STD_KEY: params.std(unbiased=False)}
-        else:  # foveal, oracle: (B, 5) Gaussians
-            stats = {}
-            for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
-                stats[gaze_param_key(name, "mean")] = column.mean()
-                stats[gaze_param_key(name, "std")] = column.std(unbiased=False)
-            if isinstance(obs, dict) and TARGET in obs:
-                # Where the relevant object is, in the map's normalised coordinates: how far the
-                # centre is from it, next to how far a fixed central gaze would be.
-                target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
-                stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
-                stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = target.norm(dim=-1).mean()
-        self.metrics.log_dict(stats, key=module_id, window=1)

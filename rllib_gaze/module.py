@@ -108,7 +108,63 @@ class GazeAPI(abc.ABC):
         optimizer steps and what gaze gradient norms are measured on."""
 
 
-class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeAPI):
+class GazeModuleMixin(GazeAPI):
+    """``GazeAPI`` for a torch RLModule whose gaze acts on one conv map of its image encoder: shared
+    by ``GazePPOModule`` and ``GazeSACModule``.
+
+    In ``setup`` the module sets ``self._scale_image`` (uint8 images) and calls ``_build_gaze``; its
+    ``feature_map`` runs its convs on ``_images(obs)``, and its encoder applies ``_attend``.
+    """
+
+    def _build_gaze(self, cfg: dict, map_shape: tuple[int, int, int]) -> None:
+        """Build the gaze that ``cfg`` (a model_config) asks for over maps ``(C, h, w)``; raises
+        ``ValueError`` naming what is wrong (``build_gaze``, or an oracle without the target)."""
+        self.feature_map_shape = tuple(map_shape)
+        self._attention_kind = cfg["attention"]
+        if self._attention_kind == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
+                                                     and TARGET in self.observation_space.spaces):
+            raise ValueError(f"attention='oracle' needs the target's position in the observation "
+                             f"(a Dict with a {TARGET!r} key, e.g. the clutter env's expose_target=True); "
+                             f"got {self.observation_space}")
+        self.gaze = build_gaze(cfg, *map_shape)
+        self._gaze_rl_gradient = cfg["gaze_rl_gradient"] is not False  # None: see GAZE_DEFAULTS
+
+    def _images(self, obs: Observations) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` as floats (uint8 scaled by 1/255) from observations."""
+        rgb = obs["rgb"] if isinstance(obs, dict) else obs
+        x = rgb.permute(0, 3, 1, 2).float()
+        return x / 255.0 if self._scale_image else x
+
+    def _attend(self, pre: torch.Tensor, obs: Observations, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The map ``pre (B, C, h, w)`` under the gaze (itself without one); the gaze's parameters go
+        to ``out[GAZE_PARAMS]``."""
+        if self.gaze is None:
+            return pre
+        weights, out[GAZE_PARAMS] = self.gaze_weights(pre, obs)
+        if not self._gaze_rl_gradient:
+            weights = weights.detach()  # only the gaze's own objective trains it
+        return pre * weights.unsqueeze(1)
+
+    @property
+    @override(GazeAPI)
+    def attention_kind(self) -> str:
+        return self._attention_kind
+
+    @override(GazeAPI)
+    def gaze_weights(self, features: torch.Tensor,
+                     obs: Observations | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gaze is None:
+            raise ValueError("this module has attention='none': it has no gaze")
+        if self._attention_kind == "oracle":
+            return self.gaze.attention_map(features, obs[TARGET])
+        return self.gaze.attention_map(features)
+
+    @override(GazeAPI)
+    def gaze_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gaze is None else list(self.gaze.parameters())
+
+
+class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModuleMixin):
     """PPO actor-critic for pixel observations with optional foveal/patch/oracle attention.
 
     Observations: Box ``(H, W, C)`` (uint8 is scaled by 1/255) or Dict ``{"rgb": (H, W, C),
@@ -138,16 +194,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeAPI):
         self.cnn = nn.Sequential(*layers)
         with torch.no_grad():
             _, fc, fh, fw = self.cnn(torch.zeros(1, channels, height, width)).shape
-        self.feature_map_shape = (fc, fh, fw)
-
-        self._attention_kind = cfg["attention"]
-        if self._attention_kind == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
-                                                     and TARGET in self.observation_space.spaces):
-            raise ValueError(f"attention='oracle' needs the target's position in the observation "
-                             f"(a Dict with a {TARGET!r} key, e.g. the clutter env's expose_target=True); "
-                             f"got {self.observation_space}")
-        self.gaze = build_gaze(cfg, fc, fh, fw)
-        self._gaze_rl_gradient = cfg["gaze_rl_gradient"] is not False  # None: see GAZE_DEFAULTS
+        self._build_gaze(cfg, (fc, fh, fw))
         self.image_fc = nn.Sequential(nn.Linear(fc * fh * fw, cfg["image_feature_dim"]), nn.ReLU())
         feature_dim = cfg["image_feature_dim"]
         self.state_fc = None
@@ -174,31 +221,9 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeAPI):
             _layer_init(nn.Linear(hidden, 1)),
         )
 
-    @property
-    @override(GazeAPI)
-    def attention_kind(self) -> str:
-        return self._attention_kind
-
     @override(GazeAPI)
     def feature_map(self, obs: Observations) -> torch.Tensor:
-        rgb = obs["rgb"] if isinstance(obs, dict) else obs
-        x = rgb.permute(0, 3, 1, 2).float()
-        if self._scale_image:
-            x = x / 255.0
-        return self.cnn(x)
-
-    @override(GazeAPI)
-    def gaze_weights(self, features: torch.Tensor,
-                     obs: Observations | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gaze is None:
-            raise ValueError("this module has attention='none': it has no gaze")
-        if self._attention_kind == "oracle":
-            return self.gaze.attention_map(features, obs[TARGET])
-        return self.gaze.attention_map(features)
-
-    @override(GazeAPI)
-    def gaze_parameters(self) -> list[nn.Parameter]:
-        return [] if self.gaze is None else list(self.gaze.parameters())
+        return self.cnn(self._images(obs))
 
     def predict_return(self, features: torch.Tensor, obs: Observations) -> torch.Tensor:
         """``(B,)`` return predicted from the gaze on detached feature maps ``(B, C, h, w)``: the
@@ -214,13 +239,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeAPI):
         """obs -> ``{"features": (B, F), "pre_attention_features": (B, C, h, w), "gaze_params": ...}``."""
         pre = self.feature_map(obs)
         out = {PRE_ATTENTION_FEATURES: pre}
-        attended = pre
-        if self.gaze is not None:
-            weights, out[GAZE_PARAMS] = self.gaze_weights(pre, obs)
-            if not self._gaze_rl_gradient:
-                weights = weights.detach()  # only the contrastive loss trains the gaze
-            attended = pre * weights.unsqueeze(1)
-        features = self.image_fc(attended.flatten(1))
+        features = self.image_fc(self._attend(pre, obs, out).flatten(1))
         if self.state_fc is not None:
             features = torch.cat([features, self.state_fc(obs["state"].float())], dim=-1)
         out["features"] = features

@@ -27,6 +27,7 @@ CONTRASTIVE_RETURN_SPREAD_KEY = "contrastive_return_spread"
 CONTRASTIVE_RETURN_THRESHOLD_KEY = "contrastive_return_threshold"
 CONTRASTIVE_VALID_ANCHOR_FRAC_KEY = "contrastive_valid_anchor_frac"
 GAZE_GRAD_NORM_CONTRASTIVE_KEY = "gaze_grad_norm_contrastive"
+GAZE_GRAD_NORM_CRITIC_KEY = "gaze_grad_norm_critic"  # GazeSAC's RL loss on the gaze
 GAZE_GRAD_NORM_PPO_KEY = "gaze_grad_norm_ppo"
 GAZE_PREDICT_LOSS_KEY = "gaze_predict_loss"
 GAZE_TARGET_DISTANCE_KEY = "gaze_target_distance"

@@ -1,10 +1,10 @@
-"""Test helpers: small configs on the clutter env and a context manager for a built Algorithm."""
+"""Test helpers: small GazePPO and GazeSAC configs on the clutter env and a context manager for a built Algorithm."""
 
 from __future__ import annotations
 
 import contextlib
 
-from rllib_gaze import GazePPOConfig
+from rllib_gaze import GazePPOConfig, GazeSACConfig
 
 
 @contextlib.contextmanager
@@ -29,5 +29,24 @@ def tiny_config(attention: str = "foveal", contrastive: bool = True, **gaze) -> 
                                  "head_hidden": 64, "image_feature_dim": 64})
         .gaze(**{"attention": attention, "contrastive": contrastive, "contrastive_num_anchors": 32,
                  "contrastive_memory_capacity": 512, "contrastive_k": 8, **gaze})
+        .debugging(seed=0)
+    )
+
+
+def tiny_sac_config(attention: str = "foveal", contrastive: bool = True, **gaze) -> GazeSACConfig:
+    """A GazeSAC config on the clutter env (48 px: a 3x3 map before the last pooling, + state) with
+    small heads and batches of 32 rows, 4 gradient steps per 32 sampled env steps."""
+    return (
+        GazeSACConfig()
+        .environment("clutter", env_config={"image_size": 48, "num_distractors": 3, "seed": 0,
+                                            "include_state": True})
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=4, rollout_fragment_length=8,
+                     gym_env_vectorize_mode="vector_entry_point")
+        .training(train_batch_size_per_learner=32, num_steps_sampled_before_learning_starts=32,
+                  training_intensity=4.0, replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 2000})
+        .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=32)
+        .rl_module(model_config={"actor_hidden": (32,), "q_hidden": (32,), "image_feature_dim": 32})
+        .gaze(**{"attention": attention, "contrastive": contrastive, "contrastive_num_anchors": 16,
+                 "contrastive_memory_capacity": 256, "contrastive_k": 4, **gaze})
         .debugging(seed=0)
     )
