@@ -1,6 +1,7 @@
 """Benchmarks: what the gaze and the contrastive loss cost next to plain PPO.
 
     python benchmarks/bench.py overhead [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
+    python benchmarks/bench.py sac-overhead [--device cpu|cuda] [--batch 512] [--updates 4] ...
     python benchmarks/bench.py mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
     python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
     python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] ...
@@ -8,9 +9,11 @@
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
 attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full method) on the same
 batch, interleaved round by round so machine noise hits every arm alike, with the contrastive
-memory already full (its steady state). ``mining`` times the exact neighbour search + triplet
-selection against memories of growing size; ``parts`` times each step of the contrastive path
-alone, with an arm's gaze and triplet loss. They print figures; none asserts anything.
+memory already full (its steady state). ``sac-overhead`` does the same for the real GazeSACLearner
+(arms ``sac``, ``gaze-rl`` on SAC and ``gaze-sac``) on the same replayed rows of the clutter env.
+``mining`` times the exact neighbour search + triplet selection against memories of growing size;
+``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss. They
+print figures; none asserts anything.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.policy.sample_batch import SampleBatch
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
-from rllib_gaze.arms import ARMS
+from rllib_gaze.arms import ARMS, SAC_ARMS
 from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import FeatureReturnMemory, gaze_triplet_loss, mine_triplets
 from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze
 
 BENCH_ARMS = ("ppo", "gaze-rl", "gaze-first", "gaze")  # gaze-first: the objective before issue 11
+# sac-overhead's arms: plain SAC, the gaze trained by the critic only, the full method.
+SAC_BENCH_ARMS = {"sac": SAC_ARMS["sac"], "gaze-rl": ARMS["gaze-rl"], "gaze-sac": SAC_ARMS["gaze-sac"]}
 
 
 def _sync(device: str) -> None:
@@ -79,35 +84,84 @@ def overhead(args: argparse.Namespace) -> None:
     timesteps = {"num_env_steps_sampled_lifetime": args.batch}
 
     def update(arm: str) -> float:
-        _sync(args.device)
-        start = time.perf_counter()
-        learners[arm].update(batch=batch.copy(), num_epochs=args.epochs, minibatch_size=args.minibatch,
-                             timesteps=timesteps)
-        _sync(args.device)
-        return time.perf_counter() - start
+        return _timed(args.device, lambda: learners[arm].update(
+            batch=batch.copy(), num_epochs=args.epochs, minibatch_size=args.minibatch, timesteps=timesteps))
 
-    gaze_learner = learners["gaze"]
-    while True:  # warm up every arm; fill the full method's memory to capacity
-        for arm in BENCH_ARMS:
+    _compare(update, BENCH_ARMS, "ppo", learners["gaze"], args,
+             f"learner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
+             f"rgb {args.image}x{args.image} + state {args.state_dim}")
+
+
+def _timed(device: str, work) -> float:
+    """Seconds ``work()`` takes, the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace, heading: str) -> None:
+    """Times ``update(arm)`` per arm, the arms interleaved round by round (noise hits all alike),
+    after warming every arm up until ``gaze_learner``'s contrastive memory is full (its steady
+    state), and prints each arm's median and its ratios to ``baseline``'s."""
+    while True:
+        for arm in arms:
             update(arm)
         memory = gaze_learner.contrastive_memory("default_policy")
         if len(memory) == memory.capacity:
             break
-    times = {arm: [] for arm in BENCH_ARMS}
+    times = {arm: [] for arm in arms}
     for round_ in range(args.repeats):
-        for arm in BENCH_ARMS:
+        for arm in arms:
             times[arm].append(update(arm))
         print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{a} {t[-1]:.3f}s" for a, t in times.items()),
               flush=True)
-    base = statistics.median(times["ppo"])
     fmap = gaze_learner.module["default_policy"].feature_map_shape
-    print(f"\nlearner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
-          f"rgb {args.image}x{args.image} + state {args.state_dim}, feature map {fmap}, "
-          f"memory {len(memory)} rows, device {args.device}, median of {args.repeats}:")
-    for arm in BENCH_ARMS:
-        med = statistics.median(times[arm])
-        paired = statistics.median(t / b for t, b in zip(times[arm], times["ppo"]))
+    print(f"\n{heading}, feature map {fmap}, memory {len(memory)} rows, device {args.device}, "
+          f"median of {args.repeats}:")
+    base = statistics.median(times[baseline])
+    for arm, arm_times in times.items():
+        med = statistics.median(arm_times)
+        paired = statistics.median(t / b for t, b in zip(arm_times, times[baseline]))
         print(f"  {arm:8s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
+
+
+def sac_overhead(args: argparse.Namespace) -> None:
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+    from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+    from rllib_gaze.sac_config import GazeSACConfig
+
+    def config(arm: str) -> GazeSACConfig:
+        return (GazeSACConfig()
+                .environment("clutter", env_config={"image_size": args.image, "include_state": True, "seed": 0})
+                .env_runners(gym_env_vectorize_mode="vector_entry_point")
+                .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0)
+                .training(train_batch_size_per_learner=args.batch)
+                .gaze(**SAC_BENCH_ARMS[arm], contrastive_memory_capacity=args.memory)
+                .debugging(seed=0))
+
+    runner = SingleAgentEnvRunner(config=config("sac"))
+    buffer = EpisodeReplayBuffer(capacity=args.steps)
+    buffer.add(runner.sample(num_timesteps=args.steps, random_actions=True))
+    learners = {arm: config(arm).build_learner(env=runner.env.unwrapped) for arm in SAC_BENCH_ARMS}
+    timesteps = {"num_env_steps_sampled_lifetime": args.steps}
+    draw = [0]
+
+    def update(arm: str) -> float:
+        """``args.updates`` gradient steps (sac_rgbd: 16 per 64 env steps), each on replayed rows
+        that every arm gets alike (the buffer's generator reseeded per arm and draw)."""
+        buffer.rng = np.random.default_rng(draw[0] // len(SAC_BENCH_ARMS))
+        draw[0] += 1
+        batches = [buffer.sample(num_items=args.batch, n_step=1, gamma=0.8, sample_episodes=True)
+                   for _ in range(args.updates)]
+        return _timed(args.device, lambda: [learners[arm].update(episodes=episodes, timesteps=timesteps)
+                                             for episodes in batches])
+
+    _compare(update, SAC_BENCH_ARMS, "sac", learners["gaze-sac"], args,
+             f"SAC learner, {args.updates} update(s) of {args.batch} replayed rows, clutter rgb "
+             f"{args.image}x{args.image} + state")
 
 
 def mining(args: argparse.Namespace) -> None:
@@ -276,6 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=overhead)
 
+    p = sub.add_parser("sac-overhead", help="SAC learner update time: gaze + contrastive vs plain SAC")
+    p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+    p.add_argument("--image", type=int, default=64, help="clutter env image size (sac_rgbd's camera: 128)")
+    p.add_argument("--batch", type=int, default=512, help="replayed rows per gradient step (sac_rgbd: 512)")
+    p.add_argument("--updates", type=int, default=4, help="gradient steps timed per round (sac_rgbd: 16 per 64 "
+                                                            "env steps)")
+    p.add_argument("--steps", type=int, default=2048, help="env steps in the replay buffer (random actions)")
+    p.add_argument("--memory", type=int, default=2048, help="contrastive memory rows (GazeSACConfig: 8192)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=sac_overhead)
+
     p = sub.add_parser("mining", help="neighbour search + triplet selection time vs memory size")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -325,8 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_flush_denormal(True)
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    for name in ("batch", "minibatch", "epochs", "repeats", "anchors", "k", "chunk", "memory", "pool", "num_envs",
-                 "steps", "image", "maniskill_envs", "maniskill_steps", "gpu_envs"):
+    for name in ("batch", "minibatch", "epochs", "updates", "repeats", "anchors", "k", "chunk", "memory", "pool",
+                 "num_envs", "steps", "image", "maniskill_envs", "maniskill_steps", "gpu_envs"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     for name in ("sizes", "pools", "map"):

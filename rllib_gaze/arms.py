@@ -1,4 +1,5 @@
-"""The compared arms: name -> the ``GazePPOConfig.gaze()`` settings that differ between them.
+"""The compared arms: name -> the ``.gaze()`` settings (of ``GazePPOConfig``, or ``GazeSACConfig`` for
+``SAC_ARMS``) that differ between them.
 
 Everything else is shared between arms. Use as ``config.gaze(**ARMS[arm])``. A leaf module (no
 RLlib import), so the report and the suite's command line can name arms cheaply.
@@ -43,3 +44,19 @@ VARIANTS = {
                      "gaze_centre": "soft_argmax"},
 }
 ARMS.update(VARIANTS)
+
+# GazeSAC's arms (docs/method.md, "GazeSAC"): the same switches on RLlib's SAC. An arm's name says
+# its algorithm; one suite experiment runs the arms of one algorithm (``--algo``).
+SAC_ARMS = {
+    "sac": dict(ARMS["ppo"]),                                                      # plain SAC baseline
+    "gaze-sac": dict(ARMS["gaze"]),                                                # the full method on SAC
+}
+ARMS.update(SAC_ARMS)
+# Algorithm -> its arms; and the arm every other arm of that algorithm is compared with.
+ALGORITHMS = {"ppo": tuple(arm for arm in ARMS if arm not in SAC_ARMS), "sac": tuple(SAC_ARMS)}
+BASELINES = {"ppo": "ppo", "sac": "sac"}
+
+
+def algorithm(arm: str) -> str:
+    """``"sac"`` for the arms of ``SAC_ARMS``, else ``"ppo"``."""
+    return "sac" if arm in SAC_ARMS else "ppo"

@@ -24,10 +24,12 @@ import sys
 import time
 
 from rllib_gaze import GazePPOConfig
-from rllib_gaze.arms import ARMS, TARGET_ARMS
+from rllib_gaze.arms import ALGORITHMS, ARMS, TARGET_ARMS, algorithm
 from rllib_gaze.suite import (
     PRESETS,
+    SAC_PRESET_ARMS,
     TASKS,
+    TRAINABLES,
     BudgetStop,
     Preset,
     SuiteProgress,
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of {list(PRESETS)}; default: 'paper' if the Ray cluster has GPUs, "
                                     "else 'local'. " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--algo", default="ppo",
+                   help=f"one of {list(ALGORITHMS)}: the algorithm of every arm (default ppo; sac runs the arms "
+                        f"{list(SAC_PRESET_ARMS)} unless --arms names others of {list(ALGORITHMS['sac'])}, and "
+                        "the report compares them with plain sac)")
     p.add_argument("--tasks", nargs="+", help=f"override the preset's tasks; any of {list(TASKS)}")
     p.add_argument("--arms", nargs="+", help=f"override the preset's arms; any of {list(ARMS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
@@ -85,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.wandb and importlib.util.find_spec("wandb") is None:
         p.error(f"--wandb {args.wandb}: the wandb package is not installed; pip install \"rllib-gaze[wandb]\"")
     bad("--tasks", args.tasks or [], TASKS)
-    bad("--arms", args.arms or [], ARMS)
+    bad("--algo", [args.algo], ALGORITHMS)
+    bad("--arms", args.arms or [], ALGORITHMS[args.algo])
     for flag, value, low in (("--budget", args.budget, 1), ("--num-env-runners", args.num_env_runners, 0),
                              ("--max-concurrent-trials", args.max_concurrent_trials, 0),
                              ("--checkpoint-every", args.checkpoint_every, 1)):
@@ -102,10 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _check_writable(p, args.storage_path)
     if args.resume:
         given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
-                 if key not in ("resume", "storage_path") and value != p.get_default(key)]
+                 if key not in ("resume", "storage_path", "algo") and value != p.get_default(key)]
         if given:
             p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
+        args.algo = _experiment_algo(args.resume_path, args.algo)
     else:
         args.gaze = _gaze_settings(p, args.gaze)
         _check_trials(p, args)
@@ -182,6 +190,18 @@ def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str)
     return path
 
 
+def _experiment_algo(path: str, given: str) -> str:
+    """The algorithm of a local experiment's trials (their params.json); ``given`` (``--algo``) for a
+    remote one or one without trials yet."""
+    if "://" not in path and os.path.isdir(path):
+        for trial in sorted(os.listdir(path)):
+            params = os.path.join(path, trial, "params.json")
+            if os.path.exists(params):
+                with open(params) as f:
+                    return algorithm(json.load(f).get("arm", ""))
+    return given
+
+
 def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
     """The preset with the flags' overrides applied, and its name."""
     name = args.preset
@@ -199,7 +219,7 @@ def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
     tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
-    arms = args.arms or preset.arms
+    arms = args.arms or (SAC_PRESET_ARMS if args.algo == "sac" else preset.arms)
     if not args.arms and not all(t.exposes_target for t in tasks):
         arms = [arm for arm in arms if arm not in TARGET_ARMS]  # the oracle needs the target's position
     overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds)}
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.resume:
         path = args.resume_path
         print(f"[suite] resuming {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable="GazePPO", resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=TRAINABLES[args.algo], resume_unfinished=True, resume_errored=True)
     else:
         name, preset = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
         experiment = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[suite] {name}: {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x seeds "
               f"{list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
         tuner = tune.Tuner(
-            "GazePPO",
+            TRAINABLES[args.algo],
             param_space=param_space(preset),
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=args.max_concurrent_trials or None,

@@ -11,6 +11,7 @@ points ``(env steps, evaluation success rate)``, and per task and arm averages t
 - final: mean over seeds of each seed's last evaluation;
 - AUC: the mean curve's trapezoid area divided by its step span (mean success over training);
 - ratio vs ppo at a level: ppo's steps / the arm's steps (> 1: the arm needs fewer env steps);
+  an experiment of SAC arms (``--algo sac``) is compared with plain ``sac`` instead;
   "> r" when ppo never reached the level within its last evaluated step (a lower bound);
 - 95% interval of that ratio: a percentile bootstrap that resamples each arm's seeds (and ppo's)
   with replacement; a resample that never reaches the level is censored at its last evaluated
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rllib_gaze.arms import ARMS
+from rllib_gaze.arms import ARMS, BASELINES, algorithm
 from rllib_gaze.results import (
     CONTRASTIVE_COS_GAP_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
@@ -46,7 +47,7 @@ from rllib_gaze.results import (
     result_rows,
 )
 
-BASELINE = "ppo"
+BASELINE = "ppo"  # PPO arms' baseline; SAC arms are compared with plain SAC (arms.BASELINES)
 BOOTSTRAP_DRAWS = 2000
 
 
@@ -184,10 +185,12 @@ def _arm_order(arm: str) -> tuple[int, str]:
 
 def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
     """The Markdown sample-efficiency table of one task's curves."""
-    baseline = next((c for c in curves if c.arm == BASELINE), None)
+    algorithms = {algorithm(c.arm) for c in curves}
+    name = BASELINES[algorithms.pop()] if len(algorithms) == 1 else BASELINE
+    baseline = next((c for c in curves if c.arm == name), None)
     head = ["arm", "seeds", "env steps"] + [f"steps to {level:.0%}" for level in levels]
     if baseline is not None:
-        head += [f"ratio vs ppo at {level:.0%}" for level in levels]
+        head += [f"ratio vs {name} at {level:.0%}" for level in levels]
     head += ["final success", "AUC"]
     if baseline is not None:
         head += [f"ratio 95% CI at {level:.0%}" for level in levels]
@@ -355,7 +358,8 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
              "Metric: deterministic evaluation success rate (`evaluation/env_runners/success_once`); "
-             "mean over seeds, 95% band. Ratio = ppo's steps / the arm's steps to the level; its 95% "
+             "mean over seeds, 95% band. Ratio = the baseline's steps (plain ppo; plain sac for SAC arms) / the arm's "
+             "steps to the level; its 95% "
              "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
     series = learner_series(experiment_dir, until, seeds)
     for task in sorted({c.task for c in curves}):

@@ -19,10 +19,11 @@ from typing import Any
 
 from ray import tune
 
-from rllib_gaze.arms import ABLATIONS, ARMS, TARGET_ARMS
+from rllib_gaze.arms import ABLATIONS, ALGORITHMS, ARMS, TARGET_ARMS, algorithm
 from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.envs import CLUTTER, MANISKILL, evaluation_env_config
 from rllib_gaze.results import STEPS, evaluation_success
+from rllib_gaze.sac_config import GazeSACConfig
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,29 @@ def pick_preset(cluster_gpus: float) -> tuple[str, str]:
                      "looks the same: pass --preset paper there)")
 
 
-def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConfig:
-    """The full GazePPO config of one trial. Arms differ only in their ``ARMS`` settings, which
-    take precedence over the task's ``gaze`` settings."""
+# The Tune trainable of each algorithm (registered by ``import rllib_gaze``).
+TRAINABLES = {"ppo": "GazePPO", "sac": "GazeSAC"}
+# The arms a preset runs with ``--algo sac`` (its ``arms`` are PPO's).
+SAC_PRESET_ARMS = ALGORITHMS["sac"]
+
+
+def experiment_algorithm(arms) -> str:
+    """The one algorithm of ``arms`` (a Tune experiment runs one trainable), or ValueError."""
+    algorithms = {algorithm(arm) for arm in arms}
+    if len(algorithms) != 1:
+        raise ValueError(f"arms {list(arms)} mix algorithms {sorted(algorithms)}: one experiment runs one algorithm "
+                         f"(its arms: {ALGORITHMS})")
+    return algorithms.pop()
+
+
+def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConfig | GazeSACConfig:
+    """The full config of one trial: GazePPO, or GazeSAC for the SAC arms. Arms differ only in their
+    ``ARMS`` settings, which take precedence over the task's ``gaze`` settings.
+
+    A SAC trial keeps sac_rgbd's sampling and update shape (``GazeSACConfig``'s defaults: 16 envs x
+    4 steps per gradient round) and takes the task's env, gamma, evaluation and budget; one of its
+    iterations samples the env steps of one PPO iteration on the task, so both count the budget and
+    the evaluation points alike."""
     if arm in TARGET_ARMS and not task.exposes_target:
         raise ValueError(f"arm {arm!r} reads the target's true position, which task {task.name!r} does not expose "
                          f"(tasks that do: {[t.name for t in TASKS.values() if t.exposes_target]}, "
@@ -181,16 +202,14 @@ def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConf
         # training and evaluation envs then share the trial's process: one GPU simulation per
         # process is all ManiSkill allows, so both simulate on the CPU
         env_config["sim_backend"] = "physx_cpu"
-    return (
-        GazePPOConfig()
+    sac = algorithm(arm) == "sac"
+    config = (
+        (GazeSACConfig() if sac else GazePPOConfig())
         .environment(task.env, env_config=env_config)
-        .env_runners(num_env_runners=runners, num_envs_per_env_runner=task.num_envs,
-                     rollout_fragment_length=task.rollout_length,
-                     num_gpus_per_env_runner=preset.num_gpus_per_env_runner,
+        .env_runners(num_env_runners=runners, num_gpus_per_env_runner=preset.num_gpus_per_env_runner,
                      gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=0, num_gpus_per_learner=preset.num_gpus_per_learner)
-        .training(train_batch_size_per_learner=batch, minibatch_size=batch // task.num_minibatches,
-                  num_epochs=task.num_epochs, gamma=task.gamma)
+        .training(gamma=task.gamma)
         .evaluation(evaluation_interval=task.eval_interval, evaluation_duration=task.eval_episodes,
                     evaluation_duration_unit="episodes",
                     # ManiSkill's GPU simulation allows one per process: evaluate in its own runner.
@@ -203,11 +222,19 @@ def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConf
         .debugging(seed=seed)
         .update_from_dict({"task": task.name, "arm": arm, "suite_iterations": task.iterations(runners)})
     )
+    if sac:  # an iteration: sac_rgbd's training rounds until one PPO iteration's env steps are sampled
+        return config.reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=batch)
+    return (config
+            .env_runners(num_envs_per_env_runner=task.num_envs, rollout_fragment_length=task.rollout_length)
+            .training(train_batch_size_per_learner=batch, minibatch_size=batch // task.num_minibatches,
+                      num_epochs=task.num_epochs))
 
 
 def param_space(preset: Preset) -> dict[str, Any]:
     """Tune's param space for ``preset``: a grid over task x arm x seed. Settings that differ
-    between trials are looked up from the trial's task and arm, so one experiment holds every trial."""
+    between trials are looked up from the trial's task and arm, so one experiment holds every trial.
+    The arms must be of one algorithm (``experiment_algorithm``), whose trainable runs them all."""
+    experiment_algorithm(preset.arms)
     per_trial = {(t.name, arm): trial_config(t, arm, preset.seeds[0], preset).to_dict()
                  for t in preset.tasks for arm in preset.arms}
     space = dict(next(iter(per_trial.values())))

@@ -48,6 +48,8 @@ BAD_INPUTS = [
     ("suite", lambda tmp: suite.main(["--tasks", "PushCube", "--storage-path", str(tmp)]),
      ["'PushCube'", "PushCube-v1"]),
     ("suite", lambda tmp: suite.main(["--arms", "ppo", "attention"]), ["'attention'", "gaze-rl", "patch"]),
+    ("suite", lambda tmp: suite.main(["--algo", "dqn"]), ["--algo", "'dqn'", "['ppo', 'sac']"]),
+    ("suite", lambda tmp: suite.main(["--algo", "sac", "--arms", "sac", "gaze"]), ["--arms", "'gaze'", "'gaze-sac'"]),
     ("suite", lambda tmp: suite.main(["--budget", "0"]), ["--budget=0", ">= 1"]),
     ("suite", lambda tmp: suite.main(["--num-env-runners", "-1"]), ["--num-env-runners=-1", ">= 0"]),
     ("suite", lambda tmp: suite.main(["--gpus-per-learner", "-0.5"]), ["--gpus-per-learner=-0.5", ">= 0"]),

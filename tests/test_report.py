@@ -192,3 +192,14 @@ def test_export_writes_every_trials_numbers_as_gzipped_json_lines(experiment, tm
     assert len(trials) == len(CURVES)
     gaze0 = next(t for t in trials if (t["task"], t["arm"], t["seed"]) == ("clutter", "gaze", 0))
     assert [v for _, _, v in gaze0["evaluations"]] == CURVES[("clutter", "gaze", 0)]
+
+
+def test_sac_arms_are_compared_with_plain_sac(experiment):
+    """The same curves under SAC arm names: plain sac is the baseline, as ppo is for PPO's arms."""
+    curves, _ = load_curves(str(experiment))
+    clutter = [c for c in curves if c.task == "clutter" and c.arm in ("ppo", "gaze")]
+    for curve in clutter:
+        curve.arm = {"ppo": "sac", "gaze": "gaze-sac"}[curve.arm]
+    markdown = table(clutter, (0.5, 0.8))
+    assert "ratio vs sac at 50%" in markdown and "ratio vs ppo" not in markdown
+    assert _rows(markdown)["gaze-sac"][4:6] == ["3.00", "2.00"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from ray.tune.search.variant_generator import generate_variants
 
 import rllib_gaze.cli as suite_cli
@@ -105,3 +106,46 @@ def test_flags_override_the_preset():
     _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
     assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
     assert "oracle" in PRESETS["local"].arms and "oracle" not in local.arms  # PushCube has no exposed target
+
+
+def test_algo_sac_runs_the_sac_arms_as_gaze_sac_trials_that_differ_only_in_gaze_settings():
+    from rllib_gaze import GazeSACConfig
+    from rllib_gaze.arms import SAC_ARMS
+    from rllib_gaze.suite import TRAINABLES, experiment_algorithm
+
+    args = suite_script.parse_args(["--preset", "smoke", "--algo", "sac", "--tasks", "clutter"])
+    _, preset = suite_script.chosen_preset(args, cluster_gpus=0)
+    assert preset.arms == ("sac", "gaze-sac") and TRAINABLES[experiment_algorithm(preset.arms)] == "GazeSAC"
+    trials = {}
+    for _, spec in generate_variants(param_space(preset)):
+        config = GazeSACConfig().update_from_dict(spec)
+        config.validate()
+        trials[spec["arm"]] = config
+    task = preset.tasks[0]
+    plain, full = trials["sac"], trials["gaze-sac"]
+    assert (plain.attention, plain.contrastive) == ("none", False) and (full.attention, full.contrastive) == (
+        "foveal", True)
+    assert _differing_keys(full, plain) <= {key for settings in SAC_ARMS.values() for key in settings}
+    # sac_rgbd's sampling and update shape; the task's env, gamma, evaluation and budget
+    assert (plain.num_envs_per_env_runner, plain.rollout_fragment_length, plain.train_batch_size_per_learner) == (
+        16, 4, 512)
+    assert plain.env_config == task.env_config and plain.gamma == task.gamma
+    assert plain.evaluation_interval == task.eval_interval and plain.evaluation_config["explore"] is False
+    assert plain.min_sample_timesteps_per_iteration == task.batch_size(0) and plain.min_time_s_per_iteration == 0
+    assert plain["suite_iterations"] == task.iterations(0)
+
+
+def test_one_experiment_runs_the_arms_of_one_algorithm():
+    with pytest.raises(ValueError, match="mix algorithms"):
+        param_space(dataclasses.replace(PRESETS["smoke"], arms=("ppo", "sac")))
+    assert suite_script.preset_with_flags(suite_script.parse_args(["--preset", "smoke"]), "smoke").arms == (
+        PRESETS["smoke"].arms)  # --algo ppo, the default: the presets unchanged
+
+
+def test_resume_takes_the_algorithm_of_the_experiments_trials(tmp_path):
+    trial = tmp_path / "exp" / "clutter_gaze-sac_seed0_00001"
+    trial.mkdir(parents=True)
+    (tmp_path / "exp" / suite_script.EXPERIMENT_STATE).write_text("")
+    (trial / "params.json").write_text('{"arm": "gaze-sac"}')
+    args = suite_script.parse_args(["--resume", "exp", "--storage-path", str(tmp_path)])
+    assert args.algo == "sac"  # GazeSAC restores it, without --algo
