@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> str:
               f"`gsutil -m rsync -r {path} {local}`) and run `python -m rllib_gaze.report {local}`", flush=True)
     print(f"\n[suite] experiment: {path}\n[suite] TensorBoard: tensorboard --logdir {path}", flush=True)
     if errors:
+        for r in errors:  # which trial, and the last line of its error (the exception and message)
+            why = str(r.error).strip().splitlines()[-1] if str(r.error).strip() else type(r.error).__name__
+            print(f"[suite] failed trial {trial_label(r.config)}: {why}", flush=True)
         print(f"[suite] {len(errors)} trial(s) failed; continue them with --resume {path}", flush=True)
         sys.exit(1)
     return path

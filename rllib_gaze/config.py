@@ -244,10 +244,20 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         self.train_batch_size_per_learner = 512 * 50
         self.minibatch_size = 512 * 50 // 32
         self.adam_eps = 1e-5             # ppo_rgb's Adam(eps=1e-5); RLlib's default is 1e-8
+        # RLlib's default lets each env runner be restarted 1000 times, 60 s apart, and then samples
+        # nothing, iteration after iteration: an env that raises at every step would loop for ~17 hours.
+        # 20 restarts per runner covers sporadic crashes; once every runner has used them up the
+        # trial stops (GazePPO.training_step) and Tune's FailureConfig takes over.
+        self.max_num_env_runner_restarts = 20
         # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
         # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
         self.callbacks_class = [SuccessMetrics, GazeImages]
         self._init_gaze_settings()
+        # For tests only (tests/test_trial_restart.py), off by default: GazePPO.training_step raises
+        # at this training iteration (0: never), in a trial not restored from a checkpoint unless
+        # _fail_after_restore, to show Tune restarting a failed trial.
+        self._fail_at_iteration = 0
+        self._fail_after_restore = False
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -337,3 +347,25 @@ class GazePPO(PPO):
     @override(PPO)
     def get_default_config(cls) -> GazePPOConfig:
         return GazePPOConfig()
+
+    @override(PPO)
+    def training_step(self) -> None:
+        fail_at = getattr(self.config, "_fail_at_iteration", 0)
+        if fail_at and self.iteration + 1 == fail_at and (getattr(self.config, "_fail_after_restore", False)
+                                                           or not self._restored):
+            raise RuntimeError(f"_fail_at_iteration={fail_at}: a test's injected trial failure")
+        super().training_step()
+        _stop_without_env_runners(self)
+
+
+def _stop_without_env_runners(algo) -> None:
+    """Raises when every remote env runner has failed and used up its ``max_num_env_runner_restarts``:
+    RLlib would otherwise go on training on no samples for ever."""
+    group, config = algo.env_runner_group, algo.config
+    runners = group.num_remote_env_runners() if group is not None else 0
+    if (runners and config.restart_failed_env_runners and group.num_healthy_remote_workers() == 0
+            and group.num_remote_worker_restarts() >= config.max_num_env_runner_restarts * runners):
+        raise RuntimeError(
+            f"all {runners} env runner(s) failed and were restarted max_num_env_runner_restarts="
+            f"{config.max_num_env_runner_restarts} times each; the env runners' error is in their log "
+            "(Ray's worker-*.err files, or the console with --verbose)")

@@ -1,11 +1,15 @@
-"""An env runner actor killed mid-training: RLlib restarts it and training goes on, counted."""
+"""An env runner actor killed mid-training, or whose env raises: RLlib restarts it and training goes
+on, counted; an env that raises every time stops the trial after max_num_env_runner_restarts."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import pytest
 from helpers import running, tiny_config
+
+from rllib_gaze import GazePPOConfig
 
 
 def _runner_pids(algo) -> list[int]:
@@ -34,3 +38,43 @@ def test_killed_env_runner_is_restarted_and_counters_stay_consistent(ray_session
         faults = results[-1]["fault_tolerance"]
         assert faults["num_remote_worker_restarts"] == 1 and faults["num_healthy_workers"] == 2
         assert victim not in _runner_pids(algo) and len(_runner_pids(algo)) == 2
+
+
+def _env_fault_config(**fault) -> object:
+    """One remote env runner whose clutter env raises at its 20th step (in the second iteration),
+    restarted 0.5 s after a failure (RLlib's default waits 60 s)."""
+    env_config = {"image_size": 48, "num_distractors": 3, "seed": 0, "fail_at_step": 20, **fault}
+    return (tiny_config().environment("clutter", env_config=env_config)
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=8)
+            .fault_tolerance(delay_between_env_runner_restarts_s=0.5, max_num_env_runner_restarts=2))
+
+
+def _runner_logs() -> str:
+    import glob
+
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()  # no public API names it
+    return "".join(open(f, errors="replace").read() for f in glob.glob(os.path.join(logs, "worker-*.err")))
+
+
+def test_env_raising_in_a_remote_runner_once_restarts_the_runner_and_training_goes_on(ray_session, tmp_path):
+    with running(_env_fault_config(fail_once_file=str(tmp_path / "failed"))) as algo:
+        results = [algo.train() for _ in range(6)]
+    assert (tmp_path / "failed").exists()  # the fault happened
+    assert results[-1]["fault_tolerance"]["num_remote_worker_restarts"] == 1
+    assert results[-1]["fault_tolerance"]["num_healthy_workers"] == 1
+    steps = [r["num_env_steps_sampled_lifetime"] for r in results]
+    assert steps[-1] > steps[0] and steps == sorted(steps)  # sampling went on after the restart
+    assert "clutter env: fail_at_step=20 reached" in _runner_logs()  # the env's own error, in Ray's logs
+
+
+def test_env_raising_in_a_remote_runner_every_time_stops_the_trial(ray_session):
+    config = _env_fault_config()
+    assert GazePPOConfig().max_num_env_runner_restarts == 20  # bounded (RLlib's default: 1000, 60 s apart)
+    with running(config) as algo:
+        with pytest.raises(RuntimeError, match="max_num_env_runner_restarts=2"):
+            for _ in range(20):
+                algo.train()
+        assert algo.iteration < 20
+    assert "clutter env: fail_at_step=20 reached" in _runner_logs()

@@ -12,6 +12,8 @@ through the same ``BatchedEnvBridge`` as ManiSkill, and it runs on CPU or GPU (`
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -37,13 +39,19 @@ class ClutterEnv:
     ``max_episode_steps`` truncates the episode. Success is distance < ``success_radius``; with
     ``terminate_on_success`` it also ends the episode. ``info["success"]`` is a ``(N,)`` bool
     tensor. All outputs are torch tensors on ``device``.
+
+    ``fail_at_step`` and ``fail_once_file`` are for tests only (0, the default, turns them off):
+    ``step()`` raises RuntimeError at that many steps of this env object, to exercise RLlib's env
+    runner restarts; with ``fail_once_file`` only while that file does not exist (it is created
+    then), so the fault happens once, not again in the restarted runner.
     """
 
     def __init__(self, num_envs: int = 1, *, image_size: int = 64, num_distractors: int = 6,
                  max_episode_steps: int = 50, include_state: bool = False, step_size: float = 0.08,
                  success_radius: float = 0.08, terminate_on_success: bool = False,
                  reward: str = "progress", expose_target: bool = False,
-                 device: str = "cpu", seed: int | None = None):
+                 device: str = "cpu", seed: int | None = None, fail_at_step: int = 0,
+                 fail_once_file: str | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r}: must be >= 1")
         if image_size < 16:
@@ -54,7 +62,10 @@ class ClutterEnv:
             raise ValueError(f"max_episode_steps={max_episode_steps!r}: must be >= 1")
         if reward not in REWARDS:
             raise ValueError(f"reward={reward!r}: allowed values are {REWARDS}")
+        if fail_at_step < 0:
+            raise ValueError(f"fail_at_step={fail_at_step!r}: must be >= 0 (0: off)")
         self.num_envs = num_envs
+        self.fail_at_step, self.fail_once_file, self._steps_taken = fail_at_step, fail_once_file, 0
         self.reward, self.expose_target = reward, expose_target
         self.image_size, self.num_distractors = image_size, num_distractors
         self.max_episode_steps, self.include_state = max_episode_steps, include_state
@@ -101,6 +112,11 @@ class ClutterEnv:
         return self._observe(), {}
 
     def step(self, actions):
+        self._steps_taken += 1
+        if self._steps_taken == self.fail_at_step and not (self.fail_once_file and os.path.exists(self.fail_once_file)):
+            if self.fail_once_file:
+                open(self.fail_once_file, "w").close()
+            raise RuntimeError(f"clutter env: fail_at_step={self.fail_at_step} reached (a test's injected fault)")
         actions = torch.as_tensor(actions, dtype=torch.float32, device=self.device).clamp(-1, 1)
         self.agent = (self.agent + self.step_size * actions).clamp(self._half, 1 - self._half)
         self.distractors = self.distractors + self.velocities

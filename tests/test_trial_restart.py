@@ -1,0 +1,70 @@
+"""A trial that raises is restarted by Tune from its last checkpoint (FailureConfig(max_failures=2)),
+through the real suite command line; one that raises every time ends failed, named on the console."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from rllib_gaze.results import result_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERATIONS, BATCH = 4, 256  # smoke's clutter task: 16 envs x 16 steps per iteration
+# The suite's command line, with GazePPOConfig's test-only _fail_at_iteration set on the gaze trial.
+SUITE = """
+import sys
+import rllib_gaze.suite as suite
+from rllib_gaze.cli import main
+
+real = suite.trial_config
+def trial_config(task, arm, seed, preset):
+    config = real(task, arm, seed, preset)
+    if arm == "gaze":
+        config.update_from_dict({"_fail_at_iteration": 3, "_fail_after_restore": sys.argv[1] == "always"})
+    return config
+suite.trial_config = trial_config
+main(sys.argv[2:])
+"""
+
+
+def _run(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-c", SUITE, mode, "--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze",
+               "--budget", str(ITERATIONS * BATCH), "--max-concurrent-trials", "1", "--checkpoint-every", "2",
+               "--storage-path", str(tmp_path), "--name", "exp"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _trial(tmp_path, arm: str):
+    (trial,) = [d for d in (tmp_path / "exp").glob(f"clutter_{arm}_seed0_*") if d.is_dir()]
+    return trial
+
+
+def _rows(tmp_path, arm: str) -> list[dict]:
+    return result_rows(str(_trial(tmp_path, arm) / "result.json"))
+
+
+def test_a_trial_that_fails_once_is_restarted_from_its_checkpoint_and_finishes(tmp_path):
+    proc = _run(tmp_path, "once")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert "[suite] finished: 2/2 trials done" in console
+    errors = (_trial(tmp_path, "gaze") / "error.txt").read_text()  # Tune's record of the trial's failures
+    assert "Failure # 1" in errors and "Failure # 2" not in errors and "_fail_at_iteration=3" in errors
+    rows = _rows(tmp_path, "gaze")
+    iterations = [r["training_iteration"] for r in rows]
+    # 1, 2 (checkpoint), the failure at 3, then 3, 4 after the restore: never from 1 again
+    assert iterations == [1, 2, 3, 4], iterations
+    assert [r["num_env_steps_sampled_lifetime"] for r in rows] == [i * BATCH for i in iterations]
+
+
+def test_a_trial_that_fails_every_time_ends_failed_and_the_others_finish(tmp_path):
+    proc = _run(tmp_path, "always")
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 1, console[-3000:]
+    assert "[suite] finished: 1/2 trials done, 1 failed" in console
+    assert "[suite] failed trial clutter_gaze_seed0: RuntimeError: _fail_at_iteration=3" in console, console[-3000:]
+    assert _rows(tmp_path, "ppo")[-1]["training_iteration"] == ITERATIONS
+    assert _rows(tmp_path, "gaze")[-1]["training_iteration"] == 2  # three tries, each failing after the checkpoint
