@@ -47,7 +47,6 @@ from rllib_gaze.results import (
     result_rows,
 )
 
-BASELINE = "ppo"  # PPO arms' baseline; SAC arms are compared with plain SAC (arms.BASELINES)
 BOOTSTRAP_DRAWS = 2000
 
 
@@ -146,14 +145,11 @@ def load_curves(experiment_dir: str, until: float | None = None,
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
     notes = []
-    trial_dirs = sorted(d for d in os.listdir(experiment_dir)
-                        if os.path.exists(os.path.join(experiment_dir, d, "params.json")))
-    if not trial_dirs:
+    trials = _trials(experiment_dir)
+    if not trials:
         raise FileNotFoundError(f"no Tune trials (directories with params.json) in {experiment_dir!r}")
-    for name in trial_dirs:
-        with open(os.path.join(experiment_dir, name, "params.json")) as f:
-            params = json.load(f)
-        if not {"task", "arm", "seed"} <= params.keys():
+    for name, params in trials:
+        if not SUITE_KEYS <= params.keys():
             notes.append(f"{name}: not a suite trial (no task/arm/seed in params.json), skipped")
             continue
         if seeds is not None and int(params["seed"]) not in seeds:
@@ -167,6 +163,20 @@ def load_curves(experiment_dir: str, until: float | None = None,
         curve = curves.setdefault((params["task"], params["arm"]), Curve(params["task"], params["arm"], {}))
         curve.runs[int(params["seed"])] = points
     return sorted(curves.values(), key=lambda c: (c.task, _arm_order(c.arm))), notes
+
+
+SUITE_KEYS = {"task", "arm", "seed"}  # what the suite puts in every trial's config
+
+
+def _trials(experiment_dir: str) -> list[tuple[str, dict]]:
+    """``(directory name, params.json)`` of every Tune trial in ``experiment_dir``, by name."""
+    trials = []
+    for name in sorted(os.listdir(experiment_dir)):
+        params_file = os.path.join(experiment_dir, name, "params.json")
+        if os.path.exists(params_file):
+            with open(params_file) as f:
+                trials.append((name, json.load(f)))
+    return trials
 
 
 def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
@@ -186,7 +196,7 @@ def _arm_order(arm: str) -> tuple[int, str]:
 def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
     """The Markdown sample-efficiency table of one task's curves."""
     algorithms = {algorithm(c.arm) for c in curves}
-    name = BASELINES[algorithms.pop()] if len(algorithms) == 1 else BASELINE
+    name = BASELINES[algorithms.pop() if len(algorithms) == 1 else "ppo"]
     baseline = next((c for c in curves if c.arm == name), None)
     head = ["arm", "seeds", "env steps"] + [f"steps to {level:.0%}" for level in levels]
     if baseline is not None:
@@ -275,13 +285,8 @@ def learner_series(experiment_dir: str, until: float | None = None,
                    seeds: tuple[int, ...] | None = None) -> dict[tuple[str, str], dict[int, list[tuple[int, dict]]]]:
     """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS metric: value})]`` from every suite trial."""
     out: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]] = {}
-    for name in sorted(os.listdir(experiment_dir)):
-        params_file = os.path.join(experiment_dir, name, "params.json")
-        if not os.path.exists(params_file):
-            continue
-        with open(params_file) as f:
-            params = json.load(f)
-        if not {"task", "arm", "seed"} <= params.keys() or (seeds is not None and int(params["seed"]) not in seeds):
+    for name, params in _trials(experiment_dir):
+        if not SUITE_KEYS <= params.keys() or (seeds is not None and int(params["seed"]) not in seeds):
             continue
         rows = []
         for row in result_rows(os.path.join(experiment_dir, name, "result.json")):

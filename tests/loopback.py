@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -35,3 +36,12 @@ def wait_for(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.5)  # polling a starting process, not timing anything
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ends a `ray start --block` process (never `ray stop`, which would end every Ray on the machine)."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()

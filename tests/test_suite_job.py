@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 import pytest
-from loopback import RAY, free_ports, node_ports, wait_for
+from loopback import RAY, free_ports, node_ports, stop, wait_for
 
 from rllib_gaze.results import result_rows
 
@@ -44,11 +44,7 @@ def loopback_cluster():
         yield address, client, env
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 import yaml
-from loopback import RAY, free_ports, node_ports, wait_for
+from loopback import RAY, free_ports, node_ports, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,11 +57,7 @@ def test_only_holders_of_the_token_submit_jobs_or_join_the_cluster():
                 pytest.fail(f"a worker with {who} joined the cluster")
             assert joiner.returncode != 0 and "Authentication" in output, (who, output[-2000:])
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
