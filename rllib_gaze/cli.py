@@ -47,10 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of {list(PRESETS)}; default: 'paper' if the Ray cluster has GPUs, "
                                     "else 'local'. " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
-    p.add_argument("--algo", default="ppo",
-                   help=f"one of {list(ALGORITHMS)}: the algorithm of every arm (default ppo; sac runs the arms "
-                        f"{list(SAC_PRESET_ARMS)} unless --arms names others of {list(ALGORITHMS['sac'])}, and "
-                        "the report compares them with plain sac)")
+    p.add_argument("--algo", help=f"one of {list(ALGORITHMS)}: run only this algorithm's arms (sac: "
+                                  f"{list(SAC_PRESET_ARMS)} unless --arms names others). Default: the preset's PPO "
+                                  "arms, then, for presets with SAC tasks (smoke, paper), plain SAC and GazeSAC on "
+                                  "those as a second experiment, <name>-sac; the report compares SAC arms with sac")
     p.add_argument("--tasks", nargs="+", help=f"override the preset's tasks; any of {list(TASKS)}")
     p.add_argument("--arms", nargs="+", help=f"override the preset's arms; any of {list(ARMS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.wandb and importlib.util.find_spec("wandb") is None:
         p.error(f"--wandb {args.wandb}: the wandb package is not installed; pip install \"rllib-gaze[wandb]\"")
     bad("--tasks", args.tasks or [], TASKS)
-    bad("--algo", [args.algo], ALGORITHMS)
-    bad("--arms", args.arms or [], ALGORITHMS[args.algo])
+    bad("--algo", [args.algo] if args.algo else [], ALGORITHMS)
+    bad("--arms", args.arms or [], ALGORITHMS[args.algo] if args.algo else ARMS)
     for flag, value, low in (("--budget", args.budget, 1), ("--num-env-runners", args.num_env_runners, 0),
                              ("--max-concurrent-trials", args.max_concurrent_trials, 0),
                              ("--checkpoint-every", args.checkpoint_every, 1)):
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
-        args.algo = _experiment_algo(args.resume_path, args.algo)
+        args.algo = _experiment_algo(args.resume_path, args.algo or "ppo")
     else:
         args.gaze = _gaze_settings(p, args.gaze)
         _check_trials(p, args)
@@ -123,13 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Builds and validates every trial's config of the preset(s) the run may pick, before Ray starts."""
     for name in [args.preset] if args.preset else ["local", "paper"]:  # what pick_preset may choose
-        preset = preset_with_flags(args, name)
-        for task in preset.tasks:
-            for arm in preset.arms:
-                try:
-                    trial_config(task, arm, preset.seeds[0], preset).validate()
-                except ValueError as e:
-                    p.error(f"preset {name!r}, task {task.name!r}, arm {arm!r}: {e}")
+        for preset in experiments(args, name).values():
+            for task in preset.tasks:
+                for arm in preset.arms:
+                    try:
+                        trial_config(task, arm, preset.seeds[0], preset).validate()
+                    except ValueError as e:
+                        p.error(f"preset {name!r}, task {task.name!r}, arm {arm!r}: {e}")
 
 
 def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
@@ -202,27 +202,46 @@ def _experiment_algo(path: str, given: str) -> str:
     return given
 
 
-def chosen_preset(args: argparse.Namespace, cluster_gpus: float):
-    """The preset with the flags' overrides applied, and its name."""
+def chosen_preset(args: argparse.Namespace, cluster_gpus: float) -> tuple[str, dict[str, Preset]]:
+    """The preset's name and its experiments (``experiments``)."""
     name = args.preset
     if name is None:
         name, why = pick_preset(cluster_gpus)
         print(f"[suite] --preset not given: running '{name}' because {why}.", flush=True)
-    return name, preset_with_flags(args, name)
+    return name, experiments(args, name)
 
 
-def preset_with_flags(args: argparse.Namespace, name: str) -> Preset:
-    """Preset ``name`` with the flags' overrides applied."""
-    preset = PRESETS[name]
-    own = {t.name: t for t in preset.tasks}  # a preset's own version of a task (smoke's are tiny) first
-    tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset.tasks)
+def experiments(args: argparse.Namespace, name: str) -> dict[str, Preset]:
+    """Algorithm -> the preset ``name`` with the flags applied, for each algorithm the run covers (one
+    Tune experiment each, PPO's first): the algorithms of ``--arms``, else ``--algo``, else PPO and,
+    where the preset has SAC tasks, SAC."""
+    if args.arms:
+        algos = [a for a in ALGORITHMS if any(algorithm(arm) == a for arm in args.arms)]
+    elif args.algo:
+        algos = [args.algo]
+    else:
+        algos = ["ppo"] + (["sac"] if PRESETS[name].sac_tasks else [])
+    return {algo: preset_with_flags(args, name, algo) for algo in algos}
+
+
+def preset_with_flags(args: argparse.Namespace, name: str, algo: str | None = None) -> Preset:
+    """Preset ``name``'s experiment of ``algo`` (default ``--algo``, else ppo) with the flags' overrides
+    applied: SAC runs on the preset's SAC tasks (its PPO tasks if it names none)."""
+    preset, algo = PRESETS[name], algo or args.algo or "ppo"
+    preset_tasks = (preset.sac_tasks or preset.tasks) if algo == "sac" else preset.tasks
+    own = {t.name: t for t in preset_tasks}  # a preset's own version of a task (smoke's are tiny) first
+    tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset_tasks)
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
     tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
-    arms = args.arms or (SAC_PRESET_ARMS if args.algo == "sac" else preset.arms)
+    if args.arms:
+        arms = [arm for arm in args.arms if algorithm(arm) == algo]
+    else:
+        arms = SAC_PRESET_ARMS if algo == "sac" else preset.arms
     if not args.arms and not all(t.exposes_target for t in tasks):
         arms = [arm for arm in arms if arm not in TARGET_ARMS]  # the oracle needs the target's position
-    overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds)}
+    overrides = {"tasks": tuple(tasks), "arms": tuple(arms), "seeds": tuple(args.seeds or preset.seeds),
+                 "sac_tasks": ()}  # one experiment now
     for flag, key in (("num_env_runners", "num_env_runners"), ("gpus_per_env_runner", "num_gpus_per_env_runner"),
                       ("gpus_per_learner", "num_gpus_per_learner")):
         if getattr(args, flag) is not None:
@@ -235,9 +254,6 @@ def main(argv: list[str] | None = None) -> str:
     import ray
     from ray import tune
 
-    from rllib_gaze.report import write_report
-    from rllib_gaze.tracking import wandb_callback
-
     # Joins the cluster when run by `ray job submit` (RAY_ADDRESS), else starts one. Quiet by default:
     # the workers' log lines (RLlib's deprecation notices, actor shutdown noise) stay in Ray's log
     # files, and the console shows the suite's progress and the report.
@@ -246,35 +262,65 @@ def main(argv: list[str] | None = None) -> str:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's experiment heading: with verbose=0, nothing
         print(f"[suite] Ray's logs (every trial's output): {_ray_logs_dir()}; --verbose shows them here", flush=True)
     if args.resume:
-        path = args.resume_path
-        print(f"[suite] resuming {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=TRAINABLES[args.algo], resume_unfinished=True, resume_errored=True)
+        print(f"[suite] resuming {args.resume_path}", flush=True)
+        runs = [(args.resume_path, lambda: tune.Tuner.restore(
+            args.resume_path, trainable=TRAINABLES[args.algo], resume_unfinished=True, resume_errored=True))]
     else:
-        name, preset = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
-        experiment = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = os.path.join(args.storage_path, experiment)
-        num_trials = len(preset.tasks) * len(preset.arms) * len(preset.seeds)
-        print(f"[suite] {name}: {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x seeds "
-              f"{list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
-        tuner = tune.Tuner(
-            TRAINABLES[args.algo],
-            param_space=param_space(preset),
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=args.max_concurrent_trials or None,
-                trial_name_creator=lambda trial: trial_label(trial.config),
-                trial_dirname_creator=lambda trial: f"{trial_label(trial.config)}_{trial.trial_id}",
-            ),
-            run_config=tune.RunConfig(
-                name=experiment, storage_path=args.storage_path, stop=BudgetStop(), verbose=2 if args.verbose else 0,
-                callbacks=[SuiteProgress(planned_steps(preset), num_trials)] + (
-                    [wandb_callback(args.wandb, args.wandb_group or experiment)] if args.wandb else []),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=args.checkpoint_every,
-                                                        checkpoint_at_end=True, num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=2),
-            ),
-        )
+        name, presets = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
+        base = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        runs = []
+        for algo, preset in presets.items():
+            experiment = base if algo == next(iter(presets)) else f"{base}-{algo}"
+            runs.append((os.path.join(args.storage_path, experiment),
+                         lambda algo=algo, preset=preset, experiment=experiment: _tuner(args, algo, preset, name,
+                                                                                       experiment)))
+    failed = []
+    for path, make_tuner in runs:  # one experiment after the other: each may use the whole cluster
+        failed += _fit(make_tuner(), path)
+    if failed:
+        for label, why in failed:
+            print(f"[suite] failed trial {label}: {why}", flush=True)
+        print(f"[suite] {len(failed)} trial(s) failed; continue them with --resume "
+              f"{' / '.join(path for path, _ in runs)}", flush=True)
+        sys.exit(1)
+    return runs[0][0]
+
+
+def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, experiment: str):
+    """The Tune experiment of ``preset``'s trials (one algorithm's arms) under ``experiment``."""
+    from ray import tune
+
+    from rllib_gaze.tracking import wandb_callback
+
+    path = os.path.join(args.storage_path, experiment)
+    num_trials = len(preset.tasks) * len(preset.arms) * len(preset.seeds)
+    print(f"[suite] {name} ({algo}): {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x "
+          f"seeds {list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
+    return tune.Tuner(
+        TRAINABLES[algo],
+        param_space=param_space(preset),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=args.max_concurrent_trials or None,
+            trial_name_creator=lambda trial: trial_label(trial.config),
+            trial_dirname_creator=lambda trial: f"{trial_label(trial.config)}_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=args.storage_path, stop=BudgetStop(), verbose=2 if args.verbose else 0,
+            callbacks=[SuiteProgress(planned_steps(preset), num_trials)] + (
+                [wandb_callback(args.wandb, args.wandb_group or experiment)] if args.wandb else []),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=args.checkpoint_every,
+                                                    checkpoint_at_end=True, num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=2),
+        ),
+    )
+
+
+def _fit(tuner, path: str) -> list[tuple[str, str]]:
+    """Runs ``tuner``, prints its report (local storage) and where its results are; returns the failed
+    trials' labels and the last line of each one's error (the exception and its message)."""
+    from rllib_gaze.report import write_report
+
     results = tuner.fit()
-    errors = [r for r in results if r.error]
     if "://" not in path:
         print(write_report(path), flush=True)
     else:  # the report reads local files
@@ -282,13 +328,9 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[suite] the results are in {path}; for the report copy them (e.g. `aws s3 sync {path} {local}` or "
               f"`gsutil -m rsync -r {path} {local}`) and run `python -m rllib_gaze.report {local}`", flush=True)
     print(f"\n[suite] experiment: {path}\n[suite] TensorBoard: tensorboard --logdir {path}", flush=True)
-    if errors:
-        for r in errors:  # which trial, and the last line of its error (the exception and message)
-            why = str(r.error).strip().splitlines()[-1] if str(r.error).strip() else type(r.error).__name__
-            print(f"[suite] failed trial {trial_label(r.config)}: {why}", flush=True)
-        print(f"[suite] {len(errors)} trial(s) failed; continue them with --resume {path}", flush=True)
-        sys.exit(1)
-    return path
+    return [(trial_label(r.config),
+             str(r.error).strip().splitlines()[-1] if str(r.error).strip() else type(r.error).__name__)
+            for r in results if r.error]
 
 
 def _ray_logs_dir() -> str:

@@ -47,6 +47,7 @@ class Task:
     eval_interval: int = 10      # iterations between evaluations
     eval_episodes: int = 16      # ppo_rgb's num_eval_envs: one episode per eval sub-env
     gaze: dict = field(default_factory=dict)  # .gaze() settings shared by every arm (memory size...)
+    sac: dict = field(default_factory=dict)   # GazeSACConfig.training() settings of SAC trials on this task
 
     @property
     def exposes_target(self) -> bool:
@@ -102,6 +103,9 @@ FOVEA = Task(
     budget=98_304, num_envs=32, rollout_length=32, num_epochs=4, num_minibatches=4, eval_interval=8,
     eval_episodes=32,
     gaze={"contrastive_num_anchors": 128, "contrastive_memory_capacity": 4096, "gaze_image_interval": 32},
+    # sac_rgbd's 128 replayed rows per env step cost ~7 h per 98k-step trial on CPU-2 (1.06 s per
+    # 512-row update at 96 px): SAC trials here replay 4 rows per env step in batches of 128.
+    sac={"train_batch_size_per_learner": 128, "training_intensity": 4},
 )
 
 TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC, FOVEA.name: FOVEA}
@@ -122,21 +126,31 @@ class Preset:
     num_env_runners: int = 0          # 0: sample in the trial's own process (CPU presets)
     num_gpus_per_env_runner: float = 0.0
     num_gpus_per_learner: float = 0.0
+    sac_tasks: tuple[Task, ...] = ()  # tasks on which the SAC arms also run (an experiment of their own)
 
+
+_SMOKE_CLUTTER = dataclasses.replace(
+    DIAGNOSTIC, budget=3 * 256, num_envs=16, rollout_length=16, num_epochs=1, num_minibatches=2, eval_interval=1,
+    eval_episodes=4, gaze={"contrastive_num_anchors": 32, "contrastive_memory_capacity": 512},  # no gaze images
+    # SAC learns from the second iteration on, 32 updates of 64 rows per iteration
+    sac={"num_steps_sampled_before_learning_starts": 256, "train_batch_size_per_learner": 64, "training_intensity": 8},
+)
+# The tasks of ManiSkill's SAC baselines (examples/baselines/sac: PushCube-v1, PickCube-v1) and their
+# cluttered variants: the paper preset's SAC experiment.
+SAC_PAPER_TASKS = ("PushCube-v1", "PickCube-v1")
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        "CPU, a few minutes: every arm on tiny versions of the diagnostic env and ManiSkill PushCube-v1",
+        "CPU, a few minutes: every arm on tiny versions of the diagnostic env and ManiSkill PushCube-v1, and "
+        "plain SAC and GazeSAC on the diagnostic",
         tasks=(
-            dataclasses.replace(DIAGNOSTIC, budget=3 * 256, num_envs=16, rollout_length=16, num_epochs=1,
-                                num_minibatches=2, eval_interval=1, eval_episodes=4,  # no gaze images
-                                gaze={"contrastive_num_anchors": 32, "contrastive_memory_capacity": 512}),
+            _SMOKE_CLUTTER,
             Task("PushCube-v1", MANISKILL, {"env_id": "PushCube-v1", "camera_size": 64, "sim_backend": "physx_cpu"},
                  budget=2 * 32, num_envs=2, rollout_length=16, num_epochs=1, num_minibatches=2,
                  eval_interval=1, eval_episodes=2,
                  gaze={"contrastive_num_anchors": 16, "contrastive_memory_capacity": 64}),
         ),
-        seeds=(0,),
+        seeds=(0,), sac_tasks=(_SMOKE_CLUTTER,),
     ),
     "local": Preset(
         "one machine without GPU, about an hour: the sample-efficiency study on the fovea diagnostic",
@@ -154,8 +168,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         "GPU cluster: 7 ManiSkill tasks and their cluttered variants, ppo_rgb's step budgets, 3 seeds",
-        tasks=tuple(task for name, task in TASKS.items() if name != DIAGNOSTIC.name),
+        tasks=tuple(task for task in TASKS.values() if task.env == MANISKILL),
         num_env_runners=1, num_gpus_per_env_runner=0.25, num_gpus_per_learner=0.5,
+        sac_tasks=tuple(task for task in TASKS.values() if task.env_config.get("env_id") in SAC_PAPER_TASKS),
     ),
 }
 
@@ -223,7 +238,8 @@ def trial_config(task: Task, arm: str, seed: int, preset: Preset) -> GazePPOConf
         .update_from_dict({"task": task.name, "arm": arm, "suite_iterations": task.iterations(runners)})
     )
     if sac:  # an iteration: sac_rgbd's training rounds until one PPO iteration's env steps are sampled
-        return config.reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=batch)
+        return (config.training(**task.sac)
+                .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=batch))
     return (config
             .env_runners(num_envs_per_env_runner=task.num_envs, rollout_fragment_length=task.rollout_length)
             .training(train_batch_size_per_learner=batch, minibatch_size=batch // task.num_minibatches,

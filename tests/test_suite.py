@@ -97,13 +97,16 @@ def test_flags_override_the_preset():
     args = suite_script.parse_args(["--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze", "--seeds", "3",
                                     "--budget", "512", "--gpus-per-learner", "0.5", "--gaze", "contrastive_coeff=10",
                                     "label_rule=relative"])
-    name, preset = suite_script.chosen_preset(args, cluster_gpus=0)
+    name, presets = suite_script.chosen_preset(args, cluster_gpus=0)
+    assert list(presets) == ["ppo"]  # --arms of one algorithm: one experiment
+    preset = presets["ppo"]
     smoke_clutter = PRESETS["smoke"].tasks[0]
     assert name == "smoke" and preset.tasks == (dataclasses.replace(
         smoke_clutter, budget=512, gaze={**smoke_clutter.gaze, "contrastive_coeff": 10, "label_rule": "relative"}),)
     assert preset.arms == ("ppo", "gaze") and preset.seeds == (3,) and preset.tasks[0].budget == 512
     assert preset.num_gpus_per_learner == 0.5
-    _, local = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
+    _, presets = suite_script.chosen_preset(suite_script.parse_args(["--preset", "local", "--tasks", "PushCube-v1"]), 0)
+    local = presets["ppo"]
     assert local.tasks == (TASKS["PushCube-v1"],)  # not in the preset: the full task
     assert "oracle" in PRESETS["local"].arms and "oracle" not in local.arms  # PushCube has no exposed target
 
@@ -114,7 +117,9 @@ def test_algo_sac_runs_the_sac_arms_as_gaze_sac_trials_that_differ_only_in_gaze_
     from rllib_gaze.suite import TRAINABLES, experiment_algorithm
 
     args = suite_script.parse_args(["--preset", "smoke", "--algo", "sac", "--tasks", "clutter"])
-    _, preset = suite_script.chosen_preset(args, cluster_gpus=0)
+    _, presets = suite_script.chosen_preset(args, cluster_gpus=0)
+    assert list(presets) == ["sac"]
+    preset = presets["sac"]
     assert preset.arms == ("sac", "gaze-sac") and TRAINABLES[experiment_algorithm(preset.arms)] == "GazeSAC"
     trials = {}
     for _, spec in generate_variants(param_space(preset)):
@@ -126,13 +131,33 @@ def test_algo_sac_runs_the_sac_arms_as_gaze_sac_trials_that_differ_only_in_gaze_
     assert (plain.attention, plain.contrastive) == ("none", False) and (full.attention, full.contrastive) == (
         "foveal", True)
     assert _differing_keys(full, plain) <= {key for settings in SAC_ARMS.values() for key in settings}
-    # sac_rgbd's sampling and update shape; the task's env, gamma, evaluation and budget
-    assert (plain.num_envs_per_env_runner, plain.rollout_fragment_length, plain.train_batch_size_per_learner) == (
-        16, 4, 512)
+    # sac_rgbd's sampling shape, the task's SAC sizes; the task's env, gamma, evaluation and budget
+    assert (plain.num_envs_per_env_runner, plain.rollout_fragment_length) == (16, 4)
+    assert {key: getattr(plain, key) for key in task.sac} == task.sac == {
+        "num_steps_sampled_before_learning_starts": 256, "train_batch_size_per_learner": 64, "training_intensity": 8}
     assert plain.env_config == task.env_config and plain.gamma == task.gamma
     assert plain.evaluation_interval == task.eval_interval and plain.evaluation_config["explore"] is False
     assert plain.min_sample_timesteps_per_iteration == task.batch_size(0) and plain.min_time_s_per_iteration == 0
     assert plain["suite_iterations"] == task.iterations(0)
+
+
+def test_presets_with_sac_tasks_run_the_sac_arms_as_a_second_experiment():
+    smoke = suite_script.experiments(suite_script.parse_args(["--preset", "smoke"]), "smoke")
+    assert list(smoke) == ["ppo", "sac"]
+    assert smoke["ppo"].arms == PRESETS["smoke"].arms and [t.name for t in smoke["ppo"].tasks] == [
+        "clutter", "PushCube-v1"]
+    assert smoke["sac"].arms == ("sac", "gaze-sac") and smoke["sac"].tasks == PRESETS["smoke"].sac_tasks
+    assert planned_steps(smoke["sac"]) == 2 * 768
+    paper = suite_script.experiments(suite_script.parse_args(["--preset", "paper"]), "paper")
+    assert [t.name for t in paper["sac"].tasks] == ["PushCube-v1", "PushCube-v1-Clutter", "PickCube-v1",
+                                                   "PickCube-v1-Clutter"]
+    local = suite_script.experiments(suite_script.parse_args(["--preset", "local"]), "local")
+    assert list(local) == ["ppo"]  # SAC on the diagnostic is a command of its own (docs/results.md)
+    both = suite_script.experiments(suite_script.parse_args(["--preset", "smoke", "--arms", "gaze-sac", "ppo"]),
+                                    "smoke")
+    assert {algo: p.arms for algo, p in both.items()} == {"ppo": ("ppo",), "sac": ("gaze-sac",)}
+    only_ppo = suite_script.experiments(suite_script.parse_args(["--preset", "smoke", "--algo", "ppo"]), "smoke")
+    assert list(only_ppo) == ["ppo"]
 
 
 def test_one_experiment_runs_the_arms_of_one_algorithm():

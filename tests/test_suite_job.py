@@ -73,8 +73,16 @@ def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     logs = client.get_job_logs("smoke-suite")
     assert run.returncode == 0 and str(client.get_job_status("smoke-suite")) == "SUCCEEDED", logs[-5000:]
-    assert "[suite] smoke: 8 trials" in logs and "[suite] 3,328/3,328 env steps (100%)" in logs
+    assert "[suite] smoke (ppo): 8 trials" in logs and "[suite] 3,328/3,328 env steps (100%)" in logs
     assert "[suite] finished: 8/8 trials done" in logs
+    # then plain SAC and GazeSAC on the diagnostic, an experiment of their own that learns from its 2nd iteration
+    assert "[suite] smoke (sac): 2 trials" in logs and "[suite] finished: 2/2 trials done" in logs
+    sac_trials = [d for d in (storage / "smoke-sac").iterdir() if (d / "params.json").exists()]
+    assert sorted(result_rows(str(d / "result.json"))[-1]["config"]["arm"] for d in sac_trials) == ["gaze-sac", "sac"]
+    for trial in sac_trials:
+        last = result_rows(str(trial / "result.json"))[-1]
+        assert last["learners"]["default_policy"]["num_module_steps_trained_lifetime"] > 0
+    assert "## clutter" in (storage / "smoke-sac" / "report.md").read_text()
 
     experiment = storage / "smoke"
     trials = sorted(d for d in experiment.iterdir() if (d / "params.json").exists())

@@ -64,13 +64,29 @@ def test_kuberay_job_runs_the_suite_on_gpu_workers():
     assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1
 
 
-def test_paper_trial_needs_three_cpus_and_one_gpu_as_docs_cluster_md_says():
-    from rllib_gaze.config import GazePPO
-    from rllib_gaze.suite import PRESETS, TASKS, trial_config
+@pytest.mark.parametrize("arm", ["gaze", "gaze-sac"])
+def test_paper_trial_needs_three_cpus_and_one_gpu_as_docs_cluster_md_says(arm):
+    from ray.tune.registry import get_trainable_cls
 
-    request = GazePPO.default_resource_request(trial_config(TASKS["PushCube-v1"], "gaze", 0, PRESETS["paper"]))
+    from rllib_gaze.arms import algorithm
+    from rllib_gaze.suite import PRESETS, TASKS, TRAINABLES, trial_config
+
+    trainable = get_trainable_cls(TRAINABLES[algorithm(arm)])
+    request = trainable.default_resource_request(trial_config(TASKS["PushCube-v1"], arm, 0, PRESETS["paper"]))
     assert request.bundles == [{"CPU": 1.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 0.25}, {"CPU": 1.0, "GPU": 0.25}]
     assert "| **per trial** | **3** | **1.0** |" in open(os.path.join(ROOT, "docs", "cluster.md")).read()
+
+
+def test_the_paper_presets_size_is_what_docs_cluster_md_says():
+    from rllib_gaze.cli import experiments, parse_args
+    from rllib_gaze.suite import planned_steps
+
+    paper = experiments(parse_args(["--preset", "paper"]), "paper")
+    trials = {algo: len(p.tasks) * len(p.arms) * len(p.seeds) for algo, p in paper.items()}
+    assert trials == {"ppo": 168, "sac": 24}
+    assert planned_steps(paper["sac"]) == 133_632_000 and planned_steps(paper["ppo"]) > 1.8e9
+    doc = open(os.path.join(ROOT, "docs", "cluster.md")).read()
+    assert "= 168 trials" in doc and "= 24 trials" in doc and "133.6M in all" in doc
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
