@@ -113,7 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
-        args.algo = _experiment_algo(args.resume_path, args.algo or "ppo")
+        found = _experiment_algo(args.resume_path, args.algo or "ppo")
+        if args.algo and found != args.algo:
+            p.error(f"--resume {args.resume!r} --algo {args.algo}: that experiment's trials are {found} arms; "
+                    f"drop --algo (it is read from the trials) or resume a {args.algo} experiment")
+        args.algo = found
     else:
         args.gaze = _gaze_settings(p, args.gaze)
         _check_trials(p, args)

@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     env_name = args.env or env_name
     env_config = evaluation_env_config(env_name, {**env_config, **(args.env_config or {})})
     env = make_env(env_name, env_config, args.episodes)
+    if env.single_observation_space != module.observation_space:  # another env, image size or state
+        env.close()
+        p.error(f"env {env_name!r} with env_config {env_config} gives observations {env.single_observation_space}, "
+                f"but {args.checkpoint!r} was trained on {module.observation_space}: pick the checkpoint's env "
+                "(the defaults) or one with the same observation space")
     try:
         frames, episodes = rollout(module, env)
     finally:

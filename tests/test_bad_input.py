@@ -63,6 +63,11 @@ BAD_INPUTS = [
     ("suite", lambda tmp: suite.main(["--preset", "smoke", "--gaze", "contrastive_num_anchors=128"]),
      ["'PushCube-v1'", "contrastive_memory_capacity=64"]),
     ("suite", lambda tmp: suite.main(["--resume", "--storage-path", str(tmp)]), ["no experiment to resume", "under"]),
+    ("suite", lambda tmp: suite.main(["--resume", "exp", "--algo", "ppo", "--storage-path", str(_sac_experiment(tmp))]),
+     ["--resume 'exp' --algo ppo", "trials are sac arms", "drop --algo"]),
+    ("env_config", lambda tmp: make_maniskill_env({"num_envs": 1, "env_id": _no_camera_task(),
+                                                   "sim_backend": "physx_cpu"}),
+     ["env_id='NoCameraPushCube-v1'", "no camera image"]),
     ("suite", lambda tmp: suite.main(["--gaze", "coeff=2"]), ["'coeff=2'", "contrastive_coeff"]),
     ("suite", lambda tmp: suite.main(["--gaze", "contrastive_coeff=-2"]), ["contrastive_coeff=-2", ">= 0"]),
     ("suite", lambda tmp: suite.main(["--preset", "smoke", "--storage-path", str(_a_file(tmp) / "results")]),
@@ -74,6 +79,32 @@ BAD_INPUTS = [
     ("visualize", lambda tmp: visualize_main([str(tmp), "--episodes", "0"]), ["--episodes=0", "[1, 64]"]),
     ("visualize", lambda tmp: visualize_main([str(tmp)]), ["is not an RLlib algorithm checkpoint"]),
 ]
+
+
+def _sac_experiment(tmp):
+    """``tmp`` holding experiment ``exp`` whose one trial is a gaze-sac trial."""
+    trial = tmp / "exp" / "fovea_gaze-sac_seed0_00000"
+    trial.mkdir(parents=True)
+    (tmp / "exp" / suite.EXPERIMENT_STATE).write_text("")
+    (trial / "params.json").write_text('{"arm": "gaze-sac"}')
+    return tmp
+
+
+def _no_camera_task() -> str:
+    """A registered ManiSkill task without a camera: PushCube-v1 with its sensor camera removed (as
+    ManiSkill's humanoid and mobile-manipulation tasks have none)."""
+    from mani_skill.envs.tasks.tabletop.push_cube import PushCubeEnv
+    from mani_skill.utils.registration import REGISTERED_ENVS, register_env
+
+    name = "NoCameraPushCube-v1"
+    if name not in REGISTERED_ENVS:
+        class NoCameraPushCube(PushCubeEnv):
+            @property
+            def _default_sensor_configs(self):
+                return []
+
+        register_env(name, max_episode_steps=50)(NoCameraPushCube)
+    return name
 
 
 @pytest.mark.parametrize("entry, call, texts", BAD_INPUTS, ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(BAD_INPUTS)])

@@ -44,6 +44,8 @@ def test_writes_gifs_contact_sheet_and_success_per_episode(checkpoints, tmp_path
     (["{ckpt}", "--env-config", "[1, 2]"], "must be a JSON object"),
     (["{missing}"], "is not an RLlib algorithm checkpoint"),
     (["{ppo}"], "attention='none'"),
+    (["{ckpt}", "--env-config", '{{"image_size": 64}}'], "was trained on Box(0, 255, (48, 48, 3), uint8)"),
+    (["{ckpt}", "--env-config", '{{"include_state": true}}'], "gives observations Dict("),
 ])
 def test_bad_input_is_named_before_any_rollout(argv, named, checkpoints, tmp_path, capsys):
     argv = [a.format(ckpt=checkpoints["foveal"], ppo=checkpoints["none"], missing=str(tmp_path / "nope")) for a in argv]

@@ -77,11 +77,13 @@ def _make_one(env_id: str, num_envs: int, sim_backend: str, camera_size: int, in
         if any(s in str(err) for s in ("rendering device", "ErrorIncompatibleDriver", "vk::", "Vulkan")):
             raise RuntimeError(f"{VULKAN_HELP} (ManiSkill said: {err})") from err
         raise
-    env = FlattenRGBDObservationWrapper(env, rgb=True, depth=False, state=include_state)
-    if "rgb" not in env.unwrapped.single_observation_space.spaces:
+    # A task without a sensor camera (ManiSkill's humanoid and mobile tasks) has no "sensor_data";
+    # the flattening wrapper would then stop with a bare StopIteration.
+    if not env.unwrapped.single_observation_space.spaces.get("sensor_data"):
         env.close()
-        raise ValueError(f"env_id={env_id!r} gives no camera image in obs_mode 'rgb'; GazePPO needs one")
-    return env
+        raise ValueError(f"env_id={env_id!r} gives no camera image in obs_mode 'rgb' (it has no sensor camera); "
+                         "the gaze needs one: pick a task with a camera, e.g. PushCube-v1")
+    return FlattenRGBDObservationWrapper(env, rgb=True, depth=False, state=include_state)
 
 
 class CPUBatch:
