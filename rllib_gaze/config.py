@@ -19,6 +19,8 @@ from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
 RETURNS = ("value_target", "value", "return_to_go")
+# Restarts per remote env runner before the trial stops (GazePPOConfig's comment says why not RLlib's 1000).
+ENV_RUNNER_RESTARTS = 20
 
 
 class GazeConfigMixin:
@@ -248,7 +250,7 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         # nothing, iteration after iteration: an env that raises at every step would loop for ~17 hours.
         # 20 restarts per runner covers sporadic crashes; once every runner has used them up the
         # trial stops (GazePPO.training_step) and Tune's FailureConfig takes over.
-        self.max_num_env_runner_restarts = 20
+        self.max_num_env_runner_restarts = ENV_RUNNER_RESTARTS
         # success_once / success_at_end per episode in env_runners/ (ManiSkill's metrics).
         # Gaze drawings in TensorBoard every gaze_image_interval iterations (rllib_gaze.overlay).
         self.callbacks_class = [SuccessMetrics, GazeImages]
@@ -355,10 +357,10 @@ class GazePPO(PPO):
                                                            or not self._restored):
             raise RuntimeError(f"_fail_at_iteration={fail_at}: a test's injected trial failure")
         super().training_step()
-        _stop_without_env_runners(self)
+        stop_without_env_runners(self)
 
 
-def _stop_without_env_runners(algo) -> None:
+def stop_without_env_runners(algo) -> None:
     """Raises when every remote env runner has failed and used up its ``max_num_env_runner_restarts``:
     RLlib would otherwise go on training on no samples for ever."""
     group, config = algo.env_runner_group, algo.config

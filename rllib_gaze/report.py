@@ -179,6 +179,30 @@ def _trials(experiment_dir: str) -> list[tuple[str, dict]]:
     return trials
 
 
+def trial_failures(experiment_dir: str) -> list[str]:
+    """One line per trial that raised (Tune wrote ``error.txt``): how often, whether Tune's restarts
+    got it to its last iteration, and the last line of its last error (the exception and message)."""
+    lines = []
+    for name, params in _trials(experiment_dir):
+        error_file = os.path.join(experiment_dir, name, "error.txt")
+        if not os.path.exists(error_file):
+            continue
+        with open(error_file) as f:
+            text = f.read()
+        failures = max(1, text.count("Failure # "))
+        last = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        why = last[-1] if last else "(error.txt is empty)"
+        rows = result_rows(os.path.join(experiment_dir, name, "result.json"))
+        done = rows[-1]["training_iteration"] if rows else 0
+        planned = params.get("suite_iterations")
+        if planned is not None and done >= planned:
+            state = f"finished after {failures} restart(s)"
+        else:
+            state = f"failed {failures} time(s), stopped at iteration {done}" + (f" of {planned}" if planned else "")
+        lines.append(f"{name}: {state}: {why}")
+    return lines
+
+
 def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
     points: dict[int, tuple[int, float]] = {}
     for row in result_rows(result_file):
@@ -380,6 +404,10 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
             lines += [f"![{task} gaze-to-target distance](gaze_{task}.png)", ""]
     if not curves:
         lines += ["No trial has been evaluated yet.", ""]
+    failures = trial_failures(experiment_dir)
+    if failures:
+        lines += ["Trials that raised (Tune's error.txt in the trial's folder has the tracebacks):", ""]
+        lines += [f"- {failure}" for failure in failures] + [""]
     if notes:
         lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
     markdown = "\n".join(lines)

@@ -12,7 +12,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
-from rllib_gaze.config import GazeConfigMixin
+from rllib_gaze.config import ENV_RUNNER_RESTARTS, GazeConfigMixin, stop_without_env_runners
 
 # Replay buffer rows (env steps) by default: sac_rgbd keeps 1M on the GPU; RLlib keeps episodes in
 # host memory, and 50k steps of 128x128 RGB observations are ~2.5 GB (64x64: ~0.6 GB).
@@ -61,6 +61,7 @@ class GazeSACConfig(GazeConfigMixin, SACConfig):
         self.twin_q = True
         self.n_step = 1
         self.adam_eps = 1e-8                     # torch's default, as sac_rgbd; RLlib's SAC uses 1e-7
+        self.max_num_env_runner_restarts = ENV_RUNNER_RESTARTS  # as GazePPOConfig: then the trial stops
         self.callbacks_class = [SuccessMetrics, GazeImages]
         self._init_gaze_settings()
 
@@ -91,3 +92,8 @@ class GazeSAC(SAC):
     @override(SAC)
     def get_default_config(cls) -> GazeSACConfig:
         return GazeSACConfig()
+
+    @override(SAC)
+    def training_step(self) -> None:
+        super().training_step()
+        stop_without_env_runners(self)

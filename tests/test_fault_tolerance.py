@@ -7,9 +7,9 @@ import os
 import signal
 
 import pytest
-from helpers import running, tiny_config
+from helpers import running, tiny_config, tiny_sac_config
 
-from rllib_gaze import GazePPOConfig
+from rllib_gaze import GazePPOConfig, GazeSACConfig
 
 
 def _runner_pids(algo) -> list[int]:
@@ -78,3 +78,16 @@ def test_env_raising_in_a_remote_runner_every_time_stops_the_trial(ray_session):
                 algo.train()
         assert algo.iteration < 20
     assert "clutter env: fail_at_step=20 reached" in _runner_logs()
+
+
+def test_gaze_sac_also_stops_when_its_env_raises_every_time(ray_session):
+    env_config = {"image_size": 48, "num_distractors": 3, "seed": 0, "include_state": True, "fail_at_step": 20}
+    config = (tiny_sac_config().environment("clutter", env_config=env_config)
+              .env_runners(num_env_runners=1, num_envs_per_env_runner=4)
+              .fault_tolerance(delay_between_env_runner_restarts_s=0.5, max_num_env_runner_restarts=2))
+    assert GazeSACConfig().max_num_env_runner_restarts == 20
+    with running(config) as algo:
+        with pytest.raises(RuntimeError, match="max_num_env_runner_restarts=2"):
+            for _ in range(40):
+                algo.train()
+        assert algo.iteration < 40

@@ -1,5 +1,6 @@
 """A trial that raises is restarted by Tune from its last checkpoint (FailureConfig(max_failures=2)),
-through the real suite command line; one that raises every time ends failed, named on the console."""
+through the real suite command line; one that raises every time ends failed, named on the console
+and in the report."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def test_a_trial_that_fails_once_is_restarted_from_its_checkpoint_and_finishes(t
     # 1, 2 (checkpoint), the failure at 3, then 3, 4 after the restore: never from 1 again
     assert iterations == [1, 2, 3, 4], iterations
     assert [r["num_env_steps_sampled_lifetime"] for r in rows] == [i * BATCH for i in iterations]
+    report = (tmp_path / "exp" / "report.md").read_text()
+    assert f"- {_trial(tmp_path, 'gaze').name}: finished after 1 restart(s): " in report, report
+    assert "_fail_at_iteration=3" in report.split("Trials that raised")[1]
 
 
 def test_a_trial_that_fails_every_time_ends_failed_and_the_others_finish(tmp_path):
@@ -68,3 +72,6 @@ def test_a_trial_that_fails_every_time_ends_failed_and_the_others_finish(tmp_pat
     assert "[suite] failed trial clutter_gaze_seed0: RuntimeError: _fail_at_iteration=3" in console, console[-3000:]
     assert _rows(tmp_path, "ppo")[-1]["training_iteration"] == ITERATIONS
     assert _rows(tmp_path, "gaze")[-1]["training_iteration"] == 2  # three tries, each failing after the checkpoint
+    report = (tmp_path / "exp" / "report.md").read_text()  # the report names it too, and why
+    assert f"- {_trial(tmp_path, 'gaze').name}: failed 3 time(s), stopped at iteration 2 of 4: " in report, report
+    assert "RuntimeError: _fail_at_iteration=3" in report.split("Trials that raised")[1]
