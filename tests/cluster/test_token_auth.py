@@ -70,3 +70,24 @@ def test_launchers_start_every_node_with_the_token_and_keep_the_dashboard_local(
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
     head_start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+
+def test_kuberay_gives_every_ray_process_and_the_submitter_the_token_from_one_secret():
+    with open(os.path.join(ROOT, "cluster", "kuberay-rayjob.yaml")) as f:
+        text = f.read()
+    job = yaml.safe_load(text)["spec"]
+    cluster = job["rayClusterSpec"]
+    submitter = job["submitterPodTemplate"]["spec"]
+    envs = {"autoscaler": cluster["autoscalerOptions"]["env"],
+            "submitter": submitter["containers"][0]["env"],
+            "head": cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    for group in cluster["workerGroupSpecs"]:
+        envs[group["groupName"]] = group["template"]["spec"]["containers"][0]["env"]
+    secret = {"name": "rllib-gaze-ray-token", "key": "auth_token"}
+    for who, env in envs.items():
+        by_name = {e["name"]: e for e in env}
+        assert by_name["RAY_AUTH_MODE"]["value"] == "token", who
+        assert by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret, who
+    # KubeRay fills in `ray job submit` only where the template gives no command; a Job's pod must not restart
+    assert "command" not in submitter["containers"][0] and submitter["restartPolicy"] == "Never"
+    assert "kubectl create secret generic rllib-gaze-ray-token --from-literal=auth_token=" in text
