@@ -24,12 +24,13 @@ def loopback_cluster():
     we stop ourselves (never `ray stop`, which would kill every Ray on the machine). Its own
     --temp-dir keeps /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dashboard = free_ports(2)
+    gcs, dashboard, client = free_ports(3)  # client: Ray Client's port, 10001 unless given
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1"]
     head = subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--temp-dir", temp_dir,
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *common,
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--ray-client-server-port", str(client), *common,
                              *node_ports()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes = [head]

@@ -30,10 +30,11 @@ def test_only_holders_of_the_token_submit_jobs_or_join_the_cluster():
     outsiders = {"no token": _env(RAY_AUTH_MODE="disabled"),
                  "a wrong token": _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))}
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dashboard = free_ports(2)
+    gcs, dashboard, client = free_ports(3)  # client: Ray Client's port, 10001 unless given
     node = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1"]
     head = subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--temp-dir", temp_dir,
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *node,
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                             "--ray-client-server-port", str(client), *node,
                              *node_ports()], env=owner, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dashboard}"
