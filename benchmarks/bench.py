@@ -4,7 +4,8 @@
     python benchmarks/bench.py sac-overhead [--device cpu|cuda] [--batch 512] [--updates 4] ...
     python benchmarks/bench.py mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
     python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
-    python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] ...
+    python benchmarks/bench.py learner-split [--num-envs 512] [--fragment 50] [--image 128] ...
+    python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] [--images 64 128] [--policy-steps 1024] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
 attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full method) on the same
@@ -12,8 +13,10 @@ batch, interleaved round by round so machine noise hits every arm alike, with th
 memory already full (its steady state). ``sac-overhead`` does the same for the real GazeSACLearner
 (arms ``sac``, ``gaze-rl`` on SAC and ``gaze-sac``) on the same replayed rows of the clutter env.
 ``mining`` times the exact neighbour search + triplet selection against memories of growing size;
-``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss. They
-print figures; none asserts anything.
+``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss.
+``envs`` compares env-steps/s of a bare loop, RLlib's stock ``SingleAgentEnvRunner`` and our
+``BatchedEnvRunner`` on the same envs, with and without the policy's forward pass. They print
+figures; none asserts anything.
 """
 
 from __future__ import annotations
@@ -258,59 +261,138 @@ class ZeroCostEnv:
         return self._obs, torch.zeros(self.num_envs), zeros, truncated, {"success": zeros}
 
 
+def _env_rates(runner, num_envs: int, steps: int, policy_steps: int, repeats: int,
+               clock=time.perf_counter) -> dict[str, float]:
+    """Median env-steps per second of ``clock`` of a bare loop over ``runner``'s own env, of
+    ``runner.sample`` with random actions and (``policy_steps`` > 0) with the policy's exploration
+    forward pass, alternating."""
+    bare_env = runner.env.unwrapped   # the runner's own env: ManiSkill allows one GPU simulation per process
+    for _ in range(2):   # warm up: first reset; the batched runner's two buffers fault in their pages once
+        runner.sample(num_timesteps=steps, random_actions=True)
+
+    def bare() -> float:
+        start = clock()
+        for _ in range(max(1, steps // num_envs)):
+            bare_env.step(bare_env.action_space.sample())
+        return max(1, steps // num_envs) * num_envs / (clock() - start)
+
+    def sample(n: int, random_actions: bool) -> float:
+        start = clock()
+        # From a reset: the stock runner cannot continue an episode whose earlier steps had other extra
+        # model outputs (random actions have none).
+        episodes = runner.sample(num_timesteps=n, random_actions=random_actions, force_reset=True)
+        return sum(e.env_steps() for e in episodes) / (clock() - start)
+
+    rates = {"bare": [], "random": [], "policy": []}
+    for _ in range(repeats):
+        rates["bare"].append(bare())
+        rates["random"].append(sample(steps, True))
+        if policy_steps:
+            rates["policy"].append(sample(policy_steps, False))
+    return {k: statistics.median(v) for k, v in rates.items() if v}
+
+
 def envs(args: argparse.Namespace) -> None:
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
+    from rllib_gaze.callbacks import GazeImages
+    from rllib_gaze.env_runner import BatchedEnvRunner
     from rllib_gaze.envs import BatchedEnvBridge
 
     def zero_cost(cfg: dict) -> BatchedEnvBridge:
         return BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"]))
 
     tune.register_env("bench_zero_cost", zero_cost)
-    cases = {
-        "zero-cost": ("bench_zero_cost", {"image_size": args.image}, args.num_envs, args.steps),
-        "clutter": ("clutter", {"image_size": 64, "num_distractors": 6}, args.num_envs, args.steps),
-        f"maniskill {args.maniskill_env} (physx_cpu)": (
-            "maniskill", {"env_id": args.maniskill_env, "camera_size": args.image, "sim_backend": "physx_cpu"},
-            args.maniskill_envs, args.maniskill_steps),
-    }
-    if torch.cuda.is_available():
-        cases[f"maniskill {args.maniskill_env} (physx_cuda)"] = (
-            "maniskill", {"env_id": args.maniskill_env, "camera_size": args.image, "sim_backend": "physx_cuda"},
-            args.gpu_envs, args.steps)
-    print(f"env-steps/s: bare loop over the bridged env vs RLlib's SingleAgentEnvRunner.sample(random_actions=True) "
-          f"on the same env, one process, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    cases = {}
+    for image in args.images:
+        cases[f"zero-cost, {image} px"] = ("bench_zero_cost", {"image_size": image}, args.num_envs, args.steps)
+    for image in args.images:
+        cases[f"clutter, {image} px"] = ("clutter", {"image_size": image, "num_distractors": 6}, args.num_envs,
+                                         args.steps)
+    if not args.skip_maniskill:
+        cases[f"maniskill {args.maniskill_env} physx_cpu {args.images[0]} px"] = (
+            "maniskill", {"env_id": args.maniskill_env, "camera_size": args.images[0], "sim_backend": "physx_cpu"},
+            args.maniskill_envs, args.maniskill_steps)
+        if torch.cuda.is_available():
+            cases[f"maniskill {args.maniskill_env} physx_cuda {args.images[-1]} px"] = (
+                "maniskill", {"env_id": args.maniskill_env, "camera_size": args.images[-1],
+                              "sim_backend": "physx_cuda"}, args.gpu_envs, args.steps)
+    # "nocb": the batched runner without callbacks that override on_episode_step (GazePPOConfig's
+    # SuccessMetrics does): what that callback's per-step, per-sub-env calls cost.
+    runners = {"stock": (SingleAgentEnvRunner, None), "batched": (BatchedEnvRunner, None),
+               "nocb": (BatchedEnvRunner, [GazeImages])}
+    print(f"env-steps per {'CPU second of this process' if args.clock == 'cpu' else 'second'}, median of "
+          f"{args.repeats}, one process, torch threads {torch.get_num_threads()}: a bare loop "
+          "over the bridged env; each runner's sample() with random actions (no policy) and with GazePPO's policy "
+          f"(exploration forward on the whole batch, {args.policy_steps} env steps a call); bare and the runner "
+          "alternate on the runner's own env, so runner/bare is measured in one window. policy share = the part of "
+          "a sampled step's time that the policy adds. nocb: the batched runner without SuccessMetrics' "
+          "on_episode_step callback.", flush=True)
+    print(f"  {'env':34s} {'envs':>5s} {'bare':>10s} | {'stock':>8s} {'batched':>8s} {'stock/bare':>10s} "
+          f"{'batch/bare':>10s} {'batch/stock':>11s} | {'stock+pi':>8s} {'batch+pi':>8s} {'pi share st':>11s} "
+          f"{'pi share b':>10s} | {'nocb':>8s} {'nocb/bare':>9s} {'nocb+pi':>8s} {'pi sh nc':>9s}", flush=True)
     for name, (env_name, env_config, num_envs, steps) in cases.items():
-        config = (GazePPOConfig().environment(env_name, env_config=env_config)
-                  .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
-                               gym_env_vectorize_mode="vector_entry_point"))
-        try:
-            runner = SingleAgentEnvRunner(config=config)
-        except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
-            print(f"  {name:36s} {num_envs:5d} envs: unavailable here: {str(error)[:160]}", flush=True)
+        measured = {}
+        for runner_name, (cls, callbacks) in runners.items():
+            config = (GazePPOConfig().environment(env_name, env_config=env_config)
+                      .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
+                                   gym_env_vectorize_mode="vector_entry_point", env_runner_cls=cls))
+            if callbacks is not None:
+                config.callbacks(callbacks_class=callbacks)
+            try:
+                runner = cls(config=config)
+            except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
+                print(f"  {name:34s} {num_envs:5d} unavailable here: {str(error)[:160]}", flush=True)
+                break
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            measured[runner_name] = _env_rates(runner, num_envs, steps, args.policy_steps, args.repeats, clock)
+            runner.stop()
+        if len(measured) < len(runners):
             continue
-        runner.sample(num_timesteps=num_envs, random_actions=True)  # warm up (first reset)
-        # the bare loop steps the runner's own env: ManiSkill allows one GPU simulation per process
-        bare_env = runner.env.unwrapped
+        st, ba, nc = measured["stock"], measured["batched"], measured["nocb"]
+        bare = statistics.median([st["bare"], ba["bare"]])
 
-        def bare() -> float:
-            start = time.perf_counter()
-            for _ in range(max(1, steps // num_envs)):
-                bare_env.step(bare_env.action_space.sample())
-            return max(1, steps // num_envs) * num_envs / (time.perf_counter() - start)
+        def share(rates: dict) -> str:
+            if "policy" not in rates:
+                return "-"
+            return f"{1 - rates['policy'] / rates['random']:.2f}"
 
-        def through_rllib() -> float:
-            start = time.perf_counter()
-            episodes = runner.sample(num_timesteps=steps, random_actions=True)
-            return sum(e.env_steps() for e in episodes) / (time.perf_counter() - start)
+        print(f"  {name:34s} {num_envs:5d} {bare:10.0f} | {st['random']:8.0f} {ba['random']:8.0f} "
+              f"{st['random'] / st['bare']:10.3f} {ba['random'] / ba['bare']:10.3f} "
+              f"{ba['random'] / st['random']:11.2f} | {st.get('policy', float('nan')):8.0f} "
+              f"{ba.get('policy', float('nan')):8.0f} {share(st):>11s} {share(ba):>10s} | {nc['random']:8.0f} "
+              f"{nc['random'] / nc['bare']:9.3f} {nc.get('policy', float('nan')):8.0f} {share(nc):>9s}", flush=True)
 
-        rates = {"bare": [], "rllib": []}
-        for _ in range(args.repeats):
-            rates["bare"].append(bare())
-            rates["rllib"].append(through_rllib())
-        b, r = statistics.median(rates["bare"]), statistics.median(rates["rllib"])
-        print(f"  {name:36s} {num_envs:5d} envs: bare {b:10.0f}  rllib {r:10.0f}  rllib/bare {r / b:.3f}", flush=True)
-        runner.stop()
+
+def learner_split(args: argparse.Namespace) -> None:
+    """Time of the learner connector (GAE, batching) against the whole ``Learner.update`` (which runs
+    it), GazePPO's defaults (the full method), on fragments of the zero-cost env."""
+    from rllib_gaze.env_runner import BatchedEnvRunner
+    from rllib_gaze.envs import BatchedEnvBridge
+
+    tune.register_env("bench_zero_cost", lambda cfg: BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"],
+                                                                                   image_size=cfg["image_size"])))
+    rows = args.num_envs * args.fragment
+    config = (GazePPOConfig().environment("bench_zero_cost", env_config={"image_size": args.image})
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=args.num_envs,
+                           rollout_fragment_length=args.fragment, gym_env_vectorize_mode="vector_entry_point")
+              .training(train_batch_size_per_learner=rows, minibatch_size=args.minibatch, num_epochs=args.epochs))
+    runner = BatchedEnvRunner(config=config)
+    learner = config.build_learner(env=runner.env.unwrapped)
+    print(f"{rows} rows of {args.image} px + state, {args.epochs} epochs of minibatches of {args.minibatch}, "
+          f"torch threads {torch.get_num_threads()}, device {learner._device}", flush=True)
+    for _ in range(args.repeats):
+        episodes = runner.sample(num_timesteps=rows)   # the connector changes episodes: fresh ones each time
+        start = time.perf_counter()
+        learner._learner_connector(rl_module=learner.module, batch={}, episodes=episodes, shared_data={},
+                                   metrics=learner.metrics)
+        connector = time.perf_counter() - start
+        episodes = runner.sample(num_timesteps=rows)
+        start = time.perf_counter()
+        learner.update(episodes=episodes, timesteps={"num_env_steps_sampled_lifetime": rows})
+        update = time.perf_counter() - start
+        print(f"  learner connector {connector:7.2f} s   whole update (connector included) {update:7.2f} s   "
+              f"connector share {connector / update:.2f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,13 +441,29 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("envs", help="env-steps/s through RLlib's env runner vs a bare loop")
     p.add_argument("--num-envs", type=int, default=256)
     p.add_argument("--steps", type=int, default=256 * 40, help="env steps per measurement")
-    p.add_argument("--image", type=int, default=64, help="camera/image size of the zero-cost and ManiSkill envs")
+    p.add_argument("--images", type=int, nargs="+", default=[64, 128],
+                   help="image sizes of the zero-cost and clutter envs (ManiSkill CPU: the first, GPU: the last)")
+    p.add_argument("--policy-steps", type=int, default=1024,
+                   help="env steps per measurement with the policy's forward pass (0: leave the policy out)")
+    p.add_argument("--skip-maniskill", action="store_true", help="leave out the ManiSkill rows")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="per wall-clock second, or per CPU second of this process (user + system: what one "
+                        "core does, less sensitive to other processes on a loaded machine)")
     p.add_argument("--maniskill-env", default="PushCube-v1")
     p.add_argument("--maniskill-envs", type=int, default=2, help="CPU ManiSkill sub-envs (one object each)")
     p.add_argument("--maniskill-steps", type=int, default=120)
     p.add_argument("--gpu-envs", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=envs)
+
+    p = sub.add_parser("learner-split", help="learner connector (GAE, batching) time vs the whole update")
+    p.add_argument("--num-envs", type=int, default=512, help="ppo_rgb: 512")
+    p.add_argument("--fragment", type=int, default=50, help="ppo_rgb: 50 (rows = num_envs x fragment)")
+    p.add_argument("--image", type=int, default=128)
+    p.add_argument("--minibatch", type=int, default=800, help="ppo_rgb: 800")
+    p.add_argument("--epochs", type=int, default=4, help="ppo_rgb: 4")
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=learner_split)
 
     p = sub.add_parser("parts", help="each step of the contrastive path alone")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
@@ -391,10 +489,12 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     for name in ("batch", "minibatch", "epochs", "updates", "repeats", "anchors", "k", "chunk", "memory", "pool",
-                 "num_envs", "steps", "image", "maniskill_envs", "maniskill_steps", "gpu_envs"):
+                 "num_envs", "steps", "image", "fragment", "maniskill_envs", "maniskill_steps", "gpu_envs"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
-    for name in ("sizes", "pools", "map"):
+    if getattr(args, "policy_steps", 0) < 0:
+        parser.error(f"--policy-steps={args.policy_steps}: must be >= 0")
+    for name in ("sizes", "pools", "map", "images"):
         if any(v < 1 for v in getattr(args, name, [1])):
             parser.error(f"--{name}={getattr(args, name)}: every value must be >= 1")
     args.func(args)

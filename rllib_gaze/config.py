@@ -16,6 +16,7 @@ from ray.rllib.utils.annotations import override
 
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
 from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
+from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
 RETURNS = ("value_target", "value", "return_to_go")
@@ -241,6 +242,9 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         self.grad_clip_by = "global_norm"
         self.use_kl_loss = False         # ppo_rgb has no KL penalty (it early-stops at target_kl instead)
         self.num_env_runners = 1
+        # Batch-at-a-time sampling for the batched envs (rllib_gaze.env_runner; docs/benchmarks.md, "Batched
+        # env runner"). RLlib's stock runner: .env_runners(env_runner_cls=SingleAgentEnvRunner).
+        self.env_runner_cls = BatchedEnvRunner
         self.num_envs_per_env_runner = 512
         self.rollout_fragment_length = 50
         self.train_batch_size_per_learner = 512 * 50

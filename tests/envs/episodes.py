@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.spaces.space_utils import unsquash_action
 
 
@@ -42,6 +43,24 @@ def plain_loop_episodes(env, module, seed, num_steps):
                 finished.append(current[i])
                 current[i] = {"first": row(obs, i), "rewards": []}
     return finished
+
+
+def sampled_episodes(runner, num_episodes):
+    """At least ``num_episodes`` complete episodes from ``runner``: ``sample(num_episodes=...)`` for the
+    stock runner; for the batched runner, fragments of ``sample(num_timesteps=...)`` (its own loop; its
+    ``num_episodes`` mode is the stock loop) with the chunks of each episode joined by id."""
+    if type(runner) is SingleAgentEnvRunner:
+        return runner.sample(num_episodes=num_episodes)
+    ongoing, done = {}, []
+    while len(done) < num_episodes:
+        for chunk in runner.sample(num_timesteps=runner.num_envs):
+            if chunk.id_ in ongoing:
+                ongoing[chunk.id_].concat_episode(chunk)
+            else:
+                ongoing[chunk.id_] = chunk
+            if chunk.is_done:
+                done.append(ongoing.pop(chunk.id_))
+    return done
 
 
 def rllib_episodes(episodes):

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from episodes import plain_loop_episodes, rllib_episodes, summary
+from episodes import plain_loop_episodes, rllib_episodes, sampled_episodes, summary
 from helpers import running
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from rllib_gaze import GazePPOConfig
+from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.envs import BatchedEnvBridge, make_clutter
 from rllib_gaze.envs.clutter import ClutterEnv
 
@@ -47,16 +48,17 @@ def test_termination_reporting(bootstrap_at_done, ignore_terminations, expected)
         (bool(term[0]), bool(trunc[0]))
 
 
-def test_rllib_sees_the_same_episodes_as_a_plain_loop():
+@pytest.mark.parametrize("runner_cls", [SingleAgentEnvRunner, BatchedEnvRunner])
+def test_rllib_sees_the_same_episodes_as_a_plain_loop(runner_cls):
     env_config = {"image_size": 32, "num_distractors": 2, "max_episode_steps": 7, "seed": 3}
     config = (GazePPOConfig()
               .environment("clutter", env_config=env_config)
               .env_runners(num_env_runners=0, num_envs_per_env_runner=3, gym_env_vectorize_mode="vector_entry_point",
-                           explore=False)
+                           explore=False, env_runner_cls=runner_cls)
               .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
               .debugging(seed=11))
-    runner = SingleAgentEnvRunner(config=config)
-    rllib = rllib_episodes(runner.sample(num_episodes=6))
+    runner = runner_cls(config=config)
+    rllib = rllib_episodes(sampled_episodes(runner, 6)[:6])
     assert all(len(e["rewards"]) == 7 for e in rllib)
     plain = plain_loop_episodes(ClutterEnv(3, **env_config), runner.module, seed=runner._seed, num_steps=14)
     assert len(plain) == 6

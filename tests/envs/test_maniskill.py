@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from episodes import plain_loop_episodes, rllib_episodes, summary
+from episodes import plain_loop_episodes, rllib_episodes, sampled_episodes, summary
 from helpers import running
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.test_utils import check_train_results_new_api_stack
 
 from rllib_gaze import GazePPOConfig
+from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.envs import make_maniskill_env
 from rllib_gaze.envs.maniskill import check_rendering, make_maniskill
 
@@ -31,10 +32,11 @@ def maniskill_config(**env_config):
             .debugging(seed=5))
 
 
-def test_rllib_sees_the_same_maniskill_episodes_as_a_plain_loop():
-    config = maniskill_config().env_runners(explore=False)
-    runner = SingleAgentEnvRunner(config=config)
-    rllib = rllib_episodes(runner.sample(num_episodes=4))
+@pytest.mark.parametrize("runner_cls", [SingleAgentEnvRunner, BatchedEnvRunner])
+def test_rllib_sees_the_same_maniskill_episodes_as_a_plain_loop(runner_cls):
+    config = maniskill_config().env_runners(explore=False, env_runner_cls=runner_cls)
+    runner = runner_cls(config=config)
+    rllib = rllib_episodes(sampled_episodes(runner, 4)[:4])
     assert all(len(e["rewards"]) == 4 for e in rllib)
     assert rllib[0]["first"]["rgb"].shape == (32, 32, 3) and rllib[0]["first"]["state"].shape == (25,)
     env_kwargs = {k: v for k, v in SMALL.items()}

@@ -1,0 +1,549 @@
+"""``BatchedEnvRunner``: RLlib's ``SingleAgentEnvRunner`` with a sampling loop over whole batches.
+
+RLlib's stock runner does Python work per sub-env per step: it adds every step to one
+``SingleAgentEpisode`` per sub-env, runs the connector pipelines on lists of per-sub-env items and
+stacks each episode's observations again at the end (docs/benchmarks.md: ~40k env-steps/s at most
+per runner at 64 px, whatever the simulator). ``BatchedEnvRunner`` keeps everything else of the
+stock runner (``make_env``, spaces, ``get_state``/``set_state`` with connector states and module
+weights, ``get_metrics``, evaluation runners, fault tolerance) and replaces only ``_sample``:
+
+- the current observations stay one batch; each step runs the module's forward pass
+  (``forward_exploration`` when exploring, ``forward_inference`` otherwise) on the whole batch and
+  the default module-to-env logic (sample or take the mean of the action distribution, its log-prob,
+  unsquash or clip into the action space) on the batch;
+- observations, actions, rewards, terminated/truncated, infos and the module's extra outputs
+  (``action_logp``, ``action_dist_inputs``, ...: the stock runner's ``extra_model_outputs``) go into
+  ``(rows, N, ...)`` numpy buffers allocated once per fragment;
+- at the end of the fragment one ``SingleAgentEpisode`` per sub-env and episode chunk is built from
+  views of those buffers, with the stock runner's semantics through ``BatchedEnvBridge``
+  (next-step autoreset: the step after a done returns the reset observation, starts a new episode
+  and is not counted as an env step; chunks continuing across fragments keep their episode id,
+  ``t_started`` and ``episode_lookback_horizon`` steps of lookback, as ``SingleAgentEpisode.cut``
+  gives them);
+- the episode callbacks (``on_episode_created``/``start``/``step``/``end``) are called at the end
+  of the fragment, once per episode chunk and, for ``on_episode_step``, once per step with the
+  episode as it was after that step (its buffers cut to that step), so ``SuccessMetrics`` logs the
+  same values. Differences from the stock runner: the calls come after the fragment rather than
+  interleaved with env steps (a callback that looks at the env itself sees its state at the end of
+  the fragment), and ``on_episode_created``/``on_episode_start`` of an episode whose reset is the
+  last step of a fragment come in the next ``sample`` call. ``on_episode_step`` is only replayed
+  when a callback overrides it: its per-step, per-sub-env calls are the one Python cost left per
+  env step.
+- The episodes' arrays are views of the fragment's buffers, which the runner writes again once no
+  episode of theirs is alive any more; so the earlier chunks RLlib keeps for its episode metrics
+  (and hands ``on_episode_end`` as ``prev_episode_chunks``) are summaries: length, return, rewards,
+  infos, custom data and duration, not full episodes.
+
+Where the batched loop does not apply, ``_sample`` falls back to the stock loop (same results, stock
+speed): ``sample(num_episodes=...)`` (evaluation by episodes), a stateful module, env-to-module or
+module-to-env pipelines other than RLlib's defaults (custom connectors, e.g. frame stacking),
+observation spaces other than a Box or a flat Dict of Boxes, action spaces other than a Box or
+Discrete, and ``episodes_to_numpy=False``. If an env step raises and
+``restart_failed_sub_environments`` is on, the env is recreated and the fragment is sampled again
+from a reset (the stock runner keeps the episodes that were done before the failure).
+
+``GazePPOConfig`` uses this runner; back to the stock one with
+``config.env_runners(env_runner_cls=SingleAgentEnvRunner)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import AddObservationsFromEpisodesToBatch
+from ray.rllib.connectors.common.add_states_from_episodes_to_batch import AddStatesFromEpisodesToBatch
+from ray.rllib.connectors.common.add_time_dim_to_batch_and_zero_pad import AddTimeDimToBatchAndZeroPad
+from ray.rllib.connectors.common.batch_individual_items import BatchIndividualItems
+from ray.rllib.connectors.common.numpy_to_tensor import NumpyToTensor
+from ray.rllib.connectors.common.tensor_to_numpy import TensorToNumpy
+from ray.rllib.connectors.module_to_env.get_actions import GetActions
+from ray.rllib.connectors.module_to_env.listify_data_for_vector_env import ListifyDataForVectorEnv
+from ray.rllib.connectors.module_to_env.normalize_and_clip_actions import NormalizeAndClipActions
+from ray.rllib.connectors.module_to_env.remove_single_ts_time_rank_from_batch import RemoveSingleTsTimeRankFromBatch
+from ray.rllib.connectors.module_to_env.unbatch_to_individual_items import UnBatchToIndividualItems
+from ray.rllib.core.columns import Columns
+from ray.rllib.env.env_errors import StepFailedRecreateEnvError
+from ray.rllib.env.env_runner import ENV_STEP_FAILURE, NUM_ENV_STEP_FAILURES_LIFETIME
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
+from ray.rllib.utils import force_list
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import ENV_RESET_TIMER, ENV_STEP_TIMER, RLMODULE_INFERENCE_TIMER, WEIGHTS_SEQ_NO
+from ray.rllib.utils.numpy import convert_to_numpy
+from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
+from ray.rllib.utils.torch_utils import convert_to_torch_tensor
+
+logger = logging.getLogger("ray.rllib")
+
+# RLlib's default connector pieces for a single-agent, stateless module: for these the batched loop
+# computes exactly what the pipelines compute item by item.
+_DEFAULT_ENV_TO_MODULE = (AddObservationsFromEpisodesToBatch, AddTimeDimToBatchAndZeroPad,
+                          AddStatesFromEpisodesToBatch, BatchIndividualItems, NumpyToTensor)
+_DEFAULT_MODULE_TO_ENV = (GetActions, TensorToNumpy, UnBatchToIndividualItems, RemoveSingleTsTimeRankFromBatch,
+                          NormalizeAndClipActions, ListifyDataForVectorEnv)
+
+
+def _overrides(callback: RLlibCallback, name: str) -> bool:
+    return getattr(type(callback), name) is not getattr(RLlibCallback, name)
+
+
+class _Carry:
+    """What one fragment hands the next, per sub-env (``N`` sub-envs, lookback ``lb``).
+
+    ``tail_*`` are the last rows of the previous fragment's buffers (``lb + 1`` observation and
+    info rows, the last of them the current observation, and ``lb`` rows of everything else);
+    ``t[i]`` is the env steps of sub-env ``i``'s ongoing episode so far (0: a new episode starts at
+    the current observation), ``pending[i]`` that its episode ended at the last step (the next step
+    is the reset step), ``ids[i]`` and ``custom_data[i]`` its ongoing episode's id and custom data.
+    """
+
+    def __init__(self, obs: dict[str, np.ndarray], infos: dict, num_envs: int, lookback: int):
+        self.obs = {k: np.repeat(v[None], lookback + 1, 0) for k, v in obs.items()}   # (lb + 1, N, ...)
+        self.infos = [infos] * (lookback + 1)
+        self.other: dict[str, np.ndarray] = {}   # actions, rewards, extra outputs: (lb, N, ...)
+        self.t = np.zeros(num_envs, np.int64)
+        self.pending = np.zeros(num_envs, bool)
+        self.ids: list[str | None] = [None] * num_envs
+        self.custom_data: list[dict | None] = [None] * num_envs
+
+
+class BatchedEnvRunner(SingleAgentEnvRunner):
+    """A ``SingleAgentEnvRunner`` whose ``sample(num_timesteps=...)`` steps the vector env batch by
+    batch and builds the episodes once per fragment from array slices (module docstring)."""
+
+    @override(SingleAgentEnvRunner)
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self._carry: _Carry | None = None
+        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._step_callbacks = [c for c in self._callbacks if _overrides(c, "on_episode_step")]
+        self._step_functions = list(force_list(self.config.callbacks_on_episode_step))
+        self._replay_steps = bool(self._step_callbacks or self._step_functions)
+
+    # ---- which loop ---------------------------------------------------------------------------------------------
+
+    def batched_loop_unsupported(self, random_actions: bool = False) -> str | None:
+        """Why ``sample(num_timesteps=...)`` falls back to the stock loop with this config, or None."""
+        if not self.config.episodes_to_numpy:
+            return "episodes_to_numpy=False"
+        if self.env is None or not isinstance(getattr(self.env, "env", None), gym.vector.VectorEnv):
+            return "no vector env"
+        obs_space = self.env.single_observation_space
+        boxes = obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space]
+        if not all(isinstance(s, gym.spaces.Box) for s in boxes):
+            return f"observation space {obs_space} (a Box or a flat Dict of Boxes is supported)"
+        if not isinstance(self.env.single_action_space, (gym.spaces.Box, gym.spaces.Discrete)):
+            return f"action space {self.env.single_action_space}"
+        if random_actions:
+            return None
+        if self.module is None:
+            return "no module"
+        if self.module.is_stateful():
+            return "stateful module"
+        if [type(c) for c in self._env_to_module.connectors] != list(_DEFAULT_ENV_TO_MODULE):
+            return "custom env-to-module connectors"
+        if [type(c) for c in self._module_to_env.connectors] != list(_DEFAULT_MODULE_TO_ENV):
+            return "custom module-to-env connectors"
+        return None
+
+    @override(SingleAgentEnvRunner)
+    def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None, explore: bool,
+                random_actions: bool = False, force_reset: bool = False) -> list[SingleAgentEpisode]:
+        if num_episodes is not None or num_timesteps is None or self.batched_loop_unsupported(random_actions):
+            self._carry = None   # the stock loop steps the env: start the next batched fragment from a reset
+            return super()._sample(num_timesteps=num_timesteps, num_episodes=num_episodes, explore=explore,
+                                   random_actions=random_actions, force_reset=force_reset)
+        return self._sample_batched(num_timesteps, explore, random_actions, force_reset)
+
+    # ---- env access without DictInfoToList (it builds one info dict per sub-env per step) ------------------------
+
+    def _vector_reset(self, seed: int | None) -> tuple[Any, dict]:
+        try:
+            with self.metrics.log_time(ENV_RESET_TIMER):
+                return self.env.env.reset(seed=seed)
+        except Exception:
+            if not self.config.restart_failed_sub_environments:
+                raise
+            self.make_env()
+            return self._vector_reset(seed)
+
+    def _vector_step(self, actions: np.ndarray):
+        # EnvRunner._try_env_step, on the vector env inside DictInfoToList.
+        try:
+            with self.metrics.log_time(ENV_STEP_TIMER):
+                return self.env.env.step(actions)
+        except Exception as e:
+            self.metrics.log_value(NUM_ENV_STEP_FAILURES_LIFETIME, 1, reduce="lifetime_sum")
+            if self.config.restart_failed_sub_environments:
+                if not isinstance(e, StepFailedRecreateEnvError):
+                    logger.exception("%s: env step failed; recreating the env: %s", type(self).__name__, e)
+                self.make_env()
+                return ENV_STEP_FAILURE
+            raise RuntimeError(f"{type(self).__name__}: environment step failed and "
+                               "restart_failed_sub_environments is False") from e
+
+    def _reset(self) -> None:
+        obs, infos = self._vector_reset(self._seed if self._needs_initial_reset else None)
+        self._needs_initial_reset = False
+        self._shared_data = {}
+        self._ongoing_episodes_for_metrics.clear()   # as the stock reset: those episodes never end
+        lookback = self.config.episode_lookback_horizon
+        self._carry = _Carry(self._flat(obs), infos, self.num_envs, lookback)
+
+    def _flat(self, obs: Any) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in obs.items()} if isinstance(obs, dict) else {"": np.asarray(obs)}
+
+    def _tree(self, flat: dict[str, Any]) -> Any:
+        return flat[""] if "" in flat and len(flat) == 1 else flat
+
+    # ---- actions for a batch ------------------------------------------------------------------------------------
+
+    def _act(self, obs: dict[str, np.ndarray], explore: bool, ts: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Actions (as stored in episodes), actions for the env and extra outputs, each ``(N, ...)``:
+        the default connector pipelines' results, computed on the batch."""
+        batch = {Columns.OBS: convert_to_torch_tensor(self._tree(obs), device=self._device)}
+        runners = self.config.num_env_runners or 1
+        with self.metrics.log_time(RLMODULE_INFERENCE_TIMER):
+            if explore:
+                # The stock runner's estimate of the global env steps (for exploration schedules).
+                t = (self.num_env_steps_sampled_lifetime // runners + ts) * runners
+                out = self.module.forward_exploration(batch, t=t)
+            else:
+                out = self.module.forward_inference(batch)
+        # GetActions
+        if Columns.ACTIONS not in out and Columns.ACTION_DIST_INPUTS in out:
+            dist_cls = (self.module.get_exploration_action_dist_cls() if explore
+                        else self.module.get_inference_action_dist_cls())
+            dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS])
+            if not explore:
+                dist = dist.to_deterministic()
+            out[Columns.ACTIONS] = dist.sample()
+            if Columns.ACTION_LOGP not in out:
+                out[Columns.ACTION_LOGP] = dist.logp(out[Columns.ACTIONS])
+        out = convert_to_numpy(dict(out))   # TensorToNumpy
+        actions = out.pop(Columns.ACTIONS)
+        for_env = out.pop(Columns.ACTIONS_FOR_ENV, None)
+        if for_env is None:   # NormalizeAndClipActions
+            piece = self._module_to_env.connectors[_DEFAULT_MODULE_TO_ENV.index(NormalizeAndClipActions)]
+            if piece.normalize_actions:
+                for_env = unsquash_action(actions.copy(), piece._action_space_struct)
+            elif piece.clip_actions:
+                for_env = clip_action(actions.copy(), piece._action_space_struct)
+            else:
+                for_env = actions
+        return actions, for_env, out
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+
+    def _sample_batched(self, num_timesteps: int, explore: bool, random_actions: bool,
+                        force_reset: bool) -> list[SingleAgentEpisode]:
+        if force_reset or self._needs_initial_reset or self._carry is None:
+            self._reset()
+        while True:
+            result = self._fragment(num_timesteps, explore, random_actions)
+            if result is not None:
+                return result
+            self._reset()   # an env step failed and the env was recreated: sample the fragment anew
+
+    def _fragment(self, num_timesteps: int, explore: bool, random_actions: bool) -> list[SingleAgentEpisode] | None:
+        carry, n, lb = self._carry, self.num_envs, self.config.episode_lookback_horizon
+        steps_cap = max(1, math.ceil(num_timesteps / n))
+        cap = lb + 1 + steps_cap + steps_cap // 4 + 2     # rows; resets add steps, the buffers grow if needed
+        obs = {k: self._buffer(f"obs/{k}", cap, v.shape[1:], v.dtype) for k, v in carry.obs.items()}
+        for k, v in obs.items():
+            v[: lb + 1] = carry.obs[k]
+        infos = list(carry.infos)                            # one dict of (N,) arrays per row
+        other: dict[str, np.ndarray] = {}                    # actions, rewards, extra outputs; row p = step into p
+        flags = {name: np.zeros((cap, n), bool) for name in ("terminated", "truncated", "resetting")}
+        times = np.zeros(cap)
+        times[: lb + 1] = time.perf_counter()
+
+        def put(name: str, p: int, value: np.ndarray) -> None:
+            buf = other.get(name)
+            if buf is None:
+                value = np.asarray(value)
+                buf = other[name] = self._buffer(name, cap, value.shape, value.dtype)
+                tail = carry.other.get(name)
+                if tail is not None and tail.shape[1:] == buf.shape[1:]:
+                    buf[1: lb + 1] = tail
+            buf[p] = value
+
+        pending = carry.pending.copy()
+        current = {k: v[lb] for k, v in obs.items()}
+        p, ts, seq_no = lb, 0, self._weights_seq_no
+        while ts < num_timesteps:
+            if random_actions:
+                actions = for_env = self.env.action_space.sample()
+                extra = {}
+            else:
+                actions, for_env, extra = self._act(current, explore, ts)
+            result = self._vector_step(for_env)
+            if result is ENV_STEP_FAILURE:
+                return None
+            new_obs, reward, terminated, truncated, info = result
+            p += 1
+            if p == cap:   # more reset steps than foreseen
+                cap = 2 * cap
+                obs = {k: self._grow(f"obs/{k}", v, cap) for k, v in obs.items()}
+                other = {k: self._grow(k, v, cap) for k, v in other.items()}
+                flags = {k: _grown(v, cap) for k, v in flags.items()}
+                times = _grown(times, cap)
+            for k, v in self._flat(new_obs).items():
+                obs[k][p] = v
+            current = {k: v[p] for k, v in obs.items()}
+            put(Columns.ACTIONS, p, actions)
+            put(Columns.REWARDS, p, np.asarray(reward, np.float32))
+            for k, v in extra.items():
+                put(k, p, v)
+            put(WEIGHTS_SEQ_NO, p, np.full(n, seq_no))
+            flags["resetting"][p] = pending
+            flags["terminated"][p] = np.asarray(terminated, bool) & ~pending
+            flags["truncated"][p] = np.asarray(truncated, bool) & ~pending
+            infos.append(info)
+            times[p] = time.perf_counter()
+            ts += n - int(pending.sum())
+            pending = flags["terminated"][p] | flags["truncated"][p]
+        if p == lb:   # nothing sampled (num_timesteps=0): the carry stays as it is
+            return []
+        self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=p - lb)
+        done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending)
+        # Summaries, not the chunks: those are views that would keep the fragment's buffers from reuse.
+        self._done_episodes_for_metrics.extend(_ChunkSummary(e) for e in done)
+        for episode in ongoing:
+            self._ongoing_episodes_for_metrics[episode.id_].append(_ChunkSummary(episode))
+        self._log_env_steps(metric=self._metrics_num_env_steps_sampled, num_steps=ts)
+        self._increase_sampled_metrics(ts, len(done))
+        return done + ongoing
+
+    def _buffer(self, name: str, rows: int, shape: tuple, dtype) -> np.ndarray:
+        """A ``(rows, *shape)`` buffer for this fragment. The episodes hold views of it, so a buffer is
+        only reused once no view of it is alive any more (the learner has dropped the episodes): fresh
+        arrays of these sizes come from mmap and fault in every page on first write, which costs more
+        than the writes themselves. Two per name cover a caller that keeps the last fragment while
+        sampling the next."""
+        pool = self._buffers.setdefault(name, [])
+        for buffer in pool:
+            # References: the pool's list, `buffer` here and getrefcount's argument; any more are views.
+            if (sys.getrefcount(buffer) == 3 and len(buffer) >= rows and buffer.shape[1:] == tuple(shape)
+                    and buffer.dtype == dtype):
+                return buffer[:rows]
+        buffer = np.empty((rows, *shape), dtype)
+        pool.insert(0, buffer)
+        del pool[2:]   # a buffer dropped here lives on as long as its episodes
+        return buffer[:rows]
+
+    def _grow(self, name: str, buffer: np.ndarray, rows: int) -> np.ndarray:
+        grown = _grown(buffer, rows)
+        self._buffers.setdefault(name, []).insert(0, grown)
+        del self._buffers[name][2:]
+        return grown
+
+    # ---- episodes from the buffers ------------------------------------------------------------------------------
+
+    def _episodes(self, obs, infos, other, flags, times, last: int, pending: np.ndarray):
+        """Done and ongoing ``SingleAgentEpisode`` chunks of the fragment whose rows end at ``last``;
+        updates the carry for the next fragment and replays the episode callbacks."""
+        carry, n, lb = self._carry, self.num_envs, self.config.episode_lookback_horizon
+        info_rows = _InfoRows(infos, last + 1, n)
+        done_rows = flags["terminated"][: last + 1] | flags["truncated"][: last + 1]
+        starts = flags["resetting"][: last + 1].copy()
+        starts[lb] = ~carry.pending   # the current observation starts (or continues) a chunk
+        done_chunks, ongoing_chunks = [], []
+        new_t = np.zeros(n, np.int64)
+        new_ids: list[str | None] = [None] * n
+        new_custom: list[dict | None] = [None] * n
+        for i in range(n):
+            chunk_starts = np.flatnonzero(starts[:, i])
+            chunk_ends = np.flatnonzero(done_rows[:, i])
+            for j, s in enumerate(chunk_starts):
+                e = int(chunk_ends[j]) if j < len(chunk_ends) else None
+                continuing = j == 0 and s == lb and carry.t[i] > 0
+                t_started = int(carry.t[i]) if continuing else 0
+                if e is None and s == last:   # reset obs at the very end: the episode starts next fragment
+                    break
+                episode = self._chunk(i, int(s), last if e is None else e, t_started,
+                                      min(lb, t_started), obs, info_rows, other, flags, times,
+                                      carry.ids[i] if continuing else None,
+                                      carry.custom_data[i] if continuing else None)
+                (done_chunks if e is not None else ongoing_chunks).append((e if e is not None else last, i, episode))
+                if e is None:
+                    new_t[i], new_ids[i], new_custom[i] = len(episode) + t_started, episode.id_, episode.custom_data
+        done_chunks.sort(key=lambda c: (c[0], c[1]))
+        ongoing_chunks.sort(key=lambda c: c[1])
+        for _, i, episode in done_chunks + ongoing_chunks:
+            self._replay_callbacks(i, episode)
+        # The carry for the next fragment.
+        nxt = self._carry = copy.copy(carry)
+        nxt.obs = {k: v[last - lb: last + 1].copy() for k, v in obs.items()}
+        nxt.infos = infos[last - lb: last + 1]
+        nxt.other = {k: v[last - lb + 1: last + 1].copy() for k, v in other.items()} if lb else {}
+        nxt.t, nxt.pending, nxt.ids = new_t, pending.copy(), new_ids
+        nxt.custom_data = [copy.deepcopy(c) if c else None for c in new_custom]
+        return [c[2] for c in done_chunks], [c[2] for c in ongoing_chunks]
+
+    def _chunk(self, i: int, s: int, e: int, t_started: int, k: int, obs, info_rows, other, flags, times,
+               episode_id: str | None, custom_data: dict | None) -> SingleAgentEpisode:
+        """Sub-env ``i``'s chunk with observation rows ``s..e`` and ``k`` steps of lookback before them."""
+        # Views of the fragment's buffers: no copy (see _buffer for when a buffer is written again).
+        observations = InfiniteLookbackBuffer(data=self._tree({key: v[s - k: e + 1, i] for key, v in obs.items()}))
+        observations.lookback = k   # set after: for a dict, the constructor caps it by the number of keys
+        episode = SingleAgentEpisode(
+            id_=episode_id,
+            observations=observations,
+            observation_space=self.env.single_observation_space,
+            infos=info_rows.rows(s - k, e + 1, i),
+            actions=other[Columns.ACTIONS][s - k + 1: e + 1, i],
+            action_space=self.env.single_action_space,
+            rewards=other[Columns.REWARDS][s - k + 1: e + 1, i],
+            terminated=bool(flags["terminated"][e, i]),
+            truncated=bool(flags["truncated"][e, i]),
+            extra_model_outputs={key: v[s - k + 1: e + 1, i] for key, v in other.items()
+                                 if key not in (Columns.ACTIONS, Columns.REWARDS)},
+            t_started=t_started,
+            len_lookback_buffer=k,
+        )
+        if custom_data:
+            episode._custom_data = copy.deepcopy(custom_data)   # as SingleAgentEpisode.cut
+        # Durations as the stock runner measures them: a new episode from its reset, a continuing chunk
+        # from its first step.
+        episode._start_time = times[s] if t_started == 0 else times[min(s + 1, e)]
+        episode._last_step_time = times[e] if e > s else None
+        return episode
+
+    # ---- callbacks ----------------------------------------------------------------------------------------------
+
+    def _replay_callbacks(self, i: int, episode: SingleAgentEpisode) -> None:
+        """The stock runner's episode callbacks for this chunk, in its order, each seeing the episode
+        as it was at that point (its buffers cut to that step)."""
+        length, chunk = len(episode), {i: episode}
+        if episode.t_started == 0 or self._replay_steps:
+            view = _StepView(episode)
+            if episode.t_started == 0:
+                view.show(-1)
+                self._make_on_episode_callback("on_episode_created", i, chunk)
+                view.show(0)
+                self._make_on_episode_callback("on_episode_start", i, chunk)
+            if self._replay_steps:
+                kwargs = dict(episode=episode, env_runner=self, metrics_logger=self.metrics, env=self.env.unwrapped,
+                              rl_module=self.module, env_index=i)
+                calls = [c.on_episode_step for c in self._step_callbacks] + self._step_functions
+                for step in range(1, length + 1):
+                    view.show(step)
+                    for call in calls:   # make_callback's loop, without its per-call list building
+                        call(**kwargs)
+            view.restore()
+        if episode.is_done:
+            self._make_on_episode_callback("on_episode_end", i, chunk)
+
+
+class _ChunkSummary:
+    """What RLlib's ``get_metrics`` reads of an episode chunk (length, return, duration) plus its
+    rewards, infos and custom data, without its observations, actions and model outputs."""
+
+    def __init__(self, episode: SingleAgentEpisode):
+        self.id_, self.t_started, self.t = episode.id_, episode.t_started, episode.t
+        self.is_terminated, self.is_truncated = episode.is_terminated, episode.is_truncated
+        self.rewards = np.array(episode.get_rewards())
+        self.infos = episode.get_infos()
+        self.custom_data = episode.custom_data
+        self.duration_s = episode.get_duration_s()
+
+    @property
+    def is_done(self) -> bool:
+        return self.is_terminated or self.is_truncated
+
+    def __len__(self) -> int:
+        return self.t - self.t_started
+
+    def get_return(self) -> float:
+        return sum(self.rewards)   # as SingleAgentEpisode.get_return: the same float32 rounding
+
+    def get_rewards(self) -> np.ndarray:
+        return self.rewards
+
+    def get_infos(self) -> list[dict]:
+        return self.infos
+
+    def get_duration_s(self) -> float:
+        return self.duration_s
+
+
+class _StepView:
+    """Shows an episode chunk as it was ``step`` steps into it (-1: before its reset), in place, by
+    pointing its buffers at prefixes of their data; ``restore()`` puts the full data back."""
+
+    def __init__(self, episode: SingleAgentEpisode):
+        self.episode = episode
+        self.lookback = episode.observations.lookback
+        self.length = len(episode)
+        # (buffer, full data, whether a dict, rows it has beyond the actions: observations and infos one more)
+        self.slots = [(b, b.data, isinstance(b.data, dict), extra) for b, extra in
+                      [(episode.observations, 1), (episode.infos, 1), (episode.actions, 0), (episode.rewards, 0)]
+                      + [(b, 0) for b in episode.extra_model_outputs.values()]]
+        self.state = (episode.t, episode.is_terminated, episode.is_truncated)
+
+    def show(self, step: int) -> None:
+        n = max(step, 0)
+        for buffer, data, is_dict, extra in self.slots:
+            rows = self.lookback + n + (extra if step >= 0 else 0)
+            buffer.data = {key: v[:rows] for key, v in data.items()} if is_dict else data[:rows]
+        e = self.episode
+        e.t = e.t_started + n
+        e.is_terminated, e.is_truncated = (self.state[1], self.state[2]) if step == self.length else (False, False)
+
+    def restore(self) -> None:
+        for buffer, data, _, _ in self.slots:
+            buffer.data = data
+        self.episode.t, self.episode.is_terminated, self.episode.is_truncated = self.state
+
+
+class _InfoRows:
+    """Per-row, per-sub-env info dicts (what gymnasium's ``DictInfoToList`` hands the stock runner) from
+    the vector env's info dicts of ``(N,)`` arrays, built only for the rows an episode needs."""
+
+    def __init__(self, infos: list[dict], rows: int, n: int):
+        self.infos, self.n = infos[:rows], n
+        keys = set(infos[0]) if infos else set()
+        simple = all(set(d) == keys and all(isinstance(v, np.ndarray) and v.shape == (n,) for v in d.values())
+                     for d in self.infos) and not any(k.startswith("_") for k in keys)
+        # Common case (the bridge: {"success": (N,) bool}): one (rows, N) array per key.
+        self.columns = {k: np.stack([d[k] for d in self.infos]) for k in sorted(keys)} if simple else None
+
+    def rows(self, start: int, stop: int, i: int) -> list[dict]:
+        if self.columns is not None:
+            if not self.columns:
+                return [{} for _ in range(start, stop)]
+            if len(self.columns) == 1:
+                (key, column), = self.columns.items()
+                return [{key: v} for v in column[start:stop, i]]
+            keys = list(self.columns)
+            return [dict(zip(keys, values)) for values in zip(*(c[start:stop, i] for c in self.columns.values()))]
+        return [_info_of(self.infos[p], i) for p in range(start, stop)]
+
+
+def _info_of(info: dict, i: int) -> dict:
+    """Sub-env ``i``'s info dict, as ``DictInfoToList`` makes it (``_key`` masks say which keys it has)."""
+    out = {}
+    for key, value in info.items():
+        if key.startswith("_"):
+            continue
+        mask = info.get(f"_{key}")
+        if mask is not None and not mask[i]:
+            continue
+        out[key] = _info_of(value, i) if isinstance(value, dict) else value[i]
+    return out
+
+
+def _grown(buffer: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows, *buffer.shape[1:]), buffer.dtype)
+    out[: len(buffer)] = buffer
+    return out

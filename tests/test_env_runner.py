@@ -1,0 +1,169 @@
+"""BatchedEnvRunner against RLlib's stock SingleAgentEnvRunner on the same config and seed."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import running
+from ray.rllib.core import COMPONENT_ENV_TO_MODULE_CONNECTOR, COMPONENT_MODULE_TO_ENV_CONNECTOR, COMPONENT_RL_MODULE
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.utils.test_utils import check_train_results_new_api_stack
+
+from rllib_gaze import GazePPOConfig
+from rllib_gaze.env_runner import BatchedEnvRunner
+
+# Steps of 0.5 reach a target within a few steps of a 6-step episode: some episodes succeed (and, with
+# terminate_on_success, end early), so success metrics, terminations and truncations all occur.
+ENV = {"image_size": 32, "num_distractors": 1, "max_episode_steps": 6, "step_size": 0.5, "success_radius": 0.3,
+       "terminate_on_success": True, "seed": 0}
+METRICS = ("episode_return_mean", "episode_len_mean", "episode_len_min", "episode_len_max", "num_episodes",
+           "num_env_steps_sampled", "num_env_steps_sampled_lifetime", "success_once", "success_at_end")
+
+
+def config(runner_cls=BatchedEnvRunner, explore=True, **env):
+    return (GazePPOConfig()
+            .environment("clutter", env_config={**ENV, **env})
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=4, rollout_fragment_length=8,
+                         gym_env_vectorize_mode="vector_entry_point", explore=explore, env_runner_cls=runner_cls)
+            .training(train_batch_size_per_learner=32, minibatch_size=16, num_epochs=1)
+            .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2)), "head_hidden": 32,
+                                     "image_feature_dim": 32})
+            .gaze(contrastive_num_anchors=8, contrastive_memory_capacity=64, contrastive_k=4)
+            .debugging(seed=3))
+
+
+def chunk(e):
+    """Everything an episode chunk carries, except its (random) id."""
+    return (e.t_started, len(e), e.is_terminated, e.is_truncated, e.observations.lookback,
+            np.asarray(e.observations.data).tobytes(), np.asarray(e.get_actions()).tobytes(),
+            np.asarray(e.get_rewards()).tobytes(), [bool(i["success"]) for i in e.infos.data],
+            sorted(e.extra_model_outputs),
+            {k: np.round(np.asarray(v.data, np.float64), 5).tobytes() for k, v in e.extra_model_outputs.items()})
+
+
+def id_pattern(fragments):
+    """Which chunks belong to the same episode, as first-seen indices (ids differ between runners)."""
+    first = {}
+    return [first.setdefault(e.id_, len(first)) for f in fragments for e in f]
+
+
+def metrics(runner):
+    out = runner.get_metrics()
+    return {k: (None if out.get(k) is None else float(out[k].peek())) for k in METRICS}
+
+
+@pytest.mark.parametrize("explore", [False, True])
+@pytest.mark.parametrize("bootstrap_at_done", [True, False])
+def test_same_episodes_and_metrics_as_the_stock_runner(explore, bootstrap_at_done):
+    # Fragments of uneven sizes cut episodes anywhere, including right at a done and at a reset step.
+    sizes = (8, 5, 8, 4, 9, 13)   # 4 sub-envs: vector steps 2, 2, 2 (the 6-step episodes end here), ...
+    results = []
+    for cls in (SingleAgentEnvRunner, BatchedEnvRunner):
+        runner = cls(config=config(cls, explore, bootstrap_at_done=bootstrap_at_done))
+        fragments = [runner.sample(num_timesteps=n) for n in sizes]
+        results.append(([[chunk(e) for e in f] for f in fragments], id_pattern(fragments), metrics(runner)))
+        runner.stop()
+    (stock_chunks, stock_ids, stock_metrics), (chunks, ids, batched_metrics) = results
+    assert chunks == stock_chunks
+    assert ids == stock_ids
+    assert batched_metrics == stock_metrics
+    assert stock_metrics["num_episodes"] >= 4
+    flags = {(c[2], c[3]) for f in chunks for c in f}
+    assert (False, True) in flags
+    if explore:   # the untrained policy's mean action rarely reaches a target; its samples do
+        assert ((True, False) in flags) == (not bootstrap_at_done)
+        assert 0 < stock_metrics["success_once"] and stock_metrics["success_at_end"] <= stock_metrics["success_once"]
+
+
+def test_continuing_chunks_keep_their_episode_for_gae():
+    runner = BatchedEnvRunner(config=config(max_episode_steps=50, terminate_on_success=False))
+    first, second = runner.sample(num_timesteps=8), runner.sample(num_timesteps=8)
+    assert [e.id_ for e in first] == [e.id_ for e in second]           # 4 sub-envs, one 50-step episode each
+    for a, b in zip(first, second):
+        assert b.t_started == a.t == 2 and len(b) == 2 and b.observations.lookback == 1
+        assert np.array_equal(b.get_observations(0), a.get_observations(-1))
+        assert np.array_equal(b.get_observations(-1, neg_index_as_lookback=True), a.get_observations(-2))
+        assert np.array_equal(b.get_actions(-1, neg_index_as_lookback=True), a.get_actions(-1))
+        assert not a.is_done and not b.is_done and a.is_numpy
+    runner.stop()
+
+
+def test_buffers_are_reused_only_once_their_episodes_are_gone():
+    # Episodes are views of the fragment's buffers: kept ones must not change when later fragments
+    # are sampled, and dropped ones let the runner write the same memory again.
+    runner = BatchedEnvRunner(config=config())
+    kept = runner.sample(num_timesteps=16)
+    before = [chunk(e) for e in kept]
+    for _ in range(3):
+        runner.sample(num_timesteps=16)
+    assert [chunk(e) for e in kept] == before
+    assert all(len(pool) <= 2 for pool in runner._buffers.values())
+    rgb = id(runner._buffers["obs/"][0])
+    del kept
+    runner.sample(num_timesteps=16)
+    runner.sample(num_timesteps=16)
+    assert rgb in [id(b) for b in runner._buffers["obs/"]]   # written again, not a fresh allocation
+    runner.stop()
+
+
+def test_episodes_through_the_stock_loop_and_random_actions():
+    # Evaluation by episodes goes through the stock loop (same episodes); the next fragment starts from a reset.
+    runner = BatchedEnvRunner(config=config(explore=False))
+    stock = SingleAgentEnvRunner(config=config(SingleAgentEnvRunner, explore=False))
+    assert [chunk(e) for e in runner.sample(num_episodes=5)] == [chunk(e) for e in stock.sample(num_episodes=5)]
+    after = runner.sample(num_timesteps=8)
+    assert all(e.t_started == 0 for e in after) and 8 <= sum(len(e) for e in after) < 12
+    episodes = runner.sample(num_timesteps=20, random_actions=True)
+    assert 20 <= sum(len(e) for e in episodes) < 24    # whole vector steps, as the stock runner
+    assert all(set(e.extra_model_outputs) >= {"weights_seq_no"} for e in episodes)
+    runner.stop()
+    stock.stop()
+
+
+def test_checkpoint_state_round_trip():
+    runner = BatchedEnvRunner(config=config())
+    runner.sample(num_timesteps=16)
+    state = runner.get_state()
+    assert {COMPONENT_RL_MODULE, COMPONENT_ENV_TO_MODULE_CONNECTOR, COMPONENT_MODULE_TO_ENV_CONNECTOR} <= set(state)
+    restored = BatchedEnvRunner(config=config().debugging(seed=4))
+    restored.set_state(state)
+    assert restored.num_env_steps_sampled_lifetime == runner.num_env_steps_sampled_lifetime
+    for key, value in runner.module.get_state().items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored.module.get_state()[key])), key
+    # Same weights, deterministic actions: both runners act alike from a fresh reset of the same env seed.
+    a = BatchedEnvRunner(config=config(explore=False))
+    a.set_state(state)
+    b = BatchedEnvRunner(config=config(explore=False))
+    b.set_state(runner.get_state())
+    assert [chunk(e) for e in a.sample(num_timesteps=12)] == [chunk(e) for e in b.sample(num_timesteps=12)]
+    for r in (runner, restored, a, b):
+        r.stop()
+
+
+def test_gazeppo_trains_and_evaluates_with_the_batched_runner(ray_session):
+    assert GazePPOConfig().env_runner_cls is BatchedEnvRunner
+    cfg = (config()
+           .env_runners(num_env_runners=1)
+           .evaluation(evaluation_interval=1, evaluation_num_env_runners=0, evaluation_duration=4,
+                       evaluation_duration_unit="episodes", evaluation_config={"explore": False}))
+    with running(cfg) as algo:
+        for _ in range(2):
+            results = algo.train()
+        check_train_results_new_api_stack(results)
+        assert results["env_runners"]["num_env_steps_sampled_lifetime"] >= 64
+        assert 0.0 <= results["env_runners"]["success_once"] <= 1.0
+        assert results["evaluation"]["env_runners"]["num_episodes"] >= 4
+        assert algo.env_runner_group.foreach_env_runner(lambda r: type(r).__name__, local_env_runner=False) == \
+            ["BatchedEnvRunner"]
+
+
+def test_a_failed_env_step_recreates_the_env_and_samples_the_fragment_anew(tmp_path):
+    cfg = config(fail_at_step=3, fail_once_file=str(tmp_path / "failed")).fault_tolerance(
+        restart_failed_sub_environments=True)
+    runner = BatchedEnvRunner(config=cfg)
+    episodes = runner.sample(num_timesteps=16)
+    assert (tmp_path / "failed").exists()
+    assert all(e.t_started == 0 for e in episodes) and 16 <= sum(len(e) for e in episodes) < 20
+    assert runner.get_metrics()["num_env_step_failures"].peek() == 1
+    runner.stop()
+    with pytest.raises(RuntimeError, match="restart_failed_sub_environments is False"):
+        BatchedEnvRunner(config=config(fail_at_step=3)).sample(num_timesteps=16)
