@@ -295,7 +295,6 @@ def _env_rates(runner, num_envs: int, steps: int, policy_steps: int, repeats: in
 def envs(args: argparse.Namespace) -> None:
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    from rllib_gaze.callbacks import GazeImages
     from rllib_gaze.env_runner import BatchedEnvRunner
     from rllib_gaze.envs import BatchedEnvBridge
 
@@ -317,28 +316,22 @@ def envs(args: argparse.Namespace) -> None:
             cases[f"maniskill {args.maniskill_env} physx_cuda {args.images[-1]} px"] = (
                 "maniskill", {"env_id": args.maniskill_env, "camera_size": args.images[-1],
                               "sim_backend": "physx_cuda"}, args.gpu_envs, args.steps)
-    # "nocb": the batched runner without callbacks that override on_episode_step (GazePPOConfig's
-    # SuccessMetrics does): what that callback's per-step, per-sub-env calls cost.
-    runners = {"stock": (SingleAgentEnvRunner, None), "batched": (BatchedEnvRunner, None),
-               "nocb": (BatchedEnvRunner, [GazeImages])}
+    runners = {"stock": SingleAgentEnvRunner, "batched": BatchedEnvRunner}
     print(f"env-steps per {'CPU second of this process' if args.clock == 'cpu' else 'second'}, median of "
           f"{args.repeats}, one process, torch threads {torch.get_num_threads()}: a bare loop "
           "over the bridged env; each runner's sample() with random actions (no policy) and with GazePPO's policy "
           f"(exploration forward on the whole batch, {args.policy_steps} env steps a call); bare and the runner "
           "alternate on the runner's own env, so runner/bare is measured in one window. policy share = the part of "
-          "a sampled step's time that the policy adds. nocb: the batched runner without SuccessMetrics' "
-          "on_episode_step callback.", flush=True)
+          "a sampled step's time that the policy adds.", flush=True)
     print(f"  {'env':34s} {'envs':>5s} {'bare':>10s} | {'stock':>8s} {'batched':>8s} {'stock/bare':>10s} "
           f"{'batch/bare':>10s} {'batch/stock':>11s} | {'stock+pi':>8s} {'batch+pi':>8s} {'pi share st':>11s} "
-          f"{'pi share b':>10s} | {'nocb':>8s} {'nocb/bare':>9s} {'nocb+pi':>8s} {'pi sh nc':>9s}", flush=True)
+          f"{'pi share b':>10s}", flush=True)
     for name, (env_name, env_config, num_envs, steps) in cases.items():
         measured = {}
-        for runner_name, (cls, callbacks) in runners.items():
+        for runner_name, cls in runners.items():
             config = (GazePPOConfig().environment(env_name, env_config=env_config)
                       .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
                                    gym_env_vectorize_mode="vector_entry_point", env_runner_cls=cls))
-            if callbacks is not None:
-                config.callbacks(callbacks_class=callbacks)
             try:
                 runner = cls(config=config)
             except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
@@ -349,7 +342,7 @@ def envs(args: argparse.Namespace) -> None:
             runner.stop()
         if len(measured) < len(runners):
             continue
-        st, ba, nc = measured["stock"], measured["batched"], measured["nocb"]
+        st, ba = measured["stock"], measured["batched"]
         bare = statistics.median([st["bare"], ba["bare"]])
 
         def share(rates: dict) -> str:
@@ -360,8 +353,7 @@ def envs(args: argparse.Namespace) -> None:
         print(f"  {name:34s} {num_envs:5d} {bare:10.0f} | {st['random']:8.0f} {ba['random']:8.0f} "
               f"{st['random'] / st['bare']:10.3f} {ba['random'] / ba['bare']:10.3f} "
               f"{ba['random'] / st['random']:11.2f} | {st.get('policy', float('nan')):8.0f} "
-              f"{ba.get('policy', float('nan')):8.0f} {share(st):>11s} {share(ba):>10s} | {nc['random']:8.0f} "
-              f"{nc['random'] / nc['bare']:9.3f} {nc.get('policy', float('nan')):8.0f} {share(nc):>9s}", flush=True)
+              f"{ba.get('policy', float('nan')):8.0f} {share(st):>11s} {share(ba):>10s}", flush=True)
 
 
 def learner_split(args: argparse.Namespace) -> None:
