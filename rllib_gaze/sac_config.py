@@ -7,6 +7,7 @@ setting onto RLlib's and says what RLlib does differently.
 
 from __future__ import annotations
 
+import numpy as np
 from ray.rllib.algorithms.sac import SAC, SACConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
@@ -92,6 +93,15 @@ class GazeSAC(SAC):
     @override(SAC)
     def get_default_config(cls) -> GazeSACConfig:
         return GazeSACConfig()
+
+    @override(SAC)
+    def setup(self, config) -> None:
+        super().setup(config)
+        # RLlib's EpisodeReplayBuffer draws its batches from an unseeded generator: without this, two
+        # runs with the same .debugging(seed=...) replay different rows and learn differently.
+        buffer = self.local_replay_buffer
+        if buffer is not None and self.config.seed is not None and hasattr(buffer, "rng"):
+            buffer.rng = np.random.default_rng(self.config.seed)
 
     @override(SAC)
     def training_step(self) -> None:
