@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> str:
         runs = []
         for algo, preset in presets.items():
             experiment = base if algo == next(iter(presets)) else f"{base}-{algo}"
-            runs.append((os.path.join(args.storage_path, experiment),
-                         lambda algo=algo, preset=preset, experiment=experiment: _tuner(args, algo, preset, name,
-                                                                                       experiment)))
+            path = os.path.join(args.storage_path, experiment)
+            runs.append((path, lambda algo=algo, preset=preset, experiment=experiment, path=path: _tuner(
+                args, algo, preset, name, experiment, path)))
     failed = []
     for path, make_tuner in runs:  # one experiment after the other: each may use the whole cluster
         failed += _fit(make_tuner(), path)
@@ -290,13 +290,12 @@ def main(argv: list[str] | None = None) -> str:
     return runs[0][0]
 
 
-def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, experiment: str):
-    """The Tune experiment of ``preset``'s trials (one algorithm's arms) under ``experiment``."""
+def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, experiment: str, path: str):
+    """The Tune experiment of ``preset``'s trials (one algorithm's arms) named ``experiment``, at ``path``."""
     from ray import tune
 
     from rllib_gaze.tracking import wandb_callback
 
-    path = os.path.join(args.storage_path, experiment)
     num_trials = len(preset.tasks) * len(preset.arms) * len(preset.seeds)
     print(f"[suite] {name} ({algo}): {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x "
           f"seeds {list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
