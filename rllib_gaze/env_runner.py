@@ -34,11 +34,15 @@ weights, ``get_metrics``, evaluation runners, fault tolerance) and replaces only
   (and hands ``on_episode_end`` as ``prev_episode_chunks``) are summaries: length, return, rewards,
   infos, custom data and duration, not full episodes.
 
+``sample(num_episodes=...)`` (evaluation by episodes) runs the same loop from a seeded reset until
+that many episodes are done and returns the first of them in the order they finished, as the stock
+runner does; the episodes still running then are dropped without their callbacks being replayed (the
+stock runner has called ``on_episode_created``/``start``/``step`` for them).
+
 Where the batched loop does not apply, ``_sample`` falls back to the stock loop (same results, stock
-speed): ``sample(num_episodes=...)`` (evaluation by episodes), a stateful module, env-to-module or
-module-to-env pipelines other than RLlib's defaults (custom connectors, e.g. frame stacking),
-observation spaces other than a Box or a flat Dict of Boxes, action spaces other than a Box or
-Discrete, and ``episodes_to_numpy=False``. If an env step raises and
+speed): a stateful module, env-to-module or module-to-env pipelines other than RLlib's defaults
+(custom connectors, e.g. frame stacking), observation spaces other than a Box or a flat Dict of
+Boxes, action spaces other than a Box or Discrete, and ``episodes_to_numpy=False``. If an env step raises and
 ``restart_failed_sub_environments`` is on, the env is recreated and the fragment is sampled again
 from a reset (the stock runner keeps the episodes that were done before the failure).
 
@@ -124,6 +128,7 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._carry: _Carry | None = None
+        self._episodes_rows = 64   # vector steps that sample(num_episodes=...) sizes its buffers for
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._step_callbacks = [c for c in self._callbacks if _overrides(c, "on_episode_step")]
         self._step_functions = list(force_list(self.config.callbacks_on_episode_step))
@@ -158,10 +163,12 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
     @override(SingleAgentEnvRunner)
     def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None, explore: bool,
                 random_actions: bool = False, force_reset: bool = False) -> list[SingleAgentEpisode]:
-        if num_episodes is not None or num_timesteps is None or self.batched_loop_unsupported(random_actions):
+        if (num_timesteps is None and num_episodes is None) or self.batched_loop_unsupported(random_actions):
             self._carry = None   # the stock loop steps the env: start the next batched fragment from a reset
             return super()._sample(num_timesteps=num_timesteps, num_episodes=num_episodes, explore=explore,
                                    random_actions=random_actions, force_reset=force_reset)
+        if num_episodes is not None:
+            return self._sample_episodes(num_episodes, explore, random_actions)
         return self._sample_batched(num_timesteps, explore, random_actions, force_reset)
 
     # ---- env access without DictInfoToList (it builds one info dict per sub-env per step) ------------------------
@@ -254,9 +261,27 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
                 return result
             self._reset()   # an env step failed and the env was recreated: sample the fragment anew
 
-    def _fragment(self, num_timesteps: int, explore: bool, random_actions: bool) -> list[SingleAgentEpisode] | None:
+    def _sample_episodes(self, num_episodes: int, explore: bool, random_actions: bool) -> list[SingleAgentEpisode]:
+        """The stock runner's ``sample(num_episodes=...)``: from a reset, seeded each time (the stock runner
+        sets ``_needs_initial_reset`` again), until ``num_episodes`` episodes are done; the first of them in
+        the order they finished (step, then sub-env), the still running ones dropped."""
+        while True:
+            self._reset()
+            self._needs_initial_reset = True
+            result = self._fragment(None, explore, random_actions, num_episodes)
+            if result is not None:
+                self._carry = None   # the next sample starts from a reset, as the stock runner's
+                return result
+
+    def _fragment(self, num_timesteps: int | None, explore: bool, random_actions: bool,
+                  num_episodes: int | None = None) -> list[SingleAgentEpisode] | None:
+        """``num_timesteps`` env steps (from the carry on), or, where ``num_episodes`` is given, steps until
+        that many episodes are done (from a reset; the running ones are dropped)."""
         carry, n, lb = self._carry, self.num_envs, self.config.episode_lookback_horizon
-        steps_cap = max(1, math.ceil(num_timesteps / n))
+        if num_episodes is None:
+            steps_cap = max(1, math.ceil(num_timesteps / n))
+        else:   # the rows the last call by episodes took; the buffers grow if needed
+            steps_cap = self._episodes_rows
         cap = lb + 1 + steps_cap + steps_cap // 4 + 2     # rows; resets add steps, the buffers grow if needed
         obs = {k: self._buffer(f"obs/{k}", cap, v.shape[1:], v.dtype) for k, v in carry.obs.items()}
         for k, v in obs.items():
@@ -279,8 +304,8 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
 
         pending = carry.pending.copy()
         current = {k: v[lb] for k, v in obs.items()}
-        p, ts, seq_no = lb, 0, self._weights_seq_no
-        while ts < num_timesteps:
+        p, ts, seq_no, finished = lb, 0, self._weights_seq_no, 0
+        while ts < num_timesteps if num_episodes is None else finished < num_episodes:
             if random_actions:
                 actions = for_env = self.env.action_space.sample()
                 extra = {}
@@ -312,10 +337,13 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             times[p] = time.perf_counter()
             ts += n - int(pending.sum())
             pending = flags["terminated"][p] | flags["truncated"][p]
+            finished += int(pending.sum())
         if p == lb:   # nothing sampled (num_timesteps=0): the carry stays as it is
             return []
+        if num_episodes is not None:
+            self._episodes_rows = max(self._episodes_rows, p - lb)
         self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=p - lb)
-        done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending)
+        done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending, num_episodes)
         # Summaries, not the chunks: those are views that would keep the fragment's buffers from reuse.
         self._done_episodes_for_metrics.extend(_ChunkSummary(e) for e in done)
         for episode in ongoing:
@@ -349,9 +377,12 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
 
     # ---- episodes from the buffers ------------------------------------------------------------------------------
 
-    def _episodes(self, obs, infos, other, flags, times, last: int, pending: np.ndarray):
+    def _episodes(self, obs, infos, other, flags, times, last: int, pending: np.ndarray, num_episodes: int | None):
         """Done and ongoing ``SingleAgentEpisode`` chunks of the fragment whose rows end at ``last``;
-        updates the carry for the next fragment and replays the episode callbacks."""
+        updates the carry for the next fragment and replays the episode callbacks. With ``num_episodes``
+        only the first that many done episodes, no ongoing ones, and no carry: the stock runner stops
+        at the sub-env whose episode was the last one needed and drops every running episode (their
+        callbacks are not replayed here)."""
         carry, n, lb = self._carry, self.num_envs, self.config.episode_lookback_horizon
         info_rows = _InfoRows(infos, last + 1, n)
         done_rows = flags["terminated"][: last + 1] | flags["truncated"][: last + 1]
@@ -379,8 +410,12 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
                     new_t[i], new_ids[i], new_custom[i] = len(episode) + t_started, episode.id_, episode.custom_data
         done_chunks.sort(key=lambda c: (c[0], c[1]))
         ongoing_chunks.sort(key=lambda c: c[1])
+        if num_episodes is not None:
+            done_chunks, ongoing_chunks = done_chunks[:num_episodes], []
         for _, i, episode in done_chunks + ongoing_chunks:
             self._replay_callbacks(i, episode)
+        if num_episodes is not None:
+            return [c[2] for c in done_chunks], []
         # The carry for the next fragment.
         nxt = self._carry = copy.copy(carry)
         nxt.obs = {k: v[last - lb: last + 1].copy() for k, v in obs.items()}

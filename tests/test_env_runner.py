@@ -105,18 +105,38 @@ def test_buffers_are_reused_only_once_their_episodes_are_gone():
     runner.stop()
 
 
-def test_episodes_through_the_stock_loop_and_random_actions():
-    # Evaluation by episodes goes through the stock loop (same episodes); the next fragment starts from a reset.
+@pytest.mark.parametrize("explore", [False, True])
+def test_sampling_by_episodes_gives_the_stock_runners_episodes(explore):
+    # By episodes (evaluation): from a seeded reset every call, the first n episodes in the order they
+    # finished (4 sub-envs, episodes of 1-6 steps: several finish in the same step, so n cuts a step's
+    # finished episodes), the running ones dropped; env steps counted alike. Exploring, the policy's
+    # samples come from torch's global generator: seeded alike before each runner.
+    results = []
+    for cls in (SingleAgentEnvRunner, BatchedEnvRunner):
+        runner = cls(config=config(cls, explore))
+        assert cls is SingleAgentEnvRunner or runner.batched_loop_unsupported() is None
+        torch.manual_seed(0)
+        calls = [runner.sample(num_episodes=n, explore=explore) for n in (5, 3, 9, 2)]
+        results.append(([[chunk(e) for e in f] for f in calls], metrics(runner)))
+        runner.stop()
+    (stock_chunks, stock_metrics), (chunks, batched_metrics) = results
+    assert chunks == stock_chunks
+    assert batched_metrics == stock_metrics
+    assert [len(f) for f in chunks] == [5, 3, 9, 2]
+    assert all(c[0] == 0 and (c[2] or c[3]) for f in chunks for c in f)   # whole episodes, all done
+    if not explore:
+        assert chunks[0][:3] == chunks[1]                                  # each call from the same seeded reset
+
+
+def test_timesteps_after_episodes_start_from_a_reset_and_random_actions():
     runner = BatchedEnvRunner(config=config(explore=False))
-    stock = SingleAgentEnvRunner(config=config(SingleAgentEnvRunner, explore=False))
-    assert [chunk(e) for e in runner.sample(num_episodes=5)] == [chunk(e) for e in stock.sample(num_episodes=5)]
+    runner.sample(num_episodes=5)
     after = runner.sample(num_timesteps=8)
     assert all(e.t_started == 0 for e in after) and 8 <= sum(len(e) for e in after) < 12
     episodes = runner.sample(num_timesteps=20, random_actions=True)
     assert 20 <= sum(len(e) for e in episodes) < 24    # whole vector steps, as the stock runner
     assert all(set(e.extra_model_outputs) >= {"weights_seq_no"} for e in episodes)
     runner.stop()
-    stock.stop()
 
 
 def test_checkpoint_state_round_trip():
