@@ -6,6 +6,7 @@
     python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
     python benchmarks/bench.py learner-split [--num-envs 512] [--fragment 50] [--image 128] ...
     python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] [--images 64 128] [--policy-steps 1024] ...
+    python benchmarks/bench.py evaluation [--num-envs 64] [--episodes 64] [--image 64] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
 attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full method) on the same
@@ -15,7 +16,8 @@ memory already full (its steady state). ``sac-overhead`` does the same for the r
 ``mining`` times the exact neighbour search + triplet selection against memories of growing size;
 ``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss.
 ``envs`` compares env-steps/s of a bare loop, RLlib's stock ``SingleAgentEnvRunner`` and our
-``BatchedEnvRunner`` on the same envs, with and without the policy's forward pass. They print
+``BatchedEnvRunner`` on the same envs, with and without the policy's forward pass; ``evaluation``
+the two runners' ``sample(num_episodes=...)`` with the deterministic policy, as the suite evaluates. They print
 figures; none asserts anything.
 """
 
@@ -263,29 +265,42 @@ class ZeroCostEnv:
 
 def _env_rates(runner, num_envs: int, steps: int, policy_steps: int, repeats: int,
                clock=time.perf_counter) -> dict[str, float]:
-    """Median env-steps per second of ``clock`` of a bare loop over ``runner``'s own env, of
-    ``runner.sample`` with random actions and (``policy_steps`` > 0) with the policy's exploration
-    forward pass, alternating."""
+    """Median env-steps per second of ``clock`` of a bare loop over ``runner``'s own env, of the bare
+    loop copying each observation into a ``(steps, N, ...)`` buffer (what any runner that keeps the
+    observations must do at least), of ``runner.sample`` with random actions and (``policy_steps`` > 0)
+    with the policy's exploration forward pass, alternating."""
     bare_env = runner.env.unwrapped   # the runner's own env: ManiSkill allows one GPU simulation per process
     for _ in range(2):   # warm up: first reset; the batched runner's two buffers fault in their pages once
         runner.sample(num_timesteps=steps, random_actions=True)
 
-    def bare() -> float:
+    rows = max(1, steps // num_envs)
+    obs, _ = bare_env.reset()
+    kept = {k: np.empty((rows, *np.shape(v)), np.asarray(v).dtype)
+            for k, v in (obs.items() if isinstance(obs, dict) else [("", obs)])}
+
+    def bare(copy: bool = False) -> float:
         start = clock()
-        for _ in range(max(1, steps // num_envs)):
-            bare_env.step(bare_env.action_space.sample())
-        return max(1, steps // num_envs) * num_envs / (clock() - start)
+        for row in range(rows):
+            obs = bare_env.step(bare_env.action_space.sample())[0]
+            if copy:
+                for k, v in (obs.items() if isinstance(obs, dict) else [("", obs)]):
+                    kept[k][row] = v
+        return rows * num_envs / (clock() - start)
 
     def sample(n: int, random_actions: bool) -> float:
+        # One untimed vector step from a reset (the stock runner cannot continue an episode whose earlier
+        # steps had other extra model outputs: random actions have none), then a timed fragment that
+        # continues it, as fragments do in training: a reset per timed call would be a cost the bare
+        # loop does not pay.
+        runner.sample(num_timesteps=num_envs, random_actions=random_actions, force_reset=True)
         start = clock()
-        # From a reset: the stock runner cannot continue an episode whose earlier steps had other extra
-        # model outputs (random actions have none).
-        episodes = runner.sample(num_timesteps=n, random_actions=random_actions, force_reset=True)
+        episodes = runner.sample(num_timesteps=n, random_actions=random_actions)
         return sum(e.env_steps() for e in episodes) / (clock() - start)
 
-    rates = {"bare": [], "random": [], "policy": []}
+    rates = {"bare": [], "copy": [], "random": [], "policy": []}
     for _ in range(repeats):
         rates["bare"].append(bare())
+        rates["copy"].append(bare(copy=True))
         rates["random"].append(sample(steps, True))
         if policy_steps:
             rates["policy"].append(sample(policy_steps, False))
@@ -319,13 +334,15 @@ def envs(args: argparse.Namespace) -> None:
     runners = {"stock": SingleAgentEnvRunner, "batched": BatchedEnvRunner}
     print(f"env-steps per {'CPU second of this process' if args.clock == 'cpu' else 'second'}, median of "
           f"{args.repeats}, one process, torch threads {torch.get_num_threads()}: a bare loop "
-          "over the bridged env; each runner's sample() with random actions (no policy) and with GazePPO's policy "
+          "over the bridged env; +copy: the same loop copying each observation into a (steps, N, ...) buffer, "
+          "the least any runner that keeps the observations does; each runner's sample() with random actions "
+          "(no policy) and with GazePPO's policy "
           f"(exploration forward on the whole batch, {args.policy_steps} env steps a call); bare and the runner "
           "alternate on the runner's own env, so runner/bare is measured in one window. policy share = the part of "
           "a sampled step's time that the policy adds.", flush=True)
-    print(f"  {'env':34s} {'envs':>5s} {'bare':>10s} | {'stock':>8s} {'batched':>8s} {'stock/bare':>10s} "
-          f"{'batch/bare':>10s} {'batch/stock':>11s} | {'stock+pi':>8s} {'batch+pi':>8s} {'pi share st':>11s} "
-          f"{'pi share b':>10s}", flush=True)
+    print(f"  {'env':34s} {'envs':>5s} {'bare':>10s} {'+copy':>8s} | {'stock':>8s} {'batched':>8s} "
+          f"{'stock/bare':>10s} {'batch/bare':>10s} {'batch/copy':>10s} {'batch/stock':>11s} | {'stock+pi':>8s} "
+          f"{'batch+pi':>8s} {'pi share st':>11s} {'pi share b':>10s}", flush=True)
     for name, (env_name, env_config, num_envs, steps) in cases.items():
         measured = {}
         for runner_name, cls in runners.items():
@@ -344,21 +361,53 @@ def envs(args: argparse.Namespace) -> None:
             continue
         st, ba = measured["stock"], measured["batched"]
         bare = statistics.median([st["bare"], ba["bare"]])
+        copied = statistics.median([st["copy"], ba["copy"]])
 
         def share(rates: dict) -> str:
             if "policy" not in rates:
                 return "-"
             return f"{1 - rates['policy'] / rates['random']:.2f}"
 
-        print(f"  {name:34s} {num_envs:5d} {bare:10.0f} | {st['random']:8.0f} {ba['random']:8.0f} "
-              f"{st['random'] / st['bare']:10.3f} {ba['random'] / ba['bare']:10.3f} "
+        print(f"  {name:34s} {num_envs:5d} {bare:10.0f} {copied:8.0f} | {st['random']:8.0f} {ba['random']:8.0f} "
+              f"{st['random'] / st['bare']:10.3f} {ba['random'] / ba['bare']:10.3f} {ba['random'] / ba['copy']:10.3f} "
               f"{ba['random'] / st['random']:11.2f} | {st.get('policy', float('nan')):8.0f} "
               f"{ba.get('policy', float('nan')):8.0f} {share(st):>11s} {share(ba):>10s}", flush=True)
 
 
+def evaluation(args: argparse.Namespace) -> None:
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from rllib_gaze.env_runner import BatchedEnvRunner
+
+    env_config = {"image_size": args.image, "num_distractors": 6}
+    runners = {}
+    for name, cls in (("stock", SingleAgentEnvRunner), ("batched", BatchedEnvRunner)):
+        config = (GazePPOConfig().environment("clutter", env_config=env_config)
+                  .env_runners(num_env_runners=0, num_envs_per_env_runner=args.num_envs, explore=False,
+                               gym_env_vectorize_mode="vector_entry_point", env_runner_cls=cls))
+        runners[name] = cls(config=config)
+        runners[name].sample(num_episodes=args.num_envs, explore=False)   # warm up
+    rates = {name: [] for name in runners}
+    for _ in range(args.repeats):   # alternating, so machine noise hits both alike
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            episodes = runner.sample(num_episodes=args.episodes, explore=False)
+            rates[name].append(sum(len(e) for e in episodes) / (time.perf_counter() - start))
+    st, ba = (statistics.median(rates[name]) for name in ("stock", "batched"))
+    print(f"clutter {args.image} px, {args.num_envs} sub-envs, sample(num_episodes={args.episodes}, explore=False) "
+          f"with GazePPO's policy, torch threads {torch.get_num_threads()}, median of {args.repeats}: env steps of "
+          f"the returned episodes per second: stock {st:.0f}, batched {ba:.0f}, batched/stock {ba / st:.2f}",
+          flush=True)
+    for runner in runners.values():
+        runner.stop()
+
+
 def learner_split(args: argparse.Namespace) -> None:
     """Time of the learner connector (GAE, batching) against the whole ``Learner.update`` (which runs
-    it), GazePPO's defaults (the full method), on fragments of the zero-cost env."""
+    it), GazePPO's defaults (the full method), on fragments of the zero-cost env; and the connector's
+    parts: each piece of the pipeline, and inside GAE the critic's forward pass over the batch."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
     from rllib_gaze.env_runner import BatchedEnvRunner
     from rllib_gaze.envs import BatchedEnvBridge
 
@@ -368,23 +417,47 @@ def learner_split(args: argparse.Namespace) -> None:
     config = (GazePPOConfig().environment("bench_zero_cost", env_config={"image_size": args.image})
               .env_runners(num_env_runners=0, num_envs_per_env_runner=args.num_envs,
                            rollout_fragment_length=args.fragment, gym_env_vectorize_mode="vector_entry_point")
-              .training(train_batch_size_per_learner=rows, minibatch_size=args.minibatch, num_epochs=args.epochs))
+              .training(train_batch_size_per_learner=rows, minibatch_size=args.minibatch, num_epochs=args.epochs)
+              .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0))
     runner = BatchedEnvRunner(config=config)
     learner = config.build_learner(env=runner.env.unwrapped)
+    module = learner.module[DEFAULT_MODULE_ID]
+    value_forward = [0.0]
+    compute_values = module.compute_values
+
+    def timed_compute_values(*a, **kw):
+        _sync(args.device)
+        start = time.perf_counter()
+        out = compute_values(*a, **kw)
+        _sync(args.device)
+        value_forward[0] += time.perf_counter() - start
+        return out
+
+    module.compute_values = timed_compute_values
     print(f"{rows} rows of {args.image} px + state, {args.epochs} epochs of minibatches of {args.minibatch}, "
           f"torch threads {torch.get_num_threads()}, device {learner._device}", flush=True)
     for _ in range(args.repeats):
         episodes = runner.sample(num_timesteps=rows)   # the connector changes episodes: fresh ones each time
+        value_forward[0], parts, batch, shared = 0.0, {}, {}, {}
         start = time.perf_counter()
-        learner._learner_connector(rl_module=learner.module, batch={}, episodes=episodes, shared_data={},
-                                   metrics=learner.metrics)
+        for piece in learner._learner_connector.connectors:   # what ConnectorPipelineV2.__call__ does, timed
+            piece_start = time.perf_counter()
+            batch = piece(rl_module=learner.module, batch=batch, episodes=episodes, shared_data=shared,
+                          metrics=learner.metrics)
+            _sync(args.device)
+            parts[type(piece).__name__] = time.perf_counter() - piece_start
         connector = time.perf_counter() - start
+        critic = value_forward[0]
         episodes = runner.sample(num_timesteps=rows)
         start = time.perf_counter()
         learner.update(episodes=episodes, timesteps={"num_env_steps_sampled_lifetime": rows})
+        _sync(args.device)
         update = time.perf_counter() - start
         print(f"  learner connector {connector:7.2f} s   whole update (connector included) {update:7.2f} s   "
               f"connector share {connector / update:.2f}", flush=True)
+        slow = ", ".join(f"{name} {t:.2f} s" for name, t in sorted(parts.items(), key=lambda p: -p[1]) if t >= 0.01)
+        print(f"    of the connector: {slow}; the critic's forward pass inside GAE {critic:.2f} s, the rest of "
+              f"GAE {parts.get('GeneralAdvantageEstimation', 0.0) - critic:.2f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -448,7 +521,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=envs)
 
+    p = sub.add_parser("evaluation", help="evaluation by episodes: stock vs batched runner")
+    p.add_argument("--num-envs", type=int, default=64)
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--image", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=evaluation)
+
     p = sub.add_parser("learner-split", help="learner connector (GAE, batching) time vs the whole update")
+    p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
     p.add_argument("--num-envs", type=int, default=512, help="ppo_rgb: 512")
     p.add_argument("--fragment", type=int, default=50, help="ppo_rgb: 50 (rows = num_envs x fragment)")
     p.add_argument("--image", type=int, default=128)
@@ -481,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     for name in ("batch", "minibatch", "epochs", "updates", "repeats", "anchors", "k", "chunk", "memory", "pool",
-                 "num_envs", "steps", "image", "fragment", "maniskill_envs", "maniskill_steps", "gpu_envs"):
+                 "num_envs", "steps", "image", "fragment", "maniskill_envs", "maniskill_steps", "gpu_envs",
+                 "episodes"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     if getattr(args, "policy_steps", 0) < 0:
