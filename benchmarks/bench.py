@@ -345,12 +345,18 @@ def envs(args: argparse.Namespace) -> None:
           f"{'batch+pi':>8s} {'pi share st':>11s} {'pi share b':>10s}", flush=True)
     for name, (env_name, env_config, num_envs, steps) in cases.items():
         measured = {}
+        # With the GPU simulation the policy runs on the GPU too. RLlib puts a local runner's module on
+        # the CPU whatever the config, so the runner is built as a remote one would be (worker index 1).
+        gpu_policy = env_config.get("sim_backend") == "physx_cuda"
         for runner_name, cls in runners.items():
             config = (GazePPOConfig().environment(env_name, env_config=env_config)
                       .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
+                                   num_gpus_per_env_runner=1 if gpu_policy else 0,
                                    gym_env_vectorize_mode="vector_entry_point", env_runner_cls=cls))
             try:
-                runner = cls(config=config)
+                runner = cls(config=config, worker_index=1 if gpu_policy else 0)
+                if gpu_policy:
+                    print(f"  ({name}: {runner_name} runner's policy on {runner._device})", flush=True)
             except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
                 print(f"  {name:34s} {num_envs:5d} unavailable here: {str(error)[:160]}", flush=True)
                 break
