@@ -137,7 +137,8 @@ def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, else as text)."""
+    """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, Python's ``True``,
+    ``False`` and ``None`` as such, anything else as text)."""
     allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters
                if k not in ("self", "attention", "contrastive")]
     settings = {}
@@ -145,8 +146,9 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or key not in allowed:
             p.error(f"--gaze {pair!r}: expected KEY=VALUE with KEY one of {allowed}")
+        python_literals = {"True": True, "False": False, "None": None}
         try:
-            value = json.loads(text)
+            value = python_literals[text] if text in python_literals else json.loads(text)
         except json.JSONDecodeError:
             value = text
         default = getattr(GazePPOConfig(), key)

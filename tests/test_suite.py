@@ -111,6 +111,17 @@ def test_flags_override_the_preset():
     assert "oracle" in PRESETS["local"].arms and "oracle" not in local.arms  # PushCube has no exposed target
 
 
+@pytest.mark.parametrize("text, value", [("True", True), ("true", True), ("False", False), ("None", None),
+                                         ("null", None)])
+def test_gaze_flag_reads_booleans_and_none_as_python_and_json_write_them(text, value):
+    # gaze_rl_gradient's default is None, so its type cannot tell how to read the text: "True" was
+    # passed on as the string 'True' and refused as not "True, False or None".
+    args = suite_script.parse_args(["--preset", "smoke", "--tasks", "clutter", "--arms", "gaze",
+                                    "--gaze", f"gaze_rl_gradient={text}"])
+    _, presets = suite_script.chosen_preset(args, cluster_gpus=0)
+    assert presets["ppo"].tasks[0].gaze["gaze_rl_gradient"] is value
+
+
 def test_algo_sac_runs_the_sac_arms_as_gaze_sac_trials_that_differ_only_in_gaze_settings():
     from rllib_gaze import GazeSACConfig
     from rllib_gaze.arms import SAC_ARMS
