@@ -37,6 +37,9 @@ from rllib_gaze.results import (
     CONTRASTIVE_COS_GAP_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     CONTRASTIVE_LOSS_KEY,
+    GAZE_GRAD_NORM_CONTRASTIVE_KEY,
+    GAZE_GRAD_NORM_CRITIC_KEY,
+    GAZE_GRAD_NORM_PPO_KEY,
     GAZE_PREDICT_LOSS_KEY,
     GAZE_TARGET_DISTANCE_CENTRE_KEY,
     GAZE_TARGET_DISTANCE_KEY,
@@ -303,11 +306,17 @@ def _finish(fig, ax, lines: int) -> None:
 DIAGNOSIS = (GAZE_TARGET_DISTANCE_KEY, GAZE_TARGET_DISTANCE_CENTRE_KEY, gaze_param_key("sigma_x", "mean"),
              gaze_param_key("mu_x", "std"), CONTRASTIVE_LABEL_AGREEMENT_KEY, CONTRASTIVE_COS_GAP_KEY,
              CONTRASTIVE_LOSS_KEY, GAZE_PREDICT_LOSS_KEY)
+# Kept with them in the learner series (so in exports), not in the table: where the gaze is and
+# which loss moves it, which a collapse to the map's edge shows.
+GAZE_TRACE = (gaze_param_key("mu_x", "mean"), gaze_param_key("mu_y", "mean"), gaze_param_key("sigma_y", "mean"),
+              gaze_param_key("mu_y", "std"), GAZE_GRAD_NORM_CONTRASTIVE_KEY, GAZE_GRAD_NORM_PPO_KEY,
+              GAZE_GRAD_NORM_CRITIC_KEY)
 
 
 def learner_series(experiment_dir: str, until: float | None = None,
                    seeds: tuple[int, ...] | None = None) -> dict[tuple[str, str], dict[int, list[tuple[int, dict]]]]:
-    """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS metric: value})]`` from every suite trial."""
+    """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS or GAZE_TRACE metric: value})]`` from every suite
+    trial."""
     out: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]] = {}
     for name, params in _trials(experiment_dir):
         if not SUITE_KEYS <= params.keys() or (seeds is not None and int(params["seed"]) not in seeds):
@@ -315,7 +324,8 @@ def learner_series(experiment_dir: str, until: float | None = None,
         rows = []
         for row in result_rows(os.path.join(experiment_dir, name, "result.json")):
             learner = row.get(LEARNER[0], {}).get(LEARNER[1], {})
-            metrics = {k: float(learner[k]) for k in DIAGNOSIS if isinstance(learner.get(k), (int, float))}
+            metrics = {k: float(learner[k]) for k in DIAGNOSIS + GAZE_TRACE
+                       if isinstance(learner.get(k), (int, float))}
             if metrics and STEPS in row and (until is None or row[STEPS] <= until):
                 rows.append((int(row[STEPS]), metrics))
         if rows:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from rllib_gaze.report import bootstrap_ratio, load_curves, table, verdict, write_report
+from rllib_gaze.report import bootstrap_ratio, learner_series, load_curves, table, verdict, write_report
 from rllib_gaze.results import (
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     GAZE_TARGET_DISTANCE_CENTRE_KEY,
@@ -165,7 +165,8 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
                  "evaluation": {"env_runners": {"success_once": 0.1 * i}},
                  "learners": {"default_policy": {GAZE_TARGET_DISTANCE_KEY: 0.8 if i < 6 else last,
                                                  GAZE_TARGET_DISTANCE_CENTRE_KEY: 0.8,
-                                                 CONTRASTIVE_LABEL_AGREEMENT_KEY: 0.5 + 0.1 * seed}}}
+                                                 CONTRASTIVE_LABEL_AGREEMENT_KEY: 0.5 + 0.1 * seed,
+                                                 "gaze_mu_x_mean": -0.1 * i}}}
                 for i in range(1, 7)]
         _trial(tmp_path, f"fovea_gaze_seed{seed}", {"task": "fovea", "arm": "gaze", "seed": seed,
                                                    "evaluation_interval": 1}, rows)
@@ -174,7 +175,10 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
              "evaluation": {"env_runners": {"success_once": 0.0}}, "learners": {"default_policy": {}}}])
     markdown = write_report(str(tmp_path))
     # last iteration, mean over seeds: distance (0.2 + 0.4) / 2, agreement (0.5 + 0.6) / 2; ppo logs none
-    assert "| gaze | 0.300 | 0.800 | 0.550 |" in markdown
+    assert "| gaze | 0.300 | 0.800 | 0.550 |" in markdown   # the gaze's centre is not a column
+    series = learner_series(str(tmp_path))   # but it is in the series that exports keep
+    centre = [m["gaze_mu_x_mean"] for _, m in series[("fovea", "gaze")][1]]
+    assert centre == pytest.approx([-0.1 * i for i in range(1, 7)])
     assert "| ppo |" not in markdown.split("What the gaze objective did")[1]
     png = tmp_path / "gaze_fovea.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
