@@ -263,6 +263,20 @@ class ZeroCostEnv:
         return self._obs, torch.zeros(self.num_envs), zeros, truncated, {"success": zeros}
 
 
+def _register_zero_cost_env() -> str:
+    """Registers ``ZeroCostEnv`` behind the bridge with Tune; returns its env name."""
+    from rllib_gaze.envs import BatchedEnvBridge
+
+    tune.register_env("bench_zero_cost",
+                      lambda cfg: BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"])))
+    return "bench_zero_cost"
+
+
+def _flat(obs) -> list[tuple[str, np.ndarray]]:
+    """An observation's arrays by key (``""`` for a single array)."""
+    return list(obs.items()) if isinstance(obs, dict) else [("", obs)]
+
+
 def _env_rates(runner, num_envs: int, steps: int, policy_steps: int, repeats: int,
                clock=time.perf_counter) -> dict[str, float]:
     """Median env-steps per second of ``clock`` of a bare loop over ``runner``'s own env, of the bare
@@ -275,15 +289,14 @@ def _env_rates(runner, num_envs: int, steps: int, policy_steps: int, repeats: in
 
     rows = max(1, steps // num_envs)
     obs, _ = bare_env.reset()
-    kept = {k: np.empty((rows, *np.shape(v)), np.asarray(v).dtype)
-            for k, v in (obs.items() if isinstance(obs, dict) else [("", obs)])}
+    kept = {k: np.empty((rows, *np.shape(v)), np.asarray(v).dtype) for k, v in _flat(obs)}
 
     def bare(copy: bool = False) -> float:
         start = clock()
         for row in range(rows):
             obs = bare_env.step(bare_env.action_space.sample())[0]
             if copy:
-                for k, v in (obs.items() if isinstance(obs, dict) else [("", obs)]):
+                for k, v in _flat(obs):
                     kept[k][row] = v
         return rows * num_envs / (clock() - start)
 
@@ -311,15 +324,11 @@ def envs(args: argparse.Namespace) -> None:
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     from rllib_gaze.env_runner import BatchedEnvRunner
-    from rllib_gaze.envs import BatchedEnvBridge
 
-    def zero_cost(cfg: dict) -> BatchedEnvBridge:
-        return BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"], image_size=cfg["image_size"]))
-
-    tune.register_env("bench_zero_cost", zero_cost)
+    zero_cost = _register_zero_cost_env()
     cases = {}
     for image in args.images:
-        cases[f"zero-cost, {image} px"] = ("bench_zero_cost", {"image_size": image}, args.num_envs, args.steps)
+        cases[f"zero-cost, {image} px"] = (zero_cost, {"image_size": image}, args.num_envs, args.steps)
     for image in args.images:
         cases[f"clutter, {image} px"] = ("clutter", {"image_size": image, "num_distractors": 6}, args.num_envs,
                                          args.steps)
@@ -343,6 +352,7 @@ def envs(args: argparse.Namespace) -> None:
     print(f"  {'env':34s} {'envs':>5s} {'bare':>10s} {'+copy':>8s} | {'stock':>8s} {'batched':>8s} "
           f"{'stock/bare':>10s} {'batch/bare':>10s} {'batch/copy':>10s} {'batch/stock':>11s} | {'stock+pi':>8s} "
           f"{'batch+pi':>8s} {'pi share st':>11s} {'pi share b':>10s}", flush=True)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for name, (env_name, env_config, num_envs, steps) in cases.items():
         measured = {}
         # With the GPU simulation the policy runs on the GPU too. RLlib puts a local runner's module on
@@ -360,7 +370,6 @@ def envs(args: argparse.Namespace) -> None:
             except RuntimeError as error:  # e.g. physx_cuda without SAPIEN's PhysX GPU library
                 print(f"  {name:34s} {num_envs:5d} unavailable here: {str(error)[:160]}", flush=True)
                 break
-            clock = time.process_time if args.clock == "cpu" else time.perf_counter
             measured[runner_name] = _env_rates(runner, num_envs, steps, args.policy_steps, args.repeats, clock)
             runner.stop()
         if len(measured) < len(runners):
@@ -415,12 +424,9 @@ def learner_split(args: argparse.Namespace) -> None:
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from rllib_gaze.env_runner import BatchedEnvRunner
-    from rllib_gaze.envs import BatchedEnvBridge
 
-    tune.register_env("bench_zero_cost", lambda cfg: BatchedEnvBridge(ZeroCostEnv(cfg["num_envs"],
-                                                                                   image_size=cfg["image_size"])))
     rows = args.num_envs * args.fragment
-    config = (GazePPOConfig().environment("bench_zero_cost", env_config={"image_size": args.image})
+    config = (GazePPOConfig().environment(_register_zero_cost_env(), env_config={"image_size": args.image})
               .env_runners(num_env_runners=0, num_envs_per_env_runner=args.num_envs,
                            rollout_fragment_length=args.fragment, gym_env_vectorize_mode="vector_entry_point")
               .training(train_batch_size_per_learner=rows, minibatch_size=args.minibatch, num_epochs=args.epochs)
