@@ -399,7 +399,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
                 e = int(chunk_ends[j]) if j < len(chunk_ends) else None
                 continuing = j == 0 and s == lb and carry.t[i] > 0
                 t_started = int(carry.t[i]) if continuing else 0
-                if e is None and s == last:   # reset obs at the very end: the episode starts next fragment
+                if e is None and (s == last or num_episodes is not None):
+                    # A reset obs at the very end: the episode starts next fragment. By episodes, the
+                    # running ones are dropped: no chunk to build.
                     break
                 episode = self._chunk(i, int(s), last if e is None else e, t_started,
                                       min(lb, t_started), obs, info_rows, other, flags, times,
@@ -411,7 +413,7 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         done_chunks.sort(key=lambda c: (c[0], c[1]))
         ongoing_chunks.sort(key=lambda c: c[1])
         if num_episodes is not None:
-            done_chunks, ongoing_chunks = done_chunks[:num_episodes], []
+            done_chunks = done_chunks[:num_episodes]
         for _, i, episode in done_chunks + ongoing_chunks:
             self._replay_callbacks(i, episode)
         if num_episodes is not None:
