@@ -136,6 +136,10 @@ def _check_trials(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                         p.error(f"preset {name!r}, task {task.name!r}, arm {arm!r}: {e}")
 
 
+# --gaze values that JSON does not read but users type: Python's spelling of true, false and null.
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
 def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, Python's ``True``,
     ``False`` and ``None`` as such, anything else as text)."""
@@ -146,9 +150,8 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or key not in allowed:
             p.error(f"--gaze {pair!r}: expected KEY=VALUE with KEY one of {allowed}")
-        python_literals = {"True": True, "False": False, "None": None}
         try:
-            value = python_literals[text] if text in python_literals else json.loads(text)
+            value = _PYTHON_LITERALS[text] if text in _PYTHON_LITERALS else json.loads(text)
         except json.JSONDecodeError:
             value = text
         default = getattr(GazePPOConfig(), key)
