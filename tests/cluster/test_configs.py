@@ -179,3 +179,79 @@ def test_gcp_head_and_worker_service_accounts_have_the_listed_roles():
     emails = {t: config["available_node_types"][t]["node_config"]["serviceAccounts"][0]["email"]
               for t in config["available_node_types"]}
     assert emails[config["head_node_type"]] != emails["gpu_worker"]
+
+
+# GCE's instances.insert body (compute v1, resource Instance) for the node_config keys the files set, as
+# JSON shapes: a type, a tuple of the enum's values, [shape] for a list of them, {key: shape} for an
+# object (keys not in it are errors, so a key added to a file must be added here from the API's reference).
+INT64 = "int64"  # the API writes int64 as a JSON string; Google's client also sends a number through
+GCE_ACCELERATOR_CONFIG = {"acceleratorType": str, "acceleratorCount": int}
+GCE_ATTACHED_DISK = {
+    "boot": bool, "autoDelete": bool, "type": ("PERSISTENT", "SCRATCH"), "mode": ("READ_WRITE", "READ_ONLY"),
+    "deviceName": str,
+    "initializeParams": {"diskSizeGb": INT64, "sourceImage": str, "diskType": str, "diskName": str},
+}
+GCE_SCHEDULING = {
+    "onHostMaintenance": ("MIGRATE", "TERMINATE"), "automaticRestart": bool, "preemptible": bool,
+    "provisioningModel": ("STANDARD", "SPOT"), "instanceTerminationAction": ("STOP", "DELETE"),
+}
+GCE_INSTANCE = {
+    "machineType": str,
+    "disks": [GCE_ATTACHED_DISK],
+    "metadata": {"items": [{"key": str, "value": str}]},
+    "scheduling": GCE_SCHEDULING,
+    "serviceAccounts": [{"email": str, "scopes": [str]}],
+    "guestAccelerators": [GCE_ACCELERATOR_CONFIG],
+    "labels": {},  # a map: checked apart (string keys and values)
+    "tags": {"items": [str]},
+}
+
+
+def _gce_errors(value, shape, path: str = "node_config") -> list[str]:
+    """Where ``value`` does not have ``shape`` (one of GCE_INSTANCE's), as 'path: what' strings."""
+    if path.endswith(".labels"):
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return [] if ok else [f"{path}: a map of strings, got {value!r}"]
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return [f"{path}: an object, got {type(value).__name__}"]
+        errors = [f"{path}.{k}: not in the table of the API's fields" for k in value if k not in shape]
+        return errors + [e for k in value if k in shape for e in _gce_errors(value[k], shape[k], f"{path}.{k}")]
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return [f"{path}: a list, got {type(value).__name__}"]
+        return [e for i, item in enumerate(value) for e in _gce_errors(item, shape[0], f"{path}[{i}]")]
+    if isinstance(shape, tuple):
+        return [] if value in shape else [f"{path}: one of {shape}, got {value!r}"]
+    if shape == INT64:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+        return [] if ok else [f"{path}: an int64, got {value!r}"]
+    ok = isinstance(value, shape) and not (shape is int and isinstance(value, bool))
+    return [] if ok else [f"{path}: {shape.__name__}, got {value!r}"]
+
+
+def test_the_gce_shape_check_refuses_what_the_api_refuses():
+    assert _gce_errors({"scheduling": [{"onHostMaintenance": "TERMINATE"}]}, GCE_INSTANCE)  # the old list form
+    assert _gce_errors({"scheduling": {"onHostMaintenance": "terminate"}}, GCE_INSTANCE)
+    assert _gce_errors({"guestAccelerators": [{"acceleratorType": "nvidia-l4", "acceleratorCount": "1"}]},
+                       GCE_INSTANCE)
+    assert _gce_errors({"disks": [{"initializeParams": [{"diskSizeGb": 150}]}]}, GCE_INSTANCE)
+    assert _gce_errors({"machinetype": "g2-standard-8"}, GCE_INSTANCE)
+    assert not _gce_errors({"scheduling": {"onHostMaintenance": "TERMINATE"}, "labels": {"a": "b"},
+                            "guestAccelerators": [{"acceleratorType": "nvidia-l4", "acceleratorCount": 1}]},
+                           GCE_INSTANCE)
+
+
+def test_gcp_node_configs_have_the_shapes_gce_instances_insert_takes():
+    # Ray sends node_config to instances.insert as it is (gcp/node.py create_instance: only machineType and
+    # acceleratorType are expanded to URLs), so a wrong shape fails every launch of that node type.
+    config = _load("gcp.yaml")
+    gpu_types = []
+    for name, spec in config["available_node_types"].items():
+        node_config = spec["node_config"]
+        assert not _gce_errors(node_config, GCE_INSTANCE), (name, _gce_errors(node_config, GCE_INSTANCE))
+        if spec["resources"].get("GPU", 0) >= 1 or node_config.get("guestAccelerators"):
+            gpu_types.append(name)
+            # a VM with a GPU cannot live-migrate: GCE wants it stopped for host maintenance
+            assert node_config.get("scheduling", {}).get("onHostMaintenance") == "TERMINATE", name
+    assert gpu_types == ["gpu_worker"]
