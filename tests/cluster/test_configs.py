@@ -255,3 +255,46 @@ def test_gcp_node_configs_have_the_shapes_gce_instances_insert_takes():
             # a VM with a GPU cannot live-migrate: GCE wants it stopped for host maintenance
             assert node_config.get("scheduling", {}).get("onHostMaintenance") == "TERMINATE", name
     assert gpu_types == ["gpu_worker"]
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_the_head_runs_only_our_setup_where_rays_defaults_would_add_a_pip_install(name):
+    # Ray fills in every key a file leaves out from its provider's defaults.yaml; GCP's pins
+    # google-api-python-client==1.7.8 (older than the [gcp] extra's), AWS's installs boto3 unpinned, both
+    # into the venv the autoscaler imports them from (~/venv/bin is first on the PATH of Ray's shells).
+    from ray.autoscaler._private.util import prepare_config
+
+    config = _load(name)
+    assert config["head_setup_commands"] == []
+    assert prepare_config(copy.deepcopy(config))["head_setup_commands"] == config["setup_commands"]
+    without = {k: v for k, v in copy.deepcopy(config).items() if k != "head_setup_commands"}
+    defaults = prepare_config(without)["head_setup_commands"][len(config["setup_commands"]):]
+    assert any("pip install" in command for command in defaults), defaults  # why the key is there
+
+
+# Every place that shows `ray job submit` to one of these clusters: the client attaches the token only
+# with RAY_AUTH_MODE=token, so the command must run with it (on the line or exported before it in its block).
+SUBMIT_DOCS = ["cluster/aws.yaml", "cluster/gcp.yaml", "docs/cluster.md", "README.md#Run on a cluster"]
+
+
+def _section(path: str) -> str:
+    file, _, heading = path.partition("#")
+    text = open(os.path.join(ROOT, file)).read()
+    if not heading:
+        return text
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+@pytest.mark.parametrize("path", SUBMIT_DOCS)
+def test_every_ray_job_submit_shown_for_the_clusters_runs_in_token_mode(path):
+    shown = 0
+    for block in re.split(r"^```.*$|^$", _section(path), flags=re.M):  # code blocks and paragraphs
+        before = ""
+        for line in block.splitlines():
+            if "ray job submit" in line:
+                shown += 1
+                assert "RAY_AUTH_MODE=token" in before + line, (path, line)
+            before += line + "\n"
+    assert shown or path.startswith("docs/"), f"{path} shows no `ray job submit`"
