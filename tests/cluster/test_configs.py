@@ -172,13 +172,25 @@ def test_the_head_policy_allows_every_ec2_call_of_rays_autoscaler_and_workers_ge
 
 def test_gcp_head_and_worker_service_accounts_have_the_listed_roles():
     roles = [line.split("#")[0].split() for line in open(os.path.join(ROOT, "cluster", "gcp-roles.txt"))]
-    roles = {(r[0], r[1]) for r in roles if r}
+    roles = {(r[0], r[1]) for r in roles if r and r[0] in ("head", "worker")}
     assert {("head", "roles/compute.instanceAdmin.v1"), ("head", "roles/iam.serviceAccountUser"),
             ("head", "roles/storage.objectAdmin"), ("worker", "roles/storage.objectAdmin")} == roles
     config = _load("gcp.yaml")
     emails = {t: config["available_node_types"][t]["node_config"]["serviceAccounts"][0]["email"]
               for t in config["available_node_types"]}
     assert emails[config["head_node_type"]] != emails["gpu_worker"]
+
+
+def test_gcp_roles_name_the_account_and_roles_ray_up_grants_itself():
+    # `ray up` makes Ray's own account and grants it these roles project-wide whatever the head runs as
+    # (ray/autoscaler/_private/gcp/config.py, _configure_iam_role): the file must say which, exactly.
+    from ray.autoscaler._private.gcp.config import DEFAULT_SERVICE_ACCOUNT_ID, DEFAULT_SERVICE_ACCOUNT_ROLES
+
+    text = open(os.path.join(ROOT, "cluster", "gcp-roles.txt")).read()
+    lines = [line.split("#")[0].split() for line in text.splitlines()]
+    granted_by_ray = {role for who, role in (r for r in lines if r) if who == DEFAULT_SERVICE_ACCOUNT_ID}
+    assert granted_by_ray == set(DEFAULT_SERVICE_ACCOUNT_ROLES)
+    assert "setIamPolicy" in text and "delete the account" in text
 
 
 # GCE's instances.insert body (compute v1, resource Instance) for the node_config keys the files set, as
