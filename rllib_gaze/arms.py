@@ -39,6 +39,9 @@ VARIANTS = {
     "gaze-soft-argmax": {**ARMS["gaze"], "gaze_centre": "soft_argmax"},
     "gaze-rl-soft-argmax": {**ARMS["gaze-rl"], "gaze_centre": "soft_argmax"},
     "gaze-centred-search": {**ARMS["gaze"], "mining_centred": True},
+    # Ours (issue 21): the centre regressed onto the fixation search's cell (docs/method.md).
+    "gaze-fixation": {**ARMS["gaze"], "contrastive_objective": "fixation"},
+    "gaze-fixation-triplet": {**ARMS["gaze"], "contrastive_objective": "fixation+triplet"},
     # Ours, not the paper's: the gaze trained to predict the return (docs/method.md).
     "gaze-predict": {"attention": "foveal", "contrastive": False, "gaze_predict_coeff": 1.0,
                      "gaze_centre": "soft_argmax"},

@@ -15,7 +15,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
-from rllib_gaze.contrastive import LABEL_RULES, SIMILARITIES, TRIPLET_GAZES
+from rllib_gaze.contrastive import LABEL_RULES, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
@@ -45,6 +45,8 @@ class GazeConfigMixin:
         self.gaze_adam_eps = 1e-8
         # Return-guided contrastive loss (learner side).
         self.contrastive = True
+        self.contrastive_objective = "triplet"
+        self.fixation_pools = (1, 3)
         self.contrastive_similarity = "glimpse"
         self.contrastive_triplet_gaze = "anchor"
         self.contrastive_return = "value_target"
@@ -96,6 +98,8 @@ class GazeConfigMixin:
         gaze_adam_eps: float = NotProvided,
         gaze_predict_coeff: float = NotProvided,
         contrastive: bool = NotProvided,
+        contrastive_objective: str = NotProvided,
+        fixation_pools: tuple[int, ...] = NotProvided,
         contrastive_similarity: str = NotProvided,
         contrastive_triplet_gaze: str = NotProvided,
         contrastive_return: str = NotProvided,
@@ -147,6 +151,15 @@ class GazeConfigMixin:
                 gaze's centre, what the fovea sees and the state, and its squared error, times this
                 weight, trains that head and the gaze. 0 (default): off.
             contrastive: add the return-guided triplet loss (needs attention).
+            contrastive_objective: what the mined triplets train the gaze with: ``"triplet"`` (the
+                paper's triplet margin loss), ``"fixation"`` (ours, foveal only: the gaze centre is
+                regressed onto the cell where the anchor's surroundings match the positive and not
+                the negative, ``rllib_gaze.contrastive.fixation_targets``) or ``"fixation+triplet"``
+                (both: the fixation places the centre, the triplet loss shapes the spread).
+            fixation_pools: the fixation search's windows (odd integers >= 1), default (1, 3): 1
+                compares single cells, 3 also the 3 x 3 surroundings, where a relation of two
+                neighbouring things shows; their scores are summed. On the mechanism bench (1,)
+                alone is a little better on marked targets and fails on relations.
             contrastive_similarity: what the triplet loss compares: ``"map"`` (cosine of the whole
                 attended maps), ``"centred_map"`` (the same after subtracting the memory's mean
                 map) or ``"glimpse"`` (cosine of the gaze-weighted mean channel vectors of the
@@ -301,6 +314,16 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"gaze_lr={c.gaze_lr!r} must be > 0 (or None: share the main optimizer)")
     if not c.gaze_adam_eps > 0:
         errors.append(f"gaze_adam_eps={c.gaze_adam_eps!r} must be > 0")
+    if c.contrastive_objective not in OBJECTIVES:
+        errors.append(f"contrastive_objective={c.contrastive_objective!r} is not known; "
+                      f"allowed values are {OBJECTIVES}")
+    elif c.contrastive and c.contrastive_objective != "triplet" and c.attention != "foveal":
+        errors.append(f"contrastive_objective={c.contrastive_objective!r} moves a foveal gaze's centre; "
+                      f"attention={c.attention!r} has none (use attention='foveal' or contrastive_objective='triplet')")
+    pools = c.fixation_pools
+    if (not isinstance(pools, (tuple, list)) or not pools
+            or not all(isinstance(p, int) and p >= 1 and p % 2 == 1 for p in pools)):
+        errors.append(f"fixation_pools={pools!r} must be a non-empty tuple of odd integers >= 1")
     if c.contrastive_similarity not in SIMILARITIES:
         errors.append(f"contrastive_similarity={c.contrastive_similarity!r} is not known; "
                       f"allowed values are {SIMILARITIES}")

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rllib_gaze.gaze import glimpse
+from rllib_gaze.gaze import cell_centres, glimpse
 
 LABEL_RULES = ("threshold", "above", "relative")
+# What trains the gaze from mined triplets: the paper's triplet loss, or our fixation search (the
+# centre regressed onto the cell that best tells the positive from the negative), or both.
+OBJECTIVES = ("triplet", "fixation", "fixation+triplet")
 SIMILARITIES = ("map", "centred_map", "glimpse")
 TRIPLET_GAZES = ("anchor", "each")
 
@@ -304,3 +307,45 @@ def gaze_triplet_loss(gaze_weights: GazeWeights, anchor: torch.Tensor, positive:
     cos_an = gaze_similarity(similarity, anchor, negative, w_a, w_n, mean_map)
     loss, active = triplet_margin_loss(cos_ap, cos_an, margin=margin)
     return loss, active, cos_ap, cos_an
+
+
+@torch.no_grad()
+def fixation_targets(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                     pools: tuple[int, ...] = (1, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixation search: the cell of each anchor whose surroundings best tell its positive from its
+    negative, and that cell's centre in the map's normalised coordinates.
+
+    ``anchor, positive, negative``: centred maps ``(T, C, H, W)``. For each odd ``pool`` the maps
+    are averaged over ``pool x pool`` cells around every cell (what a fovea of that size sees there;
+    3 takes in neighbouring things, so a relation such as "agent next to target" becomes one
+    vector), each cell's vector is normalised, and every anchor cell scores
+    ``max_j cos(a_i, p_j) - max_j cos(a_i, n_j)``: what the anchor sees there has a twin somewhere
+    in the positive and none in the negative. The scores of all ``pools`` are summed.
+
+    Returns ``(centres (T, 2) as (x, y) in (-1, 1), best scores (T,))``.
+    """
+    def cells(maps: torch.Tensor, pool: int) -> torch.Tensor:  # (T, C, H, W) -> unit vectors (T, HW, C)
+        if pool > 1:
+            maps = torch.nn.functional.avg_pool2d(maps, pool, stride=1, padding=pool // 2,
+                                                  count_include_pad=False)
+        vectors = maps.float().flatten(2).transpose(1, 2)
+        return vectors / vectors.norm(dim=2, keepdim=True).clamp_min(1e-8)
+
+    score = 0.0
+    for pool in pools:
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pools={pools!r}: each must be an odd integer >= 1 (a window centred on its cell)")
+        a = cells(anchor, pool)
+        score = score + ((a @ cells(positive, pool).transpose(1, 2)).amax(2)
+                         - (a @ cells(negative, pool).transpose(1, 2)).amax(2))
+    best_score, best = score.max(1)                                     # (T,)
+    height, width = anchor.shape[-2:]
+    ys, xs = cell_centres(height, width, device=anchor.device)
+    return torch.stack([xs[best % width], ys[best // width]], dim=1), best_score
+
+
+def fixation_loss(gaze_params: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance ``()`` from the gaze centres ``gaze_params[:, :2]`` (of ``(T, 5)``
+    foveal parameters) to the fixation search's ``centres (T, 2)``: the gaze is pulled to where the
+    positive and the negative differ."""
+    return ((gaze_params[:, :2] - centres.detach()) ** 2).sum(1).mean()

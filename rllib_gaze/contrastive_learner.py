@@ -18,7 +18,14 @@ from ray.rllib.core.learner.learner import Learner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, StateDict
 
-from rllib_gaze.contrastive import FeatureReturnMemory, gaze_triplet_loss, mine_triplets, search_keys
+from rllib_gaze.contrastive import (
+    FeatureReturnMemory,
+    fixation_loss,
+    fixation_targets,
+    gaze_triplet_loss,
+    mine_triplets,
+    search_keys,
+)
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
 from rllib_gaze.module import PRE_ATTENTION_FEATURES, TARGET, GazeAPI
 from rllib_gaze.results import (
@@ -26,6 +33,7 @@ from rllib_gaze.results import (
     CONTRASTIVE_COS_AN_KEY,
     CONTRASTIVE_COS_AP_KEY,
     CONTRASTIVE_COS_GAP_KEY,
+    CONTRASTIVE_FIXATION_LOSS_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     CONTRASTIVE_LOSS_KEY,
     CONTRASTIVE_MEMORY_FILL_KEY,
@@ -158,15 +166,26 @@ class ContrastiveGazeLearnerMixin:
         metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = triplets.label_agreement
         loss = zero
         if triplets.anchor.numel() > 0:
-            loss, active, cos_ap, cos_an = gaze_triplet_loss(
-                self._gaze_module(module_id).gaze_weights, features[triplets.anchor],
-                bank_maps[triplets.positive], bank_maps[triplets.negative],
-                similarity=config.contrastive_similarity, triplet_gaze=config.contrastive_triplet_gaze,
-                margin=config.contrastive_margin, mean_map=self._mean_maps.get(module_id))
-            metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
-            metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
-            metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
-            metrics[CONTRASTIVE_COS_GAP_KEY] = (cos_ap - cos_an).detach().mean()
+            gaze = self._gaze_module(module_id)
+            anchor = features[triplets.anchor]
+            positive, negative = bank_maps[triplets.positive], bank_maps[triplets.negative]
+            mean_map = self._mean_maps.get(module_id)
+            if config.contrastive_objective != "fixation":
+                loss, active, cos_ap, cos_an = gaze_triplet_loss(
+                    gaze.gaze_weights, anchor, positive, negative, similarity=config.contrastive_similarity,
+                    triplet_gaze=config.contrastive_triplet_gaze, margin=config.contrastive_margin,
+                    mean_map=mean_map)
+                metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
+                metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
+                metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
+                metrics[CONTRASTIVE_COS_GAP_KEY] = (cos_ap - cos_an).detach().mean()
+            if config.contrastive_objective != "triplet":
+                centre = mean_map if mean_map is not None else zero
+                centres, _ = fixation_targets(anchor - centre, positive - centre, negative - centre,
+                                              tuple(config.fixation_pools))
+                fixation = fixation_loss(gaze.gaze_weights(anchor)[1], centres)
+                metrics[CONTRASTIVE_FIXATION_LOSS_KEY] = fixation.detach()
+                loss = loss + fixation
         metrics[CONTRASTIVE_LOSS_KEY] = loss.detach()
         self.metrics.log_dict(metrics, key=module_id, window=1)
         return loss

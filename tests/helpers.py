@@ -1,8 +1,13 @@
-"""Test helpers: small GazePPO and GazeSAC configs on the clutter env and a context manager for a built Algorithm."""
+"""Test helpers: small GazePPO and GazeSAC configs on the clutter env, a context manager for a built
+Algorithm, and the benchmark scripts loaded as modules."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 from rllib_gaze import GazePPOConfig, GazeSACConfig
 
@@ -50,3 +55,16 @@ def tiny_sac_config(attention: str = "foveal", contrastive: bool = True, **gaze)
                  "contrastive_memory_capacity": 256, "contrastive_k": 4, **gaze})
         .debugging(seed=0)
     )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is a folder of scripts, not a
+    package), whatever the working directory."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -84,6 +84,11 @@ def test_registered_for_tune_by_name():
     ({"gaze_floor": 1.0}, r"gaze_floor=1.0 must be in \[0, 1\)"),
     ({"contrastive_coeff": -1.0}, r"contrastive_coeff=-1.0 must be >= 0"),
     ({"mining_pool": 0}, r"mining_pool=0 must be an integer >= 1"),
+    ({"contrastive_objective": "fixate"}, r"contrastive_objective='fixate' is not known; allowed values are"),
+    ({"contrastive_objective": "fixation", "attention": "patch"},
+     r"contrastive_objective='fixation' moves a foveal gaze's centre; attention='patch' has none"),
+    ({"fixation_pools": (1, 2)}, r"fixation_pools=\(1, 2\) must be a non-empty tuple of odd integers >= 1"),
+    ({"fixation_pools": ()}, r"fixation_pools=\(\) must be a non-empty tuple"),
 ])
 def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
     config = GazePPOConfig().environment("clutter").gaze(**options)

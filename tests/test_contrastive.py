@@ -296,3 +296,49 @@ def test_return_to_go_discounts_within_each_chunk_and_bootstraps_at_its_extra_ro
     g = discounted_return_to_go(rewards, terminated, mask, bootstrap, gamma=0.5)
     # A: G_1 = 2 + 0.5 * 10 = 7, G_0 = 1 + 0.5 * 7 = 4.5; B: terminated, G = 3 (no bootstrap)
     assert g.tolist() == pytest.approx([4.5, 7.0, 10.0, 3.0, 7.0])
+
+
+def test_fixation_search_picks_the_cell_where_positive_and_negative_differ():
+    """Anchor and positive share a thing at cell (x=5, y=2) that the negative lacks; elsewhere all
+    three hold the same things at different places: the search must name that cell."""
+    from rllib_gaze.contrastive import fixation_targets
+
+    def scene(marks):  # marks: [(channel, y, x)]
+        m = torch.zeros(1, 4, 8, 8)
+        for c, y, x in marks:
+            m[0, c, y, x] = 1.0
+        return m
+    anchor = scene([(0, 2, 5), (1, 6, 1), (2, 0, 0)])
+    positive = scene([(0, 4, 4), (1, 1, 7), (2, 7, 7)])      # the same things, elsewhere
+    negative = scene([(3, 4, 4), (1, 3, 3), (2, 5, 0)])      # channel 3 where the others have 0
+    centres, score = fixation_targets(anchor, positive, negative, pools=(1,))
+    assert centres.tolist() == [[(5 + 0.5) / 4 - 1, (2 + 0.5) / 4 - 1]]
+    assert score.item() == pytest.approx(1.0)
+
+
+def test_fixation_search_with_a_wider_window_finds_a_relation_of_two_neighbours():
+    """Positive and anchor have channels 0 and 1 side by side, the negative has them apart: no single
+    cell tells them apart, the 3 x 3 window around the pair does."""
+    from rllib_gaze.contrastive import fixation_targets
+
+    def scene(a, b):
+        m = torch.zeros(1, 2, 8, 8)
+        m[0, 0, a[0], a[1]] = 1.0
+        m[0, 1, b[0], b[1]] = 1.0
+        return m
+    anchor, positive, negative = scene((3, 3), (3, 4)), scene((6, 1), (6, 2)), scene((1, 1), (6, 6))
+    centres, _ = fixation_targets(anchor, positive, negative, pools=(3,))
+    x, y = centres[0].tolist()
+    assert 2 <= (x + 1) * 4 - 0.5 <= 5 and 2 <= (y + 1) * 4 - 0.5 <= 4   # at the pair, not elsewhere
+    with pytest.raises(ValueError, match="pools=\\(2,\\)"):
+        fixation_targets(anchor, positive, negative, pools=(2,))
+
+
+def test_fixation_loss_pulls_the_centre_to_the_fixation_only():
+    from rllib_gaze.contrastive import fixation_loss
+
+    params = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]], requires_grad=True)
+    loss = fixation_loss(params, torch.tensor([[0.5, -0.25]]))
+    assert loss.item() == pytest.approx(0.5 ** 2 + 0.25 ** 2)
+    loss.backward()
+    assert params.grad[0, 0] < 0 < params.grad[0, 1] and torch.all(params.grad[0, 2:] == 0)

@@ -16,6 +16,7 @@ from rllib_gaze.results import (
     CONTRASTIVE_COS_AN_KEY,
     CONTRASTIVE_COS_AP_KEY,
     CONTRASTIVE_COS_GAP_KEY,
+    CONTRASTIVE_FIXATION_LOSS_KEY,
     CONTRASTIVE_LABEL_AGREEMENT_KEY,
     CONTRASTIVE_LOSS_KEY,
     CONTRASTIVE_MEMORY_FILL_KEY,
@@ -299,3 +300,26 @@ def test_return_to_go_labels_reach_the_memory():
     for value in no_bootstrap[chunk_starts]:
         assert (stored - value).abs().min() < 0.05, (float(value), stored.tolist())
     assert not torch.allclose(stored.sort().values, first[Columns.VALUE_TARGETS][mask].sort().values)
+
+
+@pytest.mark.parametrize("objective", ["fixation", "fixation+triplet"])
+def test_fixation_objective_trains_only_the_gaze_and_logs_its_loss(objective):
+    config = tiny_config(contrastive_objective=objective, fixation_pools=(1, 3))
+    runner, learner, _ = one_update(config, num_epochs=1)
+    batch = train_batch(learner, runner.sample(num_timesteps=128))
+    module = learner.module[MID]
+    mask = batch[Columns.LOSS_MASK]
+    features = module.forward_train(batch)["pre_attention_features"].detach()
+    module.zero_grad()
+    loss = learner._contrastive_loss(MID, config, features[mask], batch[Columns.VALUE_TARGETS][mask])
+    assert loss.item() > 0
+    assert learner.metrics.peek((MID, CONTRASTIVE_FIXATION_LOSS_KEY)) > 0
+    loss.backward()
+    moved = {name for name, g in param_grads(module).items() if g.abs().sum() > 0}
+    assert moved and all(name.startswith("gaze.") for name in moved), moved
+    try:
+        learner.metrics.peek((MID, CONTRASTIVE_COS_GAP_KEY))
+        triplet_logged = True
+    except KeyError:
+        triplet_logged = False
+    assert triplet_logged == (objective == "fixation+triplet")

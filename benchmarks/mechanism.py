@@ -1,0 +1,414 @@
+"""Offline mechanism bench: can the return-guided objective find the relevant place at all?
+
+No Ray, no RL: only the gaze head is trained, with the project's own memory, mining and losses
+(``rllib_gaze.contrastive``), on feature maps whose relevant places are known. Each run prints the
+**localisation ratio**: the mean distance from the gaze centre to the nearest relevant place,
+divided by a fixed central gaze's (1.0 = no better than looking at the centre; lower is better),
+over training steps, with the label agreement (share of anchors whose label equals their nearest
+neighbour's: 0.5 is chance) and the steps to reach ratio 0.5.
+
+Sources of maps (``SOURCES``):
+- synthetic families (16 channels, 8 x 8 cells, non-negative, twelve clutter objects):
+  ``fixed`` (the target's state decides the return; the target sits at one fixed cell),
+  ``moving`` (the same, the target anywhere, marked by its own channel pattern),
+  ``relational`` (return 1 when an agent marker is within one cell of the target marker),
+  ``conjunction`` (the target differs from distractors only by a combination of two features,
+  as in ``clutter``; its state decides the return, distractors carry random states too),
+  ``copies`` (32 scenes; neighbours share the scene and differ only in the target's state: the
+  paper's "similar states"), ``relational-copies`` (32 scenes; the agent moves, the relation pays);
+- ``fovea`` / ``clutter``: the project's diagnostics (``ClutterEnv`` with the suite's settings),
+  played by a noisy scripted reach, encoded by a randomly initialised NatureCNN (the module's);
+  relevant places: target and agent;
+- ``PushCube-v1`` / ``PullCube-v1``: real ManiSkill frames on ``physx_cpu`` from a noisy scripted
+  push (``benchmarks/maniskill_frames.py``), encoded the same way; relevant places: cube and goal.
+
+Recorded sources are split by episode: even episodes fill the memory, odd ones are the anchors, so
+an anchor never finds itself. Their labels are the discounted return-to-go (gamma 0.8, ppo_rgb's)
+or, with ``--labels episode``, the whole episode's return.
+
+Objectives (``--objectives``): ``triplet`` (the paper's: triplet loss on glimpses under the
+anchor's gaze), ``fixation`` (ours: the centre regressed onto the fixation search's cell,
+``rllib_gaze.contrastive.fixation_targets``), ``fixation+triplet`` (both).
+
+    python benchmarks/mechanism.py                      # every synthetic family x objective
+    python benchmarks/mechanism.py --sources fovea clutter PushCube-v1 --labels step episode
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rllib_gaze.contrastive import (  # noqa: E402
+    OBJECTIVES,
+    FeatureReturnMemory,
+    fixation_loss,
+    fixation_targets,
+    gaze_triplet_loss,
+    mine_triplets,
+)
+from rllib_gaze.gaze import build_gaze  # noqa: E402
+
+CHANNELS, GRID, CLUTTER_OBJECTS = 16, 8, 12
+SYNTHETIC = ("fixed", "moving", "relational", "conjunction", "copies", "relational-copies")
+DIAGNOSTICS = ("fovea", "clutter")
+MANISKILL = ("PushCube-v1", "PullCube-v1")
+SOURCES = SYNTHETIC + DIAGNOSTICS + MANISKILL
+LABELS = ("step", "episode")
+GAMMA = 0.8  # ppo_rgb's discount: the learner's value targets look about this far ahead
+
+
+@dataclass
+class Maps:
+    """Feature maps with what they are about: ``maps (N, C, H, W)``, ``returns (N,)``, the
+    relevant places ``places (N, P, 2)`` as (x, y) in the map's normalised coordinates (-1, 1)."""
+
+    maps: torch.Tensor
+    returns: torch.Tensor
+    places: torch.Tensor
+
+    def __getitem__(self, idx) -> Maps:
+        return Maps(self.maps[idx], self.returns[idx], self.places[idx])
+
+
+# --- synthetic families ----------------------------------------------------------------------------
+class Synthetic:
+    """Draws ``Maps`` of one synthetic family (``SYNTHETIC``); every call new rows."""
+
+    def __init__(self, family: str, seed: int):
+        if family not in SYNTHETIC:
+            raise ValueError(f"family={family!r}: allowed values are {SYNTHETIC}")
+        self.family = family
+        self.gen = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(1000 + seed)
+        # Channel patterns of the things in the scenes, as a CNN's detectors would give them: the
+        # task's things each fire one channel of their own (states A and B, target and agent
+        # markers, a colour, a shape), the clutter kinds random non-negative mixes of the other ten.
+        own = torch.eye(CHANNELS)
+        self.state = own[0:2]
+        self.target, self.agent, self.colour, self.shape = own[2], own[3], own[4], own[5]
+        clutter = torch.zeros(6, CHANNELS)
+        clutter[:, 6:] = torch.rand(6, CHANNELS - 6, generator=g) ** 2
+        self.clutter = clutter / clutter.amax(1, keepdim=True)
+        # Scenes of the copies families: a clutter layout and a target cell each.
+        self.scenes = [self._layout(g) for _ in range(32)]
+
+    def _layout(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        cells = torch.randperm(GRID * GRID, generator=g)
+        kinds = torch.randint(len(self.clutter), (CLUTTER_OBJECTS,), generator=g)
+        return cells[1:1 + CLUTTER_OBJECTS], kinds, int(cells[0])
+
+    def _rand(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.gen)
+
+    def _randint(self, high: int, *shape) -> torch.Tensor:
+        return torch.randint(high, shape, generator=self.gen)
+
+    def sample(self, n: int) -> Maps:
+        maps = 0.05 * self._rand(n, CHANNELS, GRID * GRID)   # background
+        rows = torch.arange(n)
+        free = self._rand(n, GRID * GRID).argsort(1)          # distinct random cells per row
+        state = self._randint(2, n)
+        if self.family in ("copies", "relational-copies"):
+            scene = self._randint(len(self.scenes), n)
+            # Each object's strength varies from row to row (x 0.5 to 1.5), as lighting and pose
+            # do: without it a row's nearest neighbours are its exact copies, all of one label.
+            strength = 0.5 + self._rand(n, CLUTTER_OBJECTS)
+            for i in range(n):
+                cells, kinds, target_cell = self.scenes[int(scene[i])]
+                maps[i][:, cells] += self.clutter[kinds].T * strength[i]
+                free[i, 0] = target_cell
+        else:
+            kinds = self._randint(len(self.clutter), n, CLUTTER_OBJECTS)
+            cells = free[:, 2:2 + CLUTTER_OBJECTS]
+            maps[rows.view(-1, 1), :, cells] += self.clutter[kinds]
+        target = free[:, 0]
+        if self.family == "fixed":
+            target = torch.full((n,), 2 * GRID + 5)
+            maps[rows, :, target] = 0.05 * self._rand(n, CHANNELS)   # no clutter on the target
+        places = [target]
+        if self.family in ("fixed", "moving", "copies"):
+            maps[rows, :, target] += self.state[state] + (self.target if self.family == "moving" else 0.0)
+            returns = state.float()
+        elif self.family == "conjunction":
+            # Target = colour + shape; distractors have one of the two and another thing; every
+            # object carries a random state, and only the target's pays.
+            maps[rows, :, target] += self.colour + self.shape + self.state[state]
+            half = CLUTTER_OBJECTS // 2
+            cells = free[:, 2:2 + CLUTTER_OBJECTS]
+            parts = torch.stack([self.colour + self.clutter[0], self.shape + self.clutter[1]])
+            which = (torch.arange(CLUTTER_OBJECTS) >= half).long().expand(n, -1)
+            maps[rows.view(-1, 1), :, cells] = (0.05 * self._rand(n, CLUTTER_OBJECTS, CHANNELS) + parts[which]
+                                                + self.state[self._randint(2, n, CLUTTER_OBJECTS)])
+            returns = state.float()
+        else:  # relational families: the agent within one cell of the target pays
+            near = self._rand(n) < 0.5
+            agent = self._agent_cells(target, near)
+            maps[rows, :, target] += self.target
+            maps[rows, :, agent] += self.agent
+            returns = near.float()
+            places.append(agent)
+        cells = torch.stack(places, 1)                                           # (N, P)
+        xy = torch.stack([cells % GRID, cells // GRID], -1).float()
+        return Maps(maps.view(n, CHANNELS, GRID, GRID),
+                    returns + 0.05 * torch.randn(n, generator=self.gen),
+                    (xy + 0.5) * (2.0 / GRID) - 1.0)
+
+    def _agent_cells(self, target: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+        """An agent cell per row: a neighbour of ``target`` where ``near``, else >= 2 cells away."""
+        ty, tx = target // GRID, target % GRID
+        offsets = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+        o = offsets[self._randint(len(offsets), target.numel())]
+        ay, ax = (ty + o[:, 0]).clamp(0, GRID - 1), (tx + o[:, 1]).clamp(0, GRID - 1)
+        on_target = (ay == ty) & (ax == tx)   # clamped onto the target at an edge: step the other way
+        ay = torch.where(on_target, ty - o[:, 0], ay)
+        ax = torch.where(on_target, tx - o[:, 1], ax)
+        agent = ay * GRID + ax
+        far = ~near
+        agent[far] = self._randint(GRID * GRID, int(far.sum()))
+        for _ in range(50):
+            close = far & ((agent // GRID - ty).abs() <= 1) & ((agent % GRID - tx).abs() <= 1)
+            if not close.any():
+                break
+            agent[close] = self._randint(GRID * GRID, int(close.sum()))
+        return agent
+
+
+# --- recorded sources --------------------------------------------------------------------------
+def episode_labels(rewards: np.ndarray, episode: np.ndarray, labels: str) -> np.ndarray:
+    """``(N,)`` labels of rows laid out episode by episode, steps in order: the discounted
+    return-to-go with ``GAMMA`` (``"step"``) or the episode's summed reward (``"episode"``)."""
+    out = np.zeros(len(rewards), dtype=np.float32)
+    for e in np.unique(episode):
+        idx = np.flatnonzero(episode == e)
+        if labels == "episode":
+            out[idx] = rewards[idx].sum()
+            continue
+        following = 0.0
+        for i in idx[::-1]:
+            following = rewards[i] + GAMMA * following
+            out[i] = following
+    return out
+
+
+def record_diagnostic(name: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
+    """Play ``fovea`` or ``clutter`` (the suite's settings) with a noisy scripted reach: images
+    ``(N, S, S, 3)``, rewards, episode ids, and the places ``(N, 2, 2)`` [target, agent] in [0, 1]."""
+    from rllib_gaze.envs.clutter import ClutterEnv
+    from rllib_gaze.suite import TASKS
+
+    settings = {**TASKS[name].env_config, "include_state": True, "expose_target": True}
+    env = ClutterEnv(num_envs=episodes, seed=seed, **settings)
+    gen = torch.Generator().manual_seed(seed)
+    obs, _ = env.reset()
+    # Per-episode skill: how much of each action is the true direction (the rest is noise), so
+    # some episodes reach the target and some never do.
+    skill = torch.rand(episodes, 1, generator=gen)
+    out = {"images": [], "rewards": [], "places": []}
+    for _ in range(env.max_episode_steps):
+        direction = obs["target"] - obs["state"]
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        action = skill * direction + (1 - skill) * (2 * torch.rand(episodes, 2, generator=gen) - 1)
+        out["images"].append(obs["rgb"].clone())
+        out["places"].append(torch.stack([obs["target"], obs["state"]], 1))
+        obs, reward, *_ = env.step(action)
+        out["rewards"].append(reward)
+    # (T, E, ...) -> episode-major rows
+    return {"images": torch.stack(out["images"], 1).flatten(0, 1).numpy(),
+            "places": torch.stack(out["places"], 1).flatten(0, 1).numpy(),
+            "rewards": torch.stack(out["rewards"], 1).flatten(0, 1).numpy(),
+            "episode": np.repeat(np.arange(episodes), env.max_episode_steps)}
+
+
+def encode(images: np.ndarray, seed: int, checkpoint: str | None = None, batch: int = 256) -> torch.Tensor:
+    """``(N, S, S, 3)`` uint8 -> ``(N, 64, h, w)`` pre-attention maps of a ``GazePPOModule``: the
+    trained one of an algorithm ``checkpoint`` (a suite trial's ``checkpoint_0000NN``), or a fresh
+    one (its NatureCNN as at the start of training)."""
+    if checkpoint:
+        from rllib_gaze.visualize import load_checkpoint
+
+        module = load_checkpoint(checkpoint)[0]
+    else:
+        import gymnasium as gym
+
+        from rllib_gaze.module import GazePPOModule
+
+        torch.manual_seed(seed)
+        module = GazePPOModule(observation_space=gym.spaces.Box(0, 255, images.shape[1:], np.uint8),
+                               action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+                               model_config={"attention": "none"})
+    with torch.no_grad():
+        return torch.cat([module.feature_map({"rgb": torch.as_tensor(images[i:i + batch])})
+                          for i in range(0, len(images), batch)])
+
+
+@functools.lru_cache(maxsize=4)
+def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str | None = None) -> tuple[Maps, Maps]:
+    """(memory rows, anchor rows) of a recorded source, split by episode parity (kept for the
+    next objective on the same source)."""
+    if source in DIAGNOSTICS:
+        rec = record_diagnostic(source, episodes, seed)
+    else:
+        from benchmarks.maniskill_frames import record_maniskill
+
+        r = record_maniskill(source, episodes=episodes, seed=seed,
+                             cache_dir=str(Path(__file__).resolve().parent / ".cache"))
+        rec = {"images": r.images, "places": r.places, "rewards": r.rewards, "episode": r.episode}
+    maps = encode(rec["images"], seed, checkpoint)
+    returns = torch.as_tensor(episode_labels(rec["rewards"], rec["episode"], labels))
+    places = 2.0 * torch.as_tensor(rec["places"]).float() - 1.0
+    data = Maps(maps, returns, places)
+    odd = torch.as_tensor(rec["episode"] % 2 == 1)
+    return data[~odd], data[odd]
+
+
+# --- training --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One bench run: the localisation ratio at each logged step, label agreement, share of anchors
+    with both a positive and a negative among their neighbours, the gaze's final mean sigma."""
+
+    source: str
+    objective: str
+    labels: str
+    steps: list[int]
+    ratios: list[float]
+    agreement: float
+    valid: float
+    sigma: float
+
+    def steps_to(self, level: float = 0.5) -> int | None:
+        return next((s for s, r in zip(self.steps, self.ratios) if r <= level), None)
+
+
+def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
+    """Mean distance of ``centres (N, 2)`` to the nearest of ``places (N, P, 2)`` over a central
+    gaze's (places may be NaN: not in view)."""
+    gaze = (places - centres.unsqueeze(1)).norm(dim=2).nan_to_num(nan=math.inf).amin(1)
+    centre = places.norm(dim=2).nan_to_num(nan=math.inf).amin(1)
+    seen = centre.isfinite()   # a place behind the camera is NaN: rows with none in view are left out
+    return float(gaze[seen].mean() / centre[seen].mean())
+
+
+def train(source: str, objective: str, *, labels: str = "step", steps: int = 600, anchors: int = 256,
+          capacity: int = 4096, k: int = 16, margin: float = 0.2, lr: float = 1e-3, seed: int = 0,
+          episodes: int = 64, log_every: int = 50, pools: tuple[int, ...] = (1,),
+          checkpoint: str | None = None) -> Run:
+    """Train a fresh foveal gaze (the project's defaults) on ``source`` with ``objective``; a
+    recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: allowed values are {OBJECTIVES}")
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}: allowed values are {SOURCES}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if source in SYNTHETIC:
+        family = Synthetic(source, seed)
+        bank, draw = family.sample(capacity), family.sample
+    else:
+        bank, queries = recorded(source, labels, seed, episodes, checkpoint)
+        def draw(n: int) -> Maps:
+            return queries[torch.randint(len(queries.maps), (n,), generator=gen)]
+    probe = draw(1024)
+    _, c, h, w = bank.maps.shape
+    gaze = build_gaze({"attention": "foveal"}, c, h, w)
+    optimizer = torch.optim.Adam(gaze.parameters(), lr=lr, eps=1e-8)
+    memory = FeatureReturnMemory(capacity, (c, h, w), pool=2)
+    memory.push(bank.maps, bank.returns)
+
+    def ratio() -> float:
+        with torch.no_grad():
+            return localisation_ratio(gaze.attention_map(probe.maps)[1][:, :2], probe.places)
+
+    log_steps, ratios, agreements, valid = [0], [ratio()], [], []
+    for step in range(1, steps + 1):
+        batch = draw(anchors)
+        _, _, bank_returns = memory.filled()
+        threshold = float(torch.quantile(bank_returns, 0.5))
+        mean_map = memory.filled()[0].mean(0)
+        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold)
+        agreements.append(triplets.label_agreement)
+        valid.append(triplets.valid_fraction)
+        if triplets.anchor.numel():
+            a = batch.maps[triplets.anchor]
+            p, n = memory.maps[triplets.positive], memory.maps[triplets.negative]
+            loss = a.new_zeros(())
+            if objective != "fixation":
+                loss = loss + gaze_triplet_loss(gaze.attention_map, a, p, n, similarity="glimpse",
+                                                triplet_gaze="anchor", margin=margin, mean_map=mean_map)[0]
+            if objective != "triplet":
+                centres, _ = fixation_targets(a - mean_map, p - mean_map, n - mean_map, pools)
+                loss = loss + fixation_loss(gaze.attention_map(a)[1], centres)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if source in SYNTHETIC:   # the learner's order: mined against earlier rows, then pushed
+            memory.push(batch.maps, batch.returns)
+        if step % log_every == 0:
+            log_steps.append(step)
+            ratios.append(ratio())
+    with torch.no_grad():
+        sigma = float(gaze.attention_map(probe.maps)[1][:, 2:4].mean())
+    name = objective if objective == "triplet" else f"{objective} {pools}"
+    source = source if checkpoint is None else f"{source} (trained)"
+    return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma)
+
+
+def table(runs: list[Run]) -> str:
+    """Markdown table of ``runs``: ratio at a few steps, steps to 0.5, agreement, final sigma."""
+    marks = sorted({s for r in runs for s in r.steps if s in (0, 100, 200, 400) or s == r.steps[-1]})
+    head = ("| source | labels | objective | " + " | ".join(f"ratio@{s}" for s in marks)
+            + " | steps to 0.5 | label agreement | valid anchors | final sigma |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        at = dict(zip(r.steps, r.ratios))
+        cells = " | ".join(f"{at[s]:.2f}" if s in at else "" for s in marks)
+        lines.append(f"| {r.source} | {r.labels} | {r.objective} | {cells} | {r.steps_to() or '-'} | "
+                     f"{r.agreement:.2f} | {r.valid:.2f} | {r.sigma:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sources", nargs="+", default=list(SYNTHETIC), choices=SOURCES)
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--labels", nargs="+", default=["step"], choices=LABELS,
+                        help="recorded sources only: return-to-go or whole-episode return")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--pools", type=int, nargs="+", action="append",
+                        help="fixation objectives: the windows of the search (repeat for several settings); "
+                             "default: 1, and 1 3")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--episodes", type=int, default=64, help="episodes recorded per recorded source")
+    parser.add_argument("--checkpoint", help="recorded sources: encode with this trained algorithm checkpoint's "
+                                             "module (a suite trial's checkpoint_0000NN) instead of a fresh one")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small ops: one thread is as fast, and leaves the other core to a run beside it
+    runs = []
+    for source in args.sources:
+        for labels in (args.labels if source not in SYNTHETIC else ["step"]):
+            for objective, pools in [(o, tuple(p)) for o in args.objectives
+                                     for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])]:
+                for seed in args.seeds:
+                    start = time.perf_counter()
+                    run = train(source, objective, labels=labels, steps=args.steps, seed=seed,
+                                episodes=args.episodes, pools=pools, checkpoint=args.checkpoint)
+                    print(f"{source:18s} {labels:7s} {run.objective:24s} seed {seed}: ratio "
+                          f"{run.ratios[0]:.2f} -> {run.ratios[-1]:.2f}, agreement {run.agreement:.2f}, "
+                          f"sigma {run.sigma:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+                    runs.append(run)
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""benchmarks/mechanism.py: every source builds what it says, and the objective localises where the
+bench says it does (a seeded learning test of the mechanism, thresholds from docs/results.md)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_benchmark
+
+mechanism = load_benchmark("mechanism")
+
+
+@pytest.mark.parametrize("family", mechanism.SYNTHETIC)
+def test_every_synthetic_family_builds_maps_with_their_places_and_two_returns(family):
+    maps = mechanism.Synthetic(family, seed=0).sample(512)
+    grid, channels = mechanism.GRID, mechanism.CHANNELS
+    assert maps.maps.shape == (512, channels, grid, grid) and maps.maps.min() >= 0
+    places = 1 if family in ("fixed", "moving", "conjunction", "copies") else 2
+    assert maps.places.shape == (512, places, 2) and maps.places.abs().max() < 1
+    high = maps.returns > 0.5
+    assert 0.3 < high.float().mean() < 0.7                       # both labels, about balanced
+    cells = ((maps.places + 1) * grid / 2 - 0.5).round().long()    # (N, P, (x, y))
+    target = maps.maps[torch.arange(512), :, cells[:, 0, 1], cells[:, 0, 0]]  # (N, C) at the target
+    if family in ("fixed", "moving", "conjunction", "copies"):
+        # the target's state channel says the return (channel 1: high, channel 0: low)
+        assert torch.equal(target[:, 1] > 0.5, high) and torch.equal(target[:, 0] > 0.5, ~high)
+    else:
+        gap = (cells[:, 0] - cells[:, 1]).abs().amax(1)           # Chebyshev distance agent-target
+        assert torch.equal(gap <= 1, high) and (gap > 0).all()
+    if family == "fixed":
+        assert (maps.places[:, 0] == maps.places[0, 0]).all()
+    if family in ("copies", "relational-copies"):
+        target_cells = {tuple(c) for c in cells[:, 0].tolist()}
+        assert len(target_cells) <= 32                             # one per scene
+
+
+def test_episode_labels_are_return_to_go_or_the_episodes_return():
+    rewards = np.array([1.0, 0.0, 2.0, 5.0, 1.0], dtype=np.float32)
+    episode = np.array([0, 0, 0, 1, 1])
+    g = mechanism.GAMMA
+    assert np.allclose(mechanism.episode_labels(rewards, episode, "step"),
+                       [1 + g * g * 2, g * 2, 2, 5 + g, 1])
+    assert np.allclose(mechanism.episode_labels(rewards, episode, "episode"), [3, 3, 3, 6, 6])
+
+
+def test_diagnostic_recording_is_encoded_with_its_places_on_the_map():
+    memory, anchors = mechanism.recorded("fovea", "episode", seed=0, episodes=4)
+    assert memory.maps.shape[1:] == (64, 8, 8) == anchors.maps.shape[1:]     # 96 px -> NatureCNN 8 x 8
+    assert len(memory.maps) == len(anchors.maps) == 2 * 50                   # even / odd episodes
+    assert memory.places.shape[1:] == (2, 2) and memory.places.abs().max() < 1
+    assert len(torch.unique(memory.returns)) == 2                            # one return per episode
+
+
+# Measured (docs/results.md, seed 0): fixed/triplet 0.37 at 100 steps, fixed/fixation 0.04 at 50
+# (logged every 50), moving/fixation 0.36 at 100 and 0.12 at 200; the paper's triplet loss does
+# not localise the moving target at all (1.06 at 400), so it has no row here.
+@pytest.mark.parametrize(("source", "objective", "steps"), [
+    ("fixed", "triplet", 100),
+    ("fixed", "fixation", 50),
+    ("moving", "fixation", 150),
+])
+def test_the_objective_localises_a_marked_target_within_the_stated_steps(source, objective, steps):
+    run = mechanism.train(source, objective, steps=steps, log_every=steps, seed=0)
+    assert run.ratios[0] > 0.9                # starts at the centre
+    assert run.ratios[-1] < 0.5, run.ratios   # then at least halves its distance to the target
+
+
+def test_bad_source_or_objective_is_refused_naming_it():
+    with pytest.raises(ValueError, match="source='nowhere'"):
+        mechanism.train("nowhere", "triplet")
+    with pytest.raises(ValueError, match="objective='stare'"):
+        mechanism.train("fixed", "stare")
