@@ -139,10 +139,13 @@ class Triplets:
 
 
 @torch.no_grad()
-def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
-                       chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int = 4096,
+                       groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k neighbours of unit-norm ``queries (A, D)`` among unit-norm ``bank (N, D)`` rows
     by cosine similarity, one matmul per ``chunk_size`` rows of the bank.
+
+    ``groups``: ``(query_groups (A,), bank_groups (N,))``; a query's neighbours are then only bank
+    rows of its own group (others score ``-inf``, so a group smaller than k leaves ``-inf`` entries).
 
     Returns ``(similarities (A, k'), indices (A, k'))``, most similar first, ``k' = min(k, N)``.
     """
@@ -150,7 +153,11 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
     best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
     best_idx = torch.zeros(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], chunk_size):
-        sims, idx = (queries @ bank[start:start + chunk_size].T).topk(min(k, bank.shape[0] - start, chunk_size), dim=1)
+        sims = queries @ bank[start:start + chunk_size].T
+        if groups is not None:
+            other = groups[0].view(-1, 1) != groups[1][start:start + chunk_size].view(1, -1)
+            sims = sims.masked_fill(other, float("-inf"))
+        sims, idx = sims.topk(min(k, bank.shape[0] - start, chunk_size), dim=1)
         best_sim, order = torch.cat([best_sim, sims], 1).topk(min(k, best_sim.shape[1] + sims.shape[1]), dim=1)
         best_idx = torch.cat([best_idx, idx + start], 1).gather(1, order)
     return best_sim, best_idx
@@ -161,7 +168,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
                   memory: FeatureReturnMemory, *, k: int, label_rule: str = "threshold",
                   threshold: float = 0.0, relative_gap: float = 0.0,
                   chunk_size: int = 4096, centre: torch.Tensor | None = None,
-                  bank_keys: torch.Tensor | None = None) -> Triplets:
+                  bank_keys: torch.Tensor | None = None,
+                  groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> Triplets:
     """For each anchor, pick the nearest positive and the nearest negative among its k neighbours.
 
     Args:
@@ -175,6 +183,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         centre: a map ``(C, H, W)`` subtracted from the anchors before their search keys are made
             (centred search); ``bank_keys`` must then be the memory's keys made the same way
             (``search_keys(maps - centre, pool)``). ``None``: the memory's own keys of raw maps.
+        groups: ``(anchor_groups (A,), memory_groups (N,))``: neighbours only from the anchor's own
+            group (e.g. its episode: triplets that share the scene); see ``nearest_neighbours``.
 
     Anchors lacking either a positive or a negative among their neighbours are dropped.
     """
@@ -189,8 +199,9 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         anchor_maps = anchor_maps - centre
     else:
         bank_keys = own_keys
-    _, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size)
+    sims, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size, groups)
     nbr_returns = bank_returns[nbr]                                     # (A, k)
+    found = sims > float("-inf")                                        # (A, k): in the anchor's group
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
     if label_rule == "threshold":
         positive = (nbr_returns >= threshold) == (anchor_returns >= threshold)
@@ -198,7 +209,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         positive = (nbr_returns >= threshold).expand_as(nbr)
     else:
         positive = (nbr_returns - anchor_returns).abs() <= relative_gap
-    negative = ~positive
+    positive = positive & found
+    negative = ~positive & found
     valid = positive.any(1) & negative.any(1)
     # argmax on a bool row returns the first True: neighbours are sorted most similar first.
     first_pos = positive.float().argmax(1)

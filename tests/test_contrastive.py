@@ -342,3 +342,21 @@ def test_fixation_loss_pulls_the_centre_to_the_fixation_only():
     assert loss.item() == pytest.approx(0.5 ** 2 + 0.25 ** 2)
     loss.backward()
     assert params.grad[0, 0] < 0 < params.grad[0, 1] and torch.all(params.grad[0, 2:] == 0)
+
+
+def test_grouped_mining_takes_neighbours_only_from_the_anchors_group():
+    """Two scenes (groups); an anchor of scene 0 must get its positive and negative from scene 0 even
+    where scene 1 holds closer maps, and a group with one label only gives no triplet."""
+    torch.manual_seed(0)
+    base = torch.rand(2, 4, 3, 3)
+    maps = torch.cat([base[0] + 0.3 * torch.rand(6, 4, 3, 3), base[1] + 0.3 * torch.rand(6, 4, 3, 3)])
+    memory = FeatureReturnMemory(12, (4, 3, 3))
+    memory.push(maps, torch.tensor([0., 1., 0., 1., 0., 1., 1., 1., 1., 1., 1., 1.]))
+    bank_groups = torch.tensor([0] * 6 + [1] * 6)
+    anchors = torch.stack([maps[6] + 0.01, maps[0] + 0.01])                # near scene 1's and scene 0's maps
+    t = mine_triplets(anchors, torch.tensor([1.0, 1.0]), memory, k=12, threshold=0.5,
+                      groups=(torch.tensor([0, 1]), bank_groups))
+    # anchor 0 (group 0) lies near scene 1's maps but is mined in scene 0; anchor 1 (group 1) has
+    # only high returns in its group: no negative, dropped
+    assert t.anchor.tolist() == [0]
+    assert bank_groups[t.positive].tolist() == [0] and bank_groups[t.negative].tolist() == [0]
