@@ -23,7 +23,9 @@ Sources of maps (``SOURCES``):
   push (``benchmarks/maniskill_frames.py``), encoded the same way; relevant places: cube and goal.
 
 Recorded sources are split by episode: even episodes fill the memory, odd ones are the anchors, so
-an anchor never finds itself. Their labels are the discounted return-to-go (gamma 0.8, ppo_rgb's)
+an anchor never finds itself; with ``--mining episode`` by step instead (even steps in the memory,
+odd ones anchors) and an anchor's neighbours are the steps of its own episode: triplets that share
+the scene. Their labels are the discounted return-to-go (gamma 0.8, ppo_rgb's)
 or, with ``--labels episode``, the whole episode's return.
 
 Objectives (``--objectives``): ``triplet`` (the paper's: triplet loss on glimpses under the
@@ -65,20 +67,24 @@ DIAGNOSTICS = ("fovea", "clutter")
 MANISKILL = ("PushCube-v1", "PullCube-v1")
 SOURCES = SYNTHETIC + DIAGNOSTICS + MANISKILL
 LABELS = ("step", "episode")
+MINING = ("all", "episode")
 GAMMA = 0.8  # ppo_rgb's discount: the learner's value targets look about this far ahead
 
 
 @dataclass
 class Maps:
     """Feature maps with what they are about: ``maps (N, C, H, W)``, ``returns (N,)``, the
-    relevant places ``places (N, P, 2)`` as (x, y) in the map's normalised coordinates (-1, 1)."""
+    relevant places ``places (N, P, 2)`` as (x, y) in the map's normalised coordinates (-1, 1),
+    and for recorded rows their episode ``groups (N,)``."""
 
     maps: torch.Tensor
     returns: torch.Tensor
     places: torch.Tensor
+    groups: torch.Tensor | None = None   # (N,) episode of each recorded row
 
     def __getitem__(self, idx) -> Maps:
-        return Maps(self.maps[idx], self.returns[idx], self.places[idx])
+        return Maps(self.maps[idx], self.returns[idx], self.places[idx],
+                    None if self.groups is None else self.groups[idx])
 
 
 # --- synthetic families ----------------------------------------------------------------------------
@@ -253,9 +259,11 @@ def encode(images: np.ndarray, seed: int, checkpoint: str | None = None, batch: 
 
 
 @functools.lru_cache(maxsize=4)
-def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str | None = None) -> tuple[Maps, Maps]:
-    """(memory rows, anchor rows) of a recorded source, split by episode parity (kept for the
-    next objective on the same source)."""
+def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str | None = None,
+             mining: str = "all") -> tuple[Maps, Maps]:
+    """(memory rows, anchor rows) of a recorded source (kept for the next objective on it): split
+    by episode parity (``mining="all"``: an anchor's neighbours come from other episodes), or by
+    step parity (``"episode"``: its neighbours are the other steps of its own episode)."""
     if source in DIAGNOSTICS:
         rec = record_diagnostic(source, episodes, seed)
     else:
@@ -267,8 +275,12 @@ def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str
     maps = encode(rec["images"], seed, checkpoint)
     returns = torch.as_tensor(episode_labels(rec["rewards"], rec["episode"], labels))
     places = 2.0 * torch.as_tensor(rec["places"]).float() - 1.0
-    data = Maps(maps, returns, places)
-    odd = torch.as_tensor(rec["episode"] % 2 == 1)
+    episode = torch.as_tensor(rec["episode"])
+    data = Maps(maps, returns, places, episode)
+    if mining == "episode":
+        odd = torch.arange(len(episode)) % 2 == 1
+    else:
+        odd = episode % 2 == 1
     return data[~odd], data[odd]
 
 
@@ -286,6 +298,7 @@ class Run:
     agreement: float
     valid: float
     sigma: float
+    centre_distance: float  # the central gaze's mean distance to the nearest place (the ratio's unit)
 
     def steps_to(self, level: float = 0.5) -> int | None:
         return next((s for s, r in zip(self.steps, self.ratios) if r <= level), None)
@@ -303,20 +316,23 @@ def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
 def train(source: str, objective: str, *, labels: str = "step", steps: int = 600, anchors: int = 256,
           capacity: int = 4096, k: int = 16, margin: float = 0.2, lr: float = 1e-3, seed: int = 0,
           episodes: int = 64, log_every: int = 50, pools: tuple[int, ...] = (1,),
-          checkpoint: str | None = None) -> Run:
+          checkpoint: str | None = None, mining: str = "all") -> Run:
     """Train a fresh foveal gaze (the project's defaults) on ``source`` with ``objective``; a
-    recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one)."""
+    recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one) and
+    mined across episodes or, with ``mining="episode"``, within each anchor's own episode."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: allowed values are {OBJECTIVES}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: allowed values are {SOURCES}")
+    if mining not in MINING or (mining != "all" and source in SYNTHETIC):
+        raise ValueError(f"mining={mining!r}: allowed values are {MINING} ('episode' for recorded sources only)")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if source in SYNTHETIC:
         family = Synthetic(source, seed)
         bank, draw = family.sample(capacity), family.sample
     else:
-        bank, queries = recorded(source, labels, seed, episodes, checkpoint)
+        bank, queries = recorded(source, labels, seed, episodes, checkpoint, mining)
         def draw(n: int) -> Maps:
             return queries[torch.randint(len(queries.maps), (n,), generator=gen)]
     probe = draw(1024)
@@ -336,7 +352,8 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
         _, _, bank_returns = memory.filled()
         threshold = float(torch.quantile(bank_returns, 0.5))
         mean_map = memory.filled()[0].mean(0)
-        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold)
+        groups = None if mining == "all" else (batch.groups, bank.groups)
+        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold, groups=groups)
         agreements.append(triplets.label_agreement)
         valid.append(triplets.valid_fraction)
         if triplets.anchor.numel():
@@ -359,22 +376,25 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
             ratios.append(ratio())
     with torch.no_grad():
         sigma = float(gaze.attention_map(probe.maps)[1][:, 2:4].mean())
+    centre_distance = float(probe.places.norm(dim=2).nan_to_num(nan=math.inf).amin(1).nan_to_num(posinf=math.nan)
+                            .nanmean())
     name = objective if objective == "triplet" else f"{objective} {pools}"
-    source = source if checkpoint is None else f"{source} (trained)"
-    return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma)
+    source = source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
+    return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma,
+               centre_distance)
 
 
 def table(runs: list[Run]) -> str:
     """Markdown table of ``runs``: ratio at a few steps, steps to 0.5, agreement, final sigma."""
     marks = sorted({s for r in runs for s in r.steps if s in (0, 100, 200, 400) or s == r.steps[-1]})
     head = ("| source | labels | objective | " + " | ".join(f"ratio@{s}" for s in marks)
-            + " | steps to 0.5 | label agreement | valid anchors | final sigma |")
+            + " | steps to 0.5 | label agreement | valid anchors | final sigma | central gaze's distance |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         at = dict(zip(r.steps, r.ratios))
         cells = " | ".join(f"{at[s]:.2f}" if s in at else "" for s in marks)
         lines.append(f"| {r.source} | {r.labels} | {r.objective} | {cells} | {r.steps_to() or '-'} | "
-                     f"{r.agreement:.2f} | {r.valid:.2f} | {r.sigma:.2f} |")
+                     f"{r.agreement:.2f} | {r.valid:.2f} | {r.sigma:.2f} | {r.centre_distance:.2f} |")
     return "\n".join(lines)
 
 
@@ -390,19 +410,21 @@ def main(argv: list[str] | None = None) -> None:
                              "default: 1, and 1 3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--episodes", type=int, default=64, help="episodes recorded per recorded source")
+    parser.add_argument("--mining", nargs="+", default=["all"], choices=MINING,
+                        help="recorded sources: neighbours from other episodes, or from the anchor's own")
     parser.add_argument("--checkpoint", help="recorded sources: encode with this trained algorithm checkpoint's "
                                              "module (a suite trial's checkpoint_0000NN) instead of a fresh one")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small ops: one thread is as fast, and leaves the other core to a run beside it
     runs = []
-    for source in args.sources:
+    for source, mining in [(s, m) for s in args.sources for m in (["all"] if s in SYNTHETIC else args.mining)]:
         for labels in (args.labels if source not in SYNTHETIC else ["step"]):
             for objective, pools in [(o, tuple(p)) for o in args.objectives
                                      for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])]:
                 for seed in args.seeds:
                     start = time.perf_counter()
                     run = train(source, objective, labels=labels, steps=args.steps, seed=seed,
-                                episodes=args.episodes, pools=pools, checkpoint=args.checkpoint)
+                                episodes=args.episodes, pools=pools, checkpoint=args.checkpoint, mining=mining)
                     print(f"{source:18s} {labels:7s} {run.objective:24s} seed {seed}: ratio "
                           f"{run.ratios[0]:.2f} -> {run.ratios[-1]:.2f}, agreement {run.agreement:.2f}, "
                           f"sigma {run.sigma:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

@@ -46,8 +46,12 @@ def test_diagnostic_recording_is_encoded_with_its_places_on_the_map():
     memory, anchors = mechanism.recorded("fovea", "episode", seed=0, episodes=4)
     assert memory.maps.shape[1:] == (64, 8, 8) == anchors.maps.shape[1:]     # 96 px -> NatureCNN 8 x 8
     assert len(memory.maps) == len(anchors.maps) == 2 * 50                   # even / odd episodes
+    assert set(memory.groups.tolist()) == {0, 2} and set(anchors.groups.tolist()) == {1, 3}
     assert memory.places.shape[1:] == (2, 2) and memory.places.abs().max() < 1
     assert len(torch.unique(memory.returns)) == 2                            # one return per episode
+    # own-episode mining: the same episodes on both sides, alternate steps
+    memory, anchors = mechanism.recorded("fovea", "step", seed=0, episodes=4, mining="episode")
+    assert set(memory.groups.tolist()) == set(anchors.groups.tolist()) == {0, 1, 2, 3}
 
 
 # Measured (docs/results.md, seed 0): fixed/triplet 0.37 at 100 steps, fixed/fixation 0.04 at 50
@@ -69,3 +73,5 @@ def test_bad_source_or_objective_is_refused_naming_it():
         mechanism.train("nowhere", "triplet")
     with pytest.raises(ValueError, match="objective='stare'"):
         mechanism.train("fixed", "stare")
+    with pytest.raises(ValueError, match="mining='episode'.*recorded sources only"):
+        mechanism.train("fixed", "triplet", mining="episode")
