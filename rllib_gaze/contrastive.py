@@ -107,18 +107,22 @@ def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, lo
 
     ``G_t = r_t + gamma * G_{t+1}`` within a chunk, 0 after a termination, and at each extra row
     ``G = bootstrap`` (``(N,)``; only its values at the extra rows are read: the critic's V there).
+
+    Computed where the rows are, without reading them on the host: the recurrence
+    ``G_t = a_t G_{t+1} + b_t`` (``a_t`` = 0 at extra rows and terminations, else ``gamma``) is
+    solved by an associative scan in ``ceil(log2 N)`` vector steps, in float64; ``a`` only shrinks,
+    so nothing can overflow whatever the chunk lengths.
     """
-    rewards, terminateds, loss_mask = rewards.float().cpu(), terminateds.bool().cpu(), loss_mask.bool().cpu()
-    bootstrap = bootstrap.float().cpu()
-    following = 0.0
-    values = []
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        if not loss_mask[t]:
-            following = float(bootstrap[t])
-        else:
-            following = float(rewards[t]) + (0.0 if terminateds[t] else gamma * following)
-        values.append(following)
-    return torch.tensor(values[::-1], dtype=torch.float32)
+    mask = loss_mask.bool()
+    coeff = torch.where(mask & ~terminateds.bool(), gamma, 0.0).to(torch.float64)
+    value = torch.where(mask, rewards.to(torch.float64), bootstrap.to(torch.float64))
+    offset = 1
+    while offset < value.shape[0]:
+        # (coeff, value)[t] now says G_t = coeff_t * G_{t+offset} + value_t; G past the last row is 0
+        value = torch.cat([value[:-offset] + coeff[:-offset] * value[offset:], value[-offset:]])
+        coeff = torch.cat([coeff[:-offset] * coeff[offset:], coeff[-offset:]])
+        offset *= 2
+    return value.float()
 
 
 @dataclass
@@ -163,6 +167,76 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_
     return best_sim, best_idx
 
 
+@dataclass
+class MinedRows:
+    """Mining's result for every searched anchor, fixed-size so that nothing is read on the host:
+    ``positive``/``negative`` ``(A,)`` memory indices (arbitrary where not ``valid``), ``valid (A,)``
+    whether the anchor has both among its neighbours, ``searched (A,)`` which anchors count (the
+    others are padding), ``label_agreement ()`` the share of searched anchors whose threshold label
+    equals their nearest neighbour's, ``valid_fraction ()`` the share of searched anchors that are
+    valid."""
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+    valid: torch.Tensor
+    searched: torch.Tensor
+    label_agreement: torch.Tensor
+    valid_fraction: torch.Tensor
+
+
+@torch.no_grad()
+def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
+              memory: FeatureReturnMemory, *, k: int, label_rule: str = "threshold",
+              threshold: float | torch.Tensor = 0.0, relative_gap: float | torch.Tensor = 0.0,
+              chunk_size: int = 4096, centre: torch.Tensor | None = None,
+              bank_keys: torch.Tensor | None = None, searched: torch.Tensor | None = None,
+              groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> MinedRows:
+    """``mine_triplets`` without compaction: each anchor's nearest positive and nearest negative
+    among its k neighbours, and whether it has both, as fixed-size tensors on the anchors' device
+    (no host sync). ``threshold`` and ``relative_gap`` may be 0-dim tensors; ``searched (A,)``
+    marks the anchors that count (default: all). The memory must not be empty.
+    """
+    if label_rule not in LABEL_RULES:
+        raise ValueError(f"label_rule={label_rule!r}: allowed values are {LABEL_RULES}")
+    _, own_keys, bank_returns = memory.filled()
+    if centre is not None:
+        anchor_maps = anchor_maps - centre
+    else:
+        bank_keys = own_keys
+    if searched is None:
+        searched = torch.ones(anchor_maps.shape[0], dtype=torch.bool, device=anchor_maps.device)
+    sims, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size, groups)
+    nbr_returns = bank_returns[nbr]                                     # (A, k)
+    anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
+    if label_rule == "threshold":
+        positive = (nbr_returns >= threshold) == (anchor_returns >= threshold)
+    elif label_rule == "above":
+        positive = (nbr_returns >= threshold).expand_as(nbr)
+    else:
+        positive = (nbr_returns - anchor_returns).abs() <= relative_gap
+    if groups is not None:
+        found = sims > float("-inf")                                    # (A, k): in the anchor's group
+        positive, negative = positive & found, ~positive & found
+    else:
+        negative = ~positive
+    valid = positive.any(1) & negative.any(1) & searched
+    # argmax on a bool row returns the first True: neighbours are sorted most similar first.
+    first_pos = positive.float().argmax(1, keepdim=True)
+    first_neg = negative.float().argmax(1, keepdim=True)
+    # How often an anchor's own label (its side of the threshold) is its nearest neighbour's: 0.5 is
+    # chance, i.e. labels that visual similarity cannot predict.
+    agrees = (nbr_returns[:, 0] >= threshold) == (anchor_returns[:, 0] >= threshold)
+    count = searched.sum().clamp_min(1)
+    return MinedRows(
+        positive=nbr.gather(1, first_pos).squeeze(1),
+        negative=nbr.gather(1, first_neg).squeeze(1),
+        valid=valid,
+        searched=searched,
+        label_agreement=(agrees & searched).sum() / count,
+        valid_fraction=valid.sum() / count,
+    )
+
+
 @torch.no_grad()
 def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
                   memory: FeatureReturnMemory, *, k: int, label_rule: str = "threshold",
@@ -186,7 +260,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         groups: ``(anchor_groups (A,), memory_groups (N,))``: neighbours only from the anchor's own
             group (e.g. its episode: triplets that share the scene); see ``nearest_neighbours``.
 
-    Anchors lacking either a positive or a negative among their neighbours are dropped.
+    Anchors lacking either a positive or a negative among their neighbours are dropped. This reads
+    the valid anchors on the host (a sync on a GPU); the learner uses ``mine_rows``, which does not.
     """
     if label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule={label_rule!r}: allowed values are {LABEL_RULES}")
@@ -194,38 +269,22 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     empty = torch.zeros(0, dtype=torch.long, device=anchor_maps.device)
     if len(memory) == 0 or num_anchors == 0:
         return Triplets(empty, empty, empty, num_anchors)
-    _, own_keys, bank_returns = memory.filled()
-    if centre is not None:
-        anchor_maps = anchor_maps - centre
-    else:
-        bank_keys = own_keys
-    sims, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size, groups)
-    nbr_returns = bank_returns[nbr]                                     # (A, k)
-    found = sims > float("-inf")                                        # (A, k): in the anchor's group
-    anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
-    if label_rule == "threshold":
-        positive = (nbr_returns >= threshold) == (anchor_returns >= threshold)
-    elif label_rule == "above":
-        positive = (nbr_returns >= threshold).expand_as(nbr)
-    else:
-        positive = (nbr_returns - anchor_returns).abs() <= relative_gap
-    positive = positive & found
-    negative = ~positive & found
-    valid = positive.any(1) & negative.any(1)
-    # argmax on a bool row returns the first True: neighbours are sorted most similar first.
-    first_pos = positive.float().argmax(1)
-    first_neg = negative.float().argmax(1)
-    anchors = valid.nonzero().squeeze(1)
-    # How often an anchor's own label (its side of the threshold) is its nearest neighbour's: 0.5 is
-    # chance, i.e. labels that visual similarity cannot predict.
-    agreement = ((nbr_returns[:, 0:1] >= threshold) == (anchor_returns >= threshold)).float().mean().item()
-    return Triplets(
-        anchor=anchors,
-        positive=nbr[anchors, first_pos[anchors]],
-        negative=nbr[anchors, first_neg[anchors]],
-        num_anchors=num_anchors,
-        label_agreement=agreement,
-    )
+    rows = mine_rows(anchor_maps, anchor_returns, memory, k=k, label_rule=label_rule, threshold=threshold,
+                     relative_gap=relative_gap, chunk_size=chunk_size, centre=centre, bank_keys=bank_keys,
+                     groups=groups)
+    anchors = rows.valid.nonzero().squeeze(1)
+    return Triplets(anchor=anchors, positive=rows.positive[anchors], negative=rows.negative[anchors],
+                    num_anchors=num_anchors, label_agreement=rows.label_agreement.item())
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None, empty: float = 0.0) -> torch.Tensor:
+    """Mean ``()`` of ``values (T,)`` over the rows where ``valid (T,)`` (all rows when ``None``),
+    ``empty`` when none is; no host sync."""
+    if valid is None:
+        return values.mean()
+    count = valid.sum()
+    mean = torch.where(valid, values, 0.0).sum() / count.clamp_min(1)
+    return mean if empty == 0.0 else torch.where(count > 0, mean, empty)
 
 
 def attended_cosine(x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
@@ -282,13 +341,15 @@ def gaze_similarity(kind: str, x: torch.Tensor, y: torch.Tensor, wx: torch.Tenso
     return attended_cosine(x, y, wx, wy)
 
 
-def triplet_margin_loss(cos_ap: torch.Tensor, cos_an: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triplet margin loss on cosine distance ``d = 1 - cos``, from cosines ``(T,)``.
+def triplet_margin_loss(cos_ap: torch.Tensor, cos_an: torch.Tensor, margin: float,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triplet margin loss on cosine distance ``d = 1 - cos``, from cosines ``(T,)``, over the
+    triplets where ``valid (T,)`` (all when ``None``; 0 when none is).
 
     Returns ``(mean loss (), share of active triplets ())``; active = loss > 0.
     """
     per_triplet = torch.relu((1.0 - cos_ap) - (1.0 - cos_an) + margin)
-    return per_triplet.mean(), (per_triplet > 0).float().mean()
+    return masked_mean(per_triplet, valid), masked_mean((per_triplet > 0).float(), valid)
 
 
 # Gaze of feature maps (N, C, H, W) -> (weights (N, H, W), its parameters): GazeAPI.gaze_weights.
@@ -297,7 +358,7 @@ GazeWeights = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def gaze_triplet_loss(gaze_weights: GazeWeights, anchor: torch.Tensor, positive: torch.Tensor,
                       negative: torch.Tensor, *, similarity: str, triplet_gaze: str, margin: float,
-                      mean_map: torch.Tensor | None = None,
+                      mean_map: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The triplet loss on the gaze, for mined triplets of detached maps ``(T, C, H, W)`` each.
 
@@ -305,7 +366,7 @@ def gaze_triplet_loss(gaze_weights: GazeWeights, anchor: torch.Tensor, positive:
     so the loss can only fall by looking where the positive and the negative differ, not by pointing
     the negative's gaze elsewhere; ``"each"``: each map under its own gaze. ``similarity`` and
     ``mean_map`` as in ``gaze_similarity``. The gradient reaches only what ``gaze_weights`` computes
-    with.
+    with. ``valid (T,)``: the triplets that count (``mine_rows``' fixed-size rows; default all).
 
     Returns ``(mean loss (), share of active triplets (), cos_ap (T,), cos_an (T,))``.
     """
@@ -317,7 +378,7 @@ def gaze_triplet_loss(gaze_weights: GazeWeights, anchor: torch.Tensor, positive:
         w_a, w_p, w_n = weights.split(anchor.shape[0])
     cos_ap = gaze_similarity(similarity, anchor, positive, w_a, w_p, mean_map)
     cos_an = gaze_similarity(similarity, anchor, negative, w_a, w_n, mean_map)
-    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=margin)
+    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=margin, valid=valid)
     return loss, active, cos_ap, cos_an
 
 
@@ -356,8 +417,9 @@ def fixation_targets(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
     return torch.stack([xs[best % width], ys[best // width]], dim=1), best_score
 
 
-def fixation_loss(gaze_params: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+def fixation_loss(gaze_params: torch.Tensor, centres: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared distance ``()`` from the gaze centres ``gaze_params[:, :2]`` (of ``(T, 5)``
     foveal parameters) to the fixation search's ``centres (T, 2)``: the gaze is pulled to where the
-    positive and the negative differ."""
-    return ((gaze_params[:, :2] - centres.detach()) ** 2).sum(1).mean()
+    positive and the negative differ. ``valid (T,)``: the rows that count (default all)."""
+    return masked_mean(((gaze_params[:, :2] - centres.detach()) ** 2).sum(1), valid)

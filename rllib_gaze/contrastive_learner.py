@@ -5,6 +5,11 @@ feature/return memory per module, mines triplets for the anchors of each gradien
 memory of *earlier* updates, returns the triplet loss on the gaze, pushes one update's rows into the
 memory after the update, logs what the gaze does, and puts the memory in checkpoints. The algorithm's
 learner decides which returns label the rows and where the loss enters its optimisers.
+
+Nothing in a gradient step reads a tensor on the host (a sync on a GPU): anchors are drawn, mined,
+labelled and scored in fixed-size tensors, metrics are logged as 0-dim tensors, and what must be
+read (which staged rows enter the memory, the metrics' values) is read once per update
+(``bench.py profile`` counts them).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from rllib_gaze.contrastive import (
     fixation_loss,
     fixation_targets,
     gaze_triplet_loss,
-    mine_triplets,
+    masked_mean,
+    mine_rows,
     search_keys,
 )
 from rllib_gaze.gaze import GAZE_PARAM_NAMES
@@ -74,6 +80,10 @@ class ContrastiveGazeLearnerMixin:
         self._mean_maps: dict[ModuleID, torch.Tensor] = {}  # (C, h, w) mean of each memory
         self._centred_keys: dict[ModuleID, torch.Tensor] = {}  # (N, D') keys of the centred memory
         self._first_minibatch: set[ModuleID] = set()
+        # (threshold, spread) of each memory's returns, 0-dim tensors: computed once per update
+        self._label_stats: dict[ModuleID, tuple[torch.Tensor | float, torch.Tensor]] = {}
+        # keys logged as tensors this update, read on the host together at its end
+        self._tensor_metrics: dict[ModuleID, set[str]] = {}
 
     def contrastive_memory(self, module_id: ModuleID) -> FeatureReturnMemory | None:
         """The feature/return memory of ``module_id`` (``None`` before its first rows are in)."""
@@ -101,11 +111,16 @@ class ContrastiveGazeLearnerMixin:
         # batch holds more rows than the memory can keep.
         batch = super()._make_batch_if_necessary(training_data)
         self._rows_left_to_stage = {mid: len(b) for mid, b in batch.policy_batches.items()}
-        self._stage_fraction = {
-            mid: min(1.0, self.config.get_config_for_module(mid).contrastive_memory_capacity / max(len(b), 1))
-            for mid, b in batch.policy_batches.items()}
+        self._stage_fraction = {}
+        for mid, b in batch.policy_batches.items():
+            config = self.config.get_config_for_module(mid)
+            if config.contrastive:
+                # rows that may enter the memory (one host read per update)
+                rows = int(b[Columns.LOSS_MASK].sum()) if Columns.LOSS_MASK in b else len(b)
+                self._stage_fraction[mid] = min(1.0, config.contrastive_memory_capacity / max(rows, 1))
         self._staged = {mid: [] for mid in batch.policy_batches}
         self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
+        self._label_stats = {}  # the memory may have been changed from outside since the last update
         return batch
 
     def _contrastive_term(self, module_id: ModuleID, config: Any, batch: dict[str, Any], fwd_out: dict,
@@ -115,11 +130,11 @@ class ContrastiveGazeLearnerMixin:
         valid rows against it, and on the first minibatch of an update log the norms of the
         gradients of ``rl_losses`` (metric key -> loss) and of the triplet loss on the gaze."""
         features = fwd_out[PRE_ATTENTION_FEATURES].detach()
-        rows = (batch[Columns.LOSS_MASK].nonzero().squeeze(1) if Columns.LOSS_MASK in batch
-                else torch.arange(features.shape[0], device=features.device))
-        self._stage(module_id, features, returns, rows)
-        anchors = rows[torch.randperm(rows.numel(), device=rows.device)[:config.contrastive_num_anchors]]
-        contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors])
+        mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None
+        self._stage(module_id, features, returns, mask)
+        anchors = _random_rows(mask, features.shape[0], config.contrastive_num_anchors, features.device)
+        contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors],
+                                             None if mask is None else mask[anchors])
         if module_id in self._first_minibatch:
             self._first_minibatch.discard(module_id)
             self._log_gaze_gradients(module_id, {**rl_losses, GAZE_GRAD_NORM_CONTRASTIVE_KEY: contrastive})
@@ -133,90 +148,148 @@ class ContrastiveGazeLearnerMixin:
         for name, part in losses.items():
             grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
                      if params and part.requires_grad else [])
-            squares = [float((g.detach() ** 2).sum()) for g in grads if g is not None]
-            norms[name] = sum(squares) ** 0.5
-        self.metrics.log_dict(norms, key=module_id, window=1)
+            grads = [g.detach() for g in grads if g is not None]
+            norms[name] = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                           if grads else 0.0)
+        self._log_gaze_metrics(module_id, norms)
 
     def _contrastive_loss(self, module_id: ModuleID, config: Any, features: torch.Tensor,
-                          returns: torch.Tensor) -> torch.Tensor:
-        """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``."""
+                          returns: torch.Tensor, searched: torch.Tensor | None = None) -> torch.Tensor:
+        """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``;
+        ``searched (A,)``: the anchors that count (default all; the others are padding that keeps
+        the shapes fixed). Reads nothing on the host."""
         memory = self._memories.get(module_id)
         zero = features.new_zeros(())
         metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
                    CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY: 0.0,
                    CONTRASTIVE_MEMORY_FILL_KEY: 0.0 if memory is None else len(memory) / memory.capacity}
         if memory is None or len(memory) == 0 or features.shape[0] == 0:
-            self.metrics.log_dict(metrics, key=module_id, window=1)
+            self._log_gaze_metrics(module_id, metrics)
             return zero
 
-        bank_maps, _, bank_returns = memory.filled()
-        threshold = (config.return_threshold if config.return_threshold is not None
-                     else torch.quantile(bank_returns, config.return_quantile).item())
-        spread = bank_returns.std(unbiased=False).item()
+        bank_maps = memory.filled()[0]
+        threshold, spread = self._memory_label_stats(module_id, config)
         centred = config.mining_centred and module_id in self._mean_maps
-        triplets = mine_triplets(
+        mined = mine_rows(
             features, returns, memory, k=config.contrastive_k, label_rule=config.label_rule,
             threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
             centre=self._mean_maps[module_id] if centred else None,
-            bank_keys=self._centred_keys.get(module_id) if centred else None,
+            bank_keys=self._centred_keys.get(module_id) if centred else None, searched=searched,
         )
+        valid = mined.valid
         metrics[CONTRASTIVE_RETURN_THRESHOLD_KEY] = threshold
         metrics[CONTRASTIVE_RETURN_SPREAD_KEY] = spread
-        metrics[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] = triplets.valid_fraction
-        metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = triplets.label_agreement
+        metrics[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] = mined.valid_fraction
+        metrics[CONTRASTIVE_LABEL_AGREEMENT_KEY] = mined.label_agreement
+        # every anchor is scored (fixed shapes); only the valid triplets count in the loss and metrics
+        gaze = self._gaze_module(module_id)
+        positive, negative = bank_maps[mined.positive], bank_maps[mined.negative]
+        mean_map = self._mean_maps.get(module_id)
         loss = zero
-        if triplets.anchor.numel() > 0:
-            gaze = self._gaze_module(module_id)
-            anchor = features[triplets.anchor]
-            positive, negative = bank_maps[triplets.positive], bank_maps[triplets.negative]
-            mean_map = self._mean_maps.get(module_id)
-            if config.contrastive_objective != "fixation":
-                loss, active, cos_ap, cos_an = gaze_triplet_loss(
-                    gaze.gaze_weights, anchor, positive, negative, similarity=config.contrastive_similarity,
-                    triplet_gaze=config.contrastive_triplet_gaze, margin=config.contrastive_margin,
-                    mean_map=mean_map)
-                metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
-                metrics[CONTRASTIVE_COS_AP_KEY] = cos_ap.detach().mean()
-                metrics[CONTRASTIVE_COS_AN_KEY] = cos_an.detach().mean()
-                metrics[CONTRASTIVE_COS_GAP_KEY] = (cos_ap - cos_an).detach().mean()
-            if config.contrastive_objective != "triplet":
-                centre = mean_map if mean_map is not None else zero
-                centres, _ = fixation_targets(anchor - centre, positive - centre, negative - centre,
-                                              tuple(config.fixation_pools))
-                fixation = fixation_loss(gaze.gaze_weights(anchor)[1], centres)
-                metrics[CONTRASTIVE_FIXATION_LOSS_KEY] = fixation.detach()
-                loss = loss + fixation
+        if config.contrastive_objective != "fixation":
+            loss, active, cos_ap, cos_an = gaze_triplet_loss(
+                gaze.gaze_weights, features, positive, negative, similarity=config.contrastive_similarity,
+                triplet_gaze=config.contrastive_triplet_gaze, margin=config.contrastive_margin,
+                mean_map=mean_map, valid=valid)
+            metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
+            # NaN for a step without a valid triplet
+            metrics[CONTRASTIVE_COS_AP_KEY] = masked_mean(cos_ap.detach(), valid, empty=float("nan"))
+            metrics[CONTRASTIVE_COS_AN_KEY] = masked_mean(cos_an.detach(), valid, empty=float("nan"))
+            metrics[CONTRASTIVE_COS_GAP_KEY] = masked_mean((cos_ap - cos_an).detach(), valid, empty=float("nan"))
+        if config.contrastive_objective != "triplet":
+            centre = mean_map if mean_map is not None else zero
+            centres, _ = fixation_targets(features - centre, positive - centre, negative - centre,
+                                          tuple(config.fixation_pools))
+            fixation = fixation_loss(gaze.gaze_weights(features)[1], centres, valid)
+            metrics[CONTRASTIVE_FIXATION_LOSS_KEY] = fixation.detach()
+            loss = loss + fixation
         metrics[CONTRASTIVE_LOSS_KEY] = loss.detach()
-        self.metrics.log_dict(metrics, key=module_id, window=1)
+        self._log_gaze_metrics(module_id, metrics)
         return loss
 
+    def _memory_label_stats(self, module_id: ModuleID, config: Any) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """``(threshold, spread)`` of the memory's returns as 0-dim tensors (the threshold is
+        ``config.return_threshold`` when set), computed once per update: the memory changes only
+        between updates."""
+        if module_id not in self._label_stats:
+            bank_returns = self._memories[module_id].filled()[2]
+            threshold = (config.return_threshold if config.return_threshold is not None
+                         else torch.quantile(bank_returns, config.return_quantile))
+            self._label_stats[module_id] = (threshold, bank_returns.std(unbiased=False))
+        return self._label_stats[module_id]
+
+    def _log_gaze_metrics(self, module_id: ModuleID, metrics: dict[str, Any]) -> None:
+        """Log ``metrics`` (window 1: the last gradient step's value) as they are; those that are
+        tensors are read on the host together at the end of the update (``_read_tensor_metrics``)."""
+        self.metrics.log_dict(metrics, key=module_id, window=1)
+        self._tensor_metrics.setdefault(module_id, set()).update(
+            key for key, value in metrics.items() if isinstance(value, torch.Tensor))
+
+    def _read_tensor_metrics(self) -> None:
+        """Replace this update's tensor-valued metrics by their values, read in one transfer
+        (RLlib's reduce would read each tensor alone: two syncs per metric on a GPU)."""
+        keys = [(mid, key) for mid, names in self._tensor_metrics.items() for key in sorted(names)]
+        self._tensor_metrics = {}
+        values = [self.metrics.peek(key, default=None) for key in keys]
+        tensors = [(key, v) for key, v in zip(keys, values) if isinstance(v, torch.Tensor)]
+        if not tensors:
+            return
+        read = torch.stack([v.detach().float().reshape(()) for _, v in tensors]).tolist()
+        for ((mid, key), _), value in zip(tensors, read):
+            self.metrics.log_value((mid, key), value, window=1)
+
     def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
-               rows: torch.Tensor) -> None:
-        """Keep this minibatch's valid ``rows`` for the memory until one epoch's worth has been seen."""
+               mask: torch.Tensor | None) -> None:
+        """Keep this minibatch's rows for the memory until one epoch's worth has been seen: all of
+        them, or (an epoch larger than the memory) a random ``_stage_fraction`` of them, valid rows
+        (``mask``) first. Which staged rows are valid is read after the update (``_push_staged``)."""
         take = min(self._rows_left_to_stage.get(module_id, 0), features.shape[0])
         if take <= 0:
             return
         self._rows_left_to_stage[module_id] -= take
-        rows = rows[rows < take]
-        fraction = self._stage_fraction.get(module_id, 1.0)
-        if fraction < 1.0:
-            rows = rows[torch.randperm(rows.numel(), device=rows.device)[:math.ceil(rows.numel() * fraction)]]
-        self._staged.setdefault(module_id, []).append((features[rows], returns[rows]))
+        keep = None if mask is None else mask[:take]
+        count = math.ceil(take * self._stage_fraction.get(module_id, 1.0))
+        rows = (_random_rows(keep, take, count, features.device) if count < take
+                else torch.arange(take, device=features.device))
+        self._staged.setdefault(module_id, []).append(
+            (features[rows], returns[rows], None if keep is None else keep[rows]))
+
+    def _push_staged(self) -> None:
+        """Move the staged rows of this update into the memories: the valid ones (their masks read
+        on the host in one transfer), a uniform draw of ``capacity`` of them when there are more;
+        chunk by chunk, so the staged maps are copied once, into the memory."""
+        for module_id, staged in self._staged.items():
+            if not staged:
+                continue
+            sizes = [features.shape[0] for features, _, _ in staged]
+            valid = (torch.cat([keep for _, _, keep in staged]).cpu() if staged[0][2] is not None
+                     else torch.ones(sum(sizes), dtype=torch.bool))
+            rows = valid.nonzero().squeeze(1)                       # on the host
+            if module_id not in self._memories:
+                self._memories[module_id] = self._new_memory(module_id, staged[0][0].shape[1:], staged[0][0].device)
+            memory = self._memories[module_id]
+            if rows.numel() > memory.capacity:
+                rows = rows[torch.randperm(rows.numel())[:memory.capacity].sort().values]
+            # each chunk's share of the (sorted) rows: host tensors, read as ints once
+            starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            bounds = torch.searchsorted(rows, torch.tensor(starts)).tolist()
+            for i, (features, returns, _) in enumerate(staged):
+                chunk = (rows[bounds[i]:bounds[i + 1]] - starts[i]).to(features.device)
+                if chunk.numel():
+                    memory.push(features[chunk], returns[chunk])
+        self._staged = {}
 
     @override(Learner)
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
-        for module_id, staged in self._staged.items():
-            for features, returns in staged:
-                if module_id not in self._memories:
-                    self._memories[module_id] = self._new_memory(module_id, features.shape[1:], features.device)
-                self._memories[module_id].push(features, returns)
-        self._staged = {}
+        self._push_staged()
         self._update_mean_maps()
+        self._read_tensor_metrics()
 
     def _update_mean_maps(self) -> None:
         """The memory's mean map, and its search keys after subtracting it (``mining_centred``),
-        once per change of the memory."""
+        once per change of the memory (which also drops the labels' threshold and spread)."""
+        self._label_stats = {}
         for module_id, memory in self._memories.items():
             if len(memory):
                 maps = memory.filled()[0]
@@ -264,4 +337,14 @@ class ContrastiveGazeLearnerMixin:
                 target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
                 stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
                 stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = target.norm(dim=-1).mean()
-        self.metrics.log_dict(stats, key=module_id, window=1)
+        self._log_gaze_metrics(module_id, stats)
+
+
+def _random_rows(mask: torch.Tensor | None, rows: int, count: int, device: torch.device) -> torch.Tensor:
+    """``min(count, rows)`` distinct random row indices ``(n,)`` of ``rows`` rows, those where
+    ``mask (rows,)`` holds (``None``: all) first, a uniform draw of them, without reading the mask
+    on the host: drawn invalid rows (fewer valid rows than ``count``) are for the caller to mask."""
+    keys = torch.rand(rows, device=device)
+    if mask is not None:
+        keys = keys.masked_fill(~mask, 2.0)  # invalid rows after every valid one
+    return keys.topk(min(count, rows), largest=False).indices

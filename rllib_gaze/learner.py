@@ -104,7 +104,7 @@ class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
         target = (target - target[keep].mean()) / target[keep].std(unbiased=False).clamp_min(1e-6)
         predicted = self._gaze_module(module_id).predict_return(features, obs)
         loss = ((predicted - target)[keep] ** 2).mean()
-        self.metrics.log_value((module_id, GAZE_PREDICT_LOSS_KEY), loss.detach(), window=1)
+        self._log_gaze_metrics(module_id, {GAZE_PREDICT_LOSS_KEY: loss.detach()})
         return loss
 
     def _returns(self, module_id: ModuleID, config: GazePPOConfig, batch: dict, fwd_out: dict) -> torch.Tensor:

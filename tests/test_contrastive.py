@@ -298,6 +298,88 @@ def test_return_to_go_discounts_within_each_chunk_and_bootstraps_at_its_extra_ro
     assert g.tolist() == pytest.approx([4.5, 7.0, 10.0, 3.0, 7.0])
 
 
+def return_to_go_by_rows(rewards, terminated, mask, bootstrap, gamma):
+    """The row-by-row loop the vectorised return-to-go replaced (before issue 22): the reference."""
+    following, values = 0.0, []
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        if not mask[t]:
+            following = float(bootstrap[t])
+        else:
+            following = float(rewards[t]) + (0.0 if terminated[t] else gamma * following)
+        values.append(following)
+    return torch.tensor(values[::-1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_return_to_go_equals_the_row_loop_on_random_chunk_layouts(seed):
+    from rllib_gaze.contrastive import discounted_return_to_go
+
+    gen = torch.Generator().manual_seed(seed)
+    # chunks of random lengths (1 to 300 steps, so some are longer than the scan's first offsets),
+    # each followed by its extra row; some end in a termination, some also terminate inside
+    lengths = torch.randint(1, 300, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+    mask = torch.cat([torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+                      for n in lengths])
+    rewards = torch.randn(mask.shape[0], generator=gen)
+    terminated = (torch.rand(mask.shape[0], generator=gen) < 0.02) & mask
+    bootstrap = 5.0 * torch.randn(mask.shape[0], generator=gen)
+    for gamma in (0.0, 0.5, 0.95, 1.0):
+        expected = return_to_go_by_rows(rewards, terminated, mask, bootstrap, gamma)
+        got = discounted_return_to_go(rewards, terminated, mask, bootstrap, gamma)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (gamma, (got - expected).abs().max())
+    # a batch that does not end at an extra row: the rows after the last one count 0
+    cut = mask.shape[0] - 1
+    assert torch.allclose(discounted_return_to_go(rewards[:cut], terminated[:cut], mask[:cut], bootstrap[:cut], 0.9),
+                          return_to_go_by_rows(rewards[:cut], terminated[:cut], mask[:cut], bootstrap[:cut], 0.9),
+                          rtol=1e-5, atol=1e-4)
+
+
+def test_return_to_go_reads_nothing_on_the_host():
+    from rllib_gaze.contrastive import discounted_return_to_go
+    from rllib_gaze.profiling import OpCounter
+
+    mask = torch.arange(1000) % 51 != 50
+    counter = OpCounter()
+    with counter:
+        discounted_return_to_go(torch.rand(1000), torch.zeros(1000, dtype=torch.bool), mask, torch.randn(1000), 0.9)
+    assert counter.sync_count() == 0
+    assert sum(counter.ops.values()) < 200   # log2(1000) vector steps, not one per row
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fixed_size_mining_agrees_with_the_compacted_triplets(seed):
+    from rllib_gaze.contrastive import mine_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    memory = FeatureReturnMemory(64, (4, 3, 3), pool=2)
+    memory.push(torch.rand(64, 4, 3, 3, generator=gen), torch.randn(64, generator=gen))
+    anchors, returns = torch.rand(20, 4, 3, 3, generator=gen), torch.randn(20, generator=gen)
+    searched = torch.rand(20, generator=gen) < 0.8
+    rows = mine_rows(anchors, returns, memory, k=4, threshold=torch.tensor(0.1), searched=searched)
+    compact = mine_triplets(anchors[searched], returns[searched], memory, k=4, threshold=0.1)
+    assert torch.equal(rows.valid.nonzero().squeeze(1), searched.nonzero().squeeze(1)[compact.anchor])
+    assert torch.equal(rows.positive[rows.valid], compact.positive)
+    assert torch.equal(rows.negative[rows.valid], compact.negative)
+    assert float(rows.valid_fraction) == pytest.approx(compact.valid_fraction)
+    assert float(rows.label_agreement) == pytest.approx(compact.label_agreement)
+
+
+def test_masked_triplet_and_fixation_losses_equal_the_losses_of_the_valid_rows():
+    from rllib_gaze.contrastive import fixation_loss
+
+    torch.manual_seed(0)
+    cos_ap, cos_an, valid = torch.rand(10), torch.rand(10), torch.rand(10) < 0.6
+    loss, active = triplet_margin_loss(cos_ap, cos_an, margin=0.2, valid=valid)
+    expected = triplet_margin_loss(cos_ap[valid], cos_an[valid], margin=0.2)
+    assert float(loss) == pytest.approx(float(expected[0])) and float(active) == pytest.approx(float(expected[1]))
+    params, centres = torch.rand(10, 5), torch.rand(10, 2)
+    assert float(fixation_loss(params, centres, valid)) == pytest.approx(float(fixation_loss(params[valid],
+                                                                                              centres[valid])))
+    none = torch.zeros(10, dtype=torch.bool)
+    assert float(triplet_margin_loss(cos_ap, cos_an, margin=0.2, valid=none)[0]) == 0.0
+
+
 def test_fixation_search_picks_the_cell_where_positive_and_negative_differ():
     """Anchor and positive share a thing at cell (x=5, y=2) that the negative lacks; elsewhere all
     three hold the same things at different places: the search must name that cell."""

@@ -177,6 +177,42 @@ def test_memory_and_mining_live_on_the_learners_gpu():
     assert results[MID][CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
 
 
+def test_the_contrastive_path_reads_nothing_on_the_host_and_metrics_are_read_once_per_update(trained):
+    """No host sync in any gradient step's contrastive path (on a GPU each would stall the step);
+    what must be read (which staged rows enter the memory, the metrics) is read once per update."""
+    from rllib_gaze.profiling import OpCounter
+
+    _, learner, _, batch = trained
+    counter = OpCounter()
+    pieces = {"contrastive": "_contrastive_term", "gaze metrics": "_log_gaze_stats",
+              "after": "after_gradient_based_update", "batch": "_make_batch_if_necessary"}
+    for section, name in pieces.items():
+        original = getattr(learner, name)
+        setattr(learner, name, lambda *a, _o=original, _s=section, **kw: _run_in(counter, _s, _o, *a, **kw))
+    try:
+        with counter:
+            logged = learner.update(batch=SampleBatch(batch), num_epochs=3, minibatch_size=64,
+                                    timesteps={"num_env_steps_sampled_lifetime": 256})[MID]
+    finally:
+        for name in pieces.values():
+            delattr(learner, name)
+    assert counter.calls["contrastive"] >= 6 and counter.ops["contrastive"] > 0   # 3 epochs of >= 2 minibatches
+    assert counter.sync_count("contrastive") == 0, counter.syncs.get("contrastive")
+    assert counter.sync_count("gaze metrics") == 0, counter.syncs.get("gaze metrics")
+    # the staged rows' masks (one read; then nonzero and the chunks' bounds on host tensors, which a
+    # CPU run cannot tell from device ones) and the metrics, together
+    assert counter.sync_count("after") <= 3, counter.syncs.get("after")
+    assert counter.sync_count("batch") <= 1, counter.syncs.get("batch")   # the rows the memory may take
+    assert isinstance(logged[CONTRASTIVE_LOSS_KEY].peek(), float)
+    assert isinstance(logged[GAZE_GRAD_NORM_CONTRASTIVE_KEY].peek(), float)
+    assert logged[GAZE_GRAD_NORM_CONTRASTIVE_KEY].peek() > 0
+
+
+def _run_in(counter, section, function, *args, **kwargs):
+    with counter.section(section):
+        return function(*args, **kwargs)
+
+
 @pytest.mark.parametrize("case, why", [
     ("empty", CONTRASTIVE_MEMORY_FILL_KEY),          # nothing remembered yet
     ("all_equal", CONTRASTIVE_RETURN_SPREAD_KEY),    # no return difference: no positive/negative split
