@@ -1,6 +1,7 @@
 """Benchmarks: what the gaze and the contrastive loss cost next to plain PPO.
 
     python benchmarks/bench.py overhead [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
+    python benchmarks/bench.py profile  [--device cpu|cuda] [--batch 3200] [--minibatch 800] ...
     python benchmarks/bench.py sac-overhead [--device cpu|cuda] [--batch 512] [--updates 4] ...
     python benchmarks/bench.py mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
     python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
@@ -13,6 +14,10 @@ attention), ``gaze-rl`` (foveal, no contrastive loss) and ``gaze`` (the full met
 batch, interleaved round by round so machine noise hits every arm alike, with the contrastive
 memory already full (its steady state). ``sac-overhead`` does the same for the real GazeSACLearner
 (arms ``sac``, ``gaze-rl`` on SAC and ``gaze-sac``) on the same replayed rows of the clutter env.
+``profile`` counts, for one update of the same learners, the tensor operations dispatched and the
+host syncs of each piece (PPO's forward, loss, backward and optimizer step; the gaze's metrics; the
+contrastive path's staging, mining, neighbour search, similarity and loss, gradient norms, the gaze's
+own optimizer step; the end of the update), per minibatch and per update, and times each piece.
 ``mining`` times the exact neighbour search + triplet selection against memories of growing size;
 ``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss.
 ``envs`` compares env-steps/s of a bare loop, RLlib's stock ``SingleAgentEnvRunner`` and our
@@ -24,6 +29,7 @@ figures; none asserts anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -37,8 +43,9 @@ from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.arms import ARMS, SAC_ARMS
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import FeatureReturnMemory, gaze_triplet_loss, mine_triplets
+from rllib_gaze.contrastive import FeatureReturnMemory, discounted_return_to_go, gaze_triplet_loss, mine_triplets
 from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze
+from rllib_gaze.profiling import OpCounter
 
 BENCH_ARMS = ("ppo", "gaze-rl", "gaze-first", "gaze")  # gaze-first: the objective before issue 11
 # sac-overhead's arms: plain SAC, the gaze trained by the critic only, the full method.
@@ -69,7 +76,8 @@ def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int
     }, device=device))
 
 
-def overhead(args: argparse.Namespace) -> None:
+def _ppo_learners(args: argparse.Namespace, arms) -> tuple[dict, SampleBatch]:
+    """The real GazePPOLearner of each arm and one synthetic train batch, at ``args``' shapes."""
     obs_space = gym.spaces.Dict({
         "rgb": gym.spaces.Box(0, 255, (args.image, args.image, 3), np.uint8),
         "state": gym.spaces.Box(-np.inf, np.inf, (args.state_dim,), np.float32),
@@ -77,15 +85,20 @@ def overhead(args: argparse.Namespace) -> None:
     act_space = gym.spaces.Box(-1, 1, (args.act_dim,), np.float32)
     batch = _synthetic_batch(args.batch, args.image, args.state_dim, args.act_dim, seed=0, device=args.device)
     learners = {}
-    for arm in BENCH_ARMS:
+    for arm in arms:
         config = (GazePPOConfig()
                   .environment(observation_space=obs_space, action_space=act_space)
                   .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0)
                   .training(train_batch_size_per_learner=args.batch, minibatch_size=args.minibatch,
                             num_epochs=args.epochs)
-                  .gaze(**ARMS[arm])
+                  .gaze(**ARMS[arm], contrastive_memory_capacity=args.memory)
                   .debugging(seed=0))
         learners[arm] = config.build_learner()
+    return learners, batch
+
+
+def overhead(args: argparse.Namespace) -> None:
+    learners, batch = _ppo_learners(args, BENCH_ARMS)
     timesteps = {"num_env_steps_sampled_lifetime": args.batch}
 
     def update(arm: str) -> float:
@@ -110,12 +123,7 @@ def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace
     """Times ``update(arm)`` per arm, the arms interleaved round by round (noise hits all alike),
     after warming every arm up until ``gaze_learner``'s contrastive memory is full (its steady
     state), and prints each arm's median and its ratios to ``baseline``'s."""
-    while True:
-        for arm in arms:
-            update(arm)
-        memory = gaze_learner.contrastive_memory("default_policy")
-        if len(memory) == memory.capacity:
-            break
+    memory = _fill_memory(update, arms, gaze_learner)
     times = {arm: [] for arm in arms}
     for round_ in range(args.repeats):
         for arm in arms:
@@ -130,6 +138,134 @@ def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace
         med = statistics.median(arm_times)
         paired = statistics.median(t / b for t, b in zip(arm_times, times[baseline]))
         print(f"  {arm:8s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
+
+
+def _fill_memory(update, arms, gaze_learner) -> FeatureReturnMemory:
+    """Run ``update(arm)`` for every arm, round by round, until ``gaze_learner``'s contrastive
+    memory is full (its steady state); returns that memory."""
+    while True:
+        for arm in arms:
+            update(arm)
+        memory = gaze_learner.contrastive_memory("default_policy")
+        if len(memory) == memory.capacity:
+            return memory
+
+
+# What bench.py profile counts and times: (owner, attribute, section). Owners: "learner" (a method of
+# the learner), "module" (of its MultiRLModule), "metrics" (its MetricsLogger), "gaze optimizer",
+# or a module of ours whose function the learner calls by that name.
+PROFILE_SECTIONS = (
+    ("learner", "compute_loss_for_module", "PPO loss"),
+    ("module", "forward_train", "forward"),
+    ("learner", "_log_gaze_stats", "gaze metrics"),
+    ("learner", "_contrastive_term", "contrastive: anchors"),
+    ("learner", "_stage", "contrastive: staging"),
+    ("rllib_gaze.contrastive_learner", "mine_rows", "contrastive: labels and selection"),
+    ("rllib_gaze.contrastive_learner", "mine_triplets", "contrastive: labels and selection"),  # before issue 22
+    ("rllib_gaze.contrastive", "nearest_neighbours", "contrastive: neighbour search"),
+    ("rllib_gaze.contrastive_learner", "gaze_triplet_loss", "contrastive: similarity and loss"),
+    ("rllib_gaze.contrastive_learner", "fixation_targets", "contrastive: fixation search"),
+    ("learner", "_contrastive_loss", "contrastive: metrics"),
+    ("learner", "_log_gaze_gradients", "gradient norms (first minibatch)"),
+    ("learner", "compute_gradients", "backward"),
+    ("learner", "apply_gradients", "optimizer step"),
+    ("gaze optimizer", "step", "gaze optimizer step"),
+    ("learner", "after_gradient_based_update", "after the update (memory push, metrics read)"),
+    ("metrics", "reduce", "RLlib's metrics reduce"),
+)
+
+
+@contextlib.contextmanager
+def _profiled(learner, counter: OpCounter):
+    """Route the calls of ``PROFILE_SECTIONS`` through ``counter``'s sections while open."""
+    import importlib
+
+    owners = {"learner": learner, "module": learner.module, "metrics": learner.metrics,
+              "gaze optimizer": dict(learner.get_optimizers_for_module("default_policy")).get("gaze")}
+    undo = []
+    for owner_name, attribute, section in PROFILE_SECTIONS:
+        owner = owners[owner_name] if owner_name in owners else importlib.import_module(owner_name)
+        if owner is None or not hasattr(owner, attribute):
+            continue
+        original = getattr(owner, attribute)
+
+        def wrapped(*a, _original=original, _section=section, **kw):
+            with counter.section(_section):
+                return _original(*a, **kw)
+
+        setattr(owner, attribute, wrapped)
+        undo.append((owner, attribute, original, owner_name in owners))
+    try:
+        yield
+    finally:
+        for owner, attribute, original, instance in reversed(undo):
+            if instance:
+                delattr(owner, attribute)   # back to the class's method
+            else:
+                setattr(owner, attribute, original)
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Op counts, host syncs and times of each piece of one learner update, per arm."""
+    arms = ("ppo", "gaze-rl", "gaze")
+    learners, batch = _ppo_learners(args, arms)
+    timesteps = {"num_env_steps_sampled_lifetime": args.batch}
+
+    def update(arm: str) -> None:
+        learners[arm].update(batch=batch.copy(), num_epochs=args.epochs, minibatch_size=args.minibatch,
+                             timesteps=timesteps)
+
+    _fill_memory(update, arms, learners["gaze"])
+    print(f"one learner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, rgb "
+          f"{args.image}x{args.image} + state {args.state_dim}, memory full, device {args.device}, torch threads "
+          f"{torch.get_num_threads()}. ops: aten operations dispatched (forward and backward); syncs: host "
+          f"syncs (rllib_gaze.profiling); times: median of {args.repeats} updates, nested pieces excluded", flush=True)
+    for arm in arms:
+        counted = OpCounter()
+        with _profiled(learners[arm], counted), counted, counted.section("update"):
+            update(arm)
+        timed = []
+        for _ in range(args.repeats):
+            timer = OpCounter(synchronize=lambda: _sync(args.device))
+            with _profiled(learners[arm], timer), timer.section("update"):
+                update(arm)
+            timed.append(timer)
+        minibatches = counted.calls["PPO loss"]
+        total_ops = sum(counted.ops.values())
+        per_update = statistics.median(sum(t.seconds.values()) for t in timed)
+        print(f"\n{arm}: {minibatches} minibatches, {total_ops / minibatches:.0f} ops per minibatch, "
+              f"{counted.sync_count()} host syncs per update, update {per_update:.3f} s", flush=True)
+        print(f"  {'piece':48s} {'calls':>5s} {'ops/minibatch':>13s} {'syncs/update':>12s} "
+              f"{'ms/minibatch':>12s}  syncs by op")
+        sections = ["update"] + [section for _, _, section in PROFILE_SECTIONS]
+        for section in dict.fromkeys(sections):
+            if not counted.calls[section]:
+                continue
+            ms = 1e3 * statistics.median(t.seconds[section] for t in timed) / minibatches
+            syncs = counted.syncs.get(section, {})
+            names = ", ".join(f"{name} {n}" for name, n in sorted(syncs.items(), key=lambda kv: -kv[1]))
+            label = "rest of the update (RLlib's loop)" if section == "update" else section
+            print(f"  {label:48s} {counted.calls[section]:5d} {counted.ops[section] / minibatches:13.0f} "
+                  f"{sum(syncs.values()):12d} {ms:12.2f}  {names}", flush=True)
+    _profile_return_to_go(args)
+
+
+def _profile_return_to_go(args: argparse.Namespace) -> None:
+    """Ops, host syncs and time of the return-to-go labels (``contrastive_return="return_to_go"``,
+    once per update) over ``args.batch`` rows in chunks of 50 steps + the extra row."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.rand(args.batch, generator=gen).to(args.device)
+    mask = (torch.arange(args.batch) % 51 != 50).to(args.device)
+    terminateds = (torch.rand(args.batch, generator=gen) < 0.01).to(args.device)
+    bootstrap = torch.randn(args.batch, generator=gen).to(args.device)
+    counted, timer = OpCounter(), OpCounter(synchronize=lambda: _sync(args.device))
+    with counted, counted.section("rtg"):
+        discounted_return_to_go(rewards, terminateds, mask, bootstrap, 0.95)
+    with timer.section("rtg"):
+        discounted_return_to_go(rewards, terminateds, mask, bootstrap, 0.95)
+    print(f"\nreturn-to-go labels of {args.batch} rows (contrastive_return='return_to_go', once per update): "
+          f"{counted.ops['rtg']} ops, {counted.sync_count()} host syncs, {1e3 * timer.seconds['rtg']:.2f} ms",
+          flush=True)
 
 
 def sac_overhead(args: argparse.Namespace) -> None:
@@ -478,16 +614,26 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    def ppo_update_arguments(p: argparse.ArgumentParser) -> None:
+        """The learner update's shapes (overhead, profile)."""
+        p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+        p.add_argument("--image", type=int, default=128)
+        p.add_argument("--state-dim", type=int, default=25)
+        p.add_argument("--act-dim", type=int, default=8)
+        p.add_argument("--batch", type=int, default=3200, help="rows per update (ppo_rgb: 25600)")
+        p.add_argument("--minibatch", type=int, default=800, help="ppo_rgb: 800")
+        p.add_argument("--epochs", type=int, default=1, help="ppo_rgb: 4")
+        p.add_argument("--memory", type=int, default=8192, help="contrastive memory rows (GazePPOConfig: 8192)")
+
     p = sub.add_parser("overhead", help="learner update time: gaze + contrastive vs plain PPO")
-    p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
-    p.add_argument("--image", type=int, default=128)
-    p.add_argument("--state-dim", type=int, default=25)
-    p.add_argument("--act-dim", type=int, default=8)
-    p.add_argument("--batch", type=int, default=3200, help="rows per update (ppo_rgb: 25600)")
-    p.add_argument("--minibatch", type=int, default=800, help="ppo_rgb: 800")
-    p.add_argument("--epochs", type=int, default=1, help="ppo_rgb: 4")
+    ppo_update_arguments(p)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=overhead)
+
+    p = sub.add_parser("profile", help="op counts, host syncs and times of each piece of one learner update")
+    ppo_update_arguments(p)
+    p.add_argument("--repeats", type=int, default=1, help="timed updates per arm (after the counted one)")
+    p.set_defaults(func=profile)
 
     p = sub.add_parser("sac-overhead", help="SAC learner update time: gaze + contrastive vs plain SAC")
     p.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
