@@ -304,12 +304,17 @@ class Run:
         return next((s for s, r in zip(self.steps, self.ratios) if r <= level), None)
 
 
+def nearest_place(centres: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` distance of each of ``centres (N, 2)`` to the nearest of ``places (N, P, 2)``; a
+    NaN place (behind the camera) does not count, and a row with none in view gets ``inf``."""
+    return (places - centres.unsqueeze(1)).norm(dim=2).nan_to_num(nan=math.inf).amin(1)
+
+
 def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
     """Mean distance of ``centres (N, 2)`` to the nearest of ``places (N, P, 2)`` over a central
-    gaze's (places may be NaN: not in view)."""
-    gaze = (places - centres.unsqueeze(1)).norm(dim=2).nan_to_num(nan=math.inf).amin(1)
-    centre = places.norm(dim=2).nan_to_num(nan=math.inf).amin(1)
-    seen = centre.isfinite()   # a place behind the camera is NaN: rows with none in view are left out
+    gaze's, over the rows with a place in view."""
+    gaze, centre = nearest_place(centres, places), nearest_place(torch.zeros_like(centres), places)
+    seen = centre.isfinite()
     return float(gaze[seen].mean() / centre[seen].mean())
 
 
@@ -376,8 +381,8 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
             ratios.append(ratio())
     with torch.no_grad():
         sigma = float(gaze.attention_map(probe.maps)[1][:, 2:4].mean())
-    centre_distance = float(probe.places.norm(dim=2).nan_to_num(nan=math.inf).amin(1).nan_to_num(posinf=math.nan)
-                            .nanmean())
+    centre = nearest_place(probe.places.new_zeros(len(probe.places), 2), probe.places)
+    centre_distance = float(centre[centre.isfinite()].mean())
     name = objective if objective == "triplet" else f"{objective} {pools}"
     source = source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
     return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma,
