@@ -351,12 +351,14 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
         with torch.no_grad():
             return localisation_ratio(gaze.attention_map(probe.maps)[1][:, :2], probe.places)
 
+    def label_stats() -> tuple[float, torch.Tensor]:  # median return and mean map of the memory
+        maps, _, returns = memory.filled()
+        return float(torch.quantile(returns, 0.5)), maps.mean(0)
+
+    threshold, mean_map = label_stats()   # a recorded source's memory never changes
     log_steps, ratios, agreements, valid = [0], [ratio()], [], []
     for step in range(1, steps + 1):
         batch = draw(anchors)
-        _, _, bank_returns = memory.filled()
-        threshold = float(torch.quantile(bank_returns, 0.5))
-        mean_map = memory.filled()[0].mean(0)
         groups = None if mining == "all" else (batch.groups, bank.groups)
         triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold, groups=groups)
         agreements.append(triplets.label_agreement)
@@ -376,6 +378,7 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
             optimizer.step()
         if source in SYNTHETIC:   # the learner's order: mined against earlier rows, then pushed
             memory.push(batch.maps, batch.returns)
+            threshold, mean_map = label_stats()
         if step % log_every == 0:
             log_steps.append(step)
             ratios.append(ratio())
