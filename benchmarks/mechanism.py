@@ -18,7 +18,8 @@ Sources of maps (``SOURCES``):
   paper's "similar states"), ``relational-copies`` (32 scenes; the agent moves, the relation pays);
 - ``fovea`` / ``clutter``: the project's diagnostics (``ClutterEnv`` with the suite's settings),
   played by a noisy scripted reach, encoded by a randomly initialised NatureCNN (the module's);
-  relevant places: target and agent;
+  relevant places: target and agent; ``signal``: the control diagnostic (``fovea`` whose target's
+  colour shows the agent's closeness), relevant place: the target alone, where the return shows;
 - ``PushCube-v1`` / ``PullCube-v1``: real ManiSkill frames on ``physx_cpu`` from a noisy scripted
   push (``benchmarks/maniskill_frames.py``), encoded the same way; relevant places: cube and goal.
 
@@ -63,7 +64,7 @@ from rllib_gaze.gaze import build_gaze  # noqa: E402
 
 CHANNELS, GRID, CLUTTER_OBJECTS = 16, 8, 12
 SYNTHETIC = ("fixed", "moving", "relational", "conjunction", "copies", "relational-copies")
-DIAGNOSTICS = ("fovea", "clutter")
+DIAGNOSTICS = ("fovea", "clutter", "signal")
 MANISKILL = ("PushCube-v1", "PullCube-v1")
 SOURCES = SYNTHETIC + DIAGNOSTICS + MANISKILL
 LABELS = ("step", "episode")
@@ -208,8 +209,9 @@ def episode_labels(rewards: np.ndarray, episode: np.ndarray, labels: str) -> np.
 
 
 def record_diagnostic(name: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
-    """Play ``fovea`` or ``clutter`` (the suite's settings) with a noisy scripted reach: images
-    ``(N, S, S, 3)``, rewards, episode ids, and the places ``(N, 2, 2)`` [target, agent] in [0, 1]."""
+    """Play a diagnostic of ``DIAGNOSTICS`` (the suite's settings) with a noisy scripted reach: images
+    ``(N, S, S, 3)``, rewards, episode ids, and the places in [0, 1]: ``(N, 2, 2)`` [target, agent],
+    or ``(N, 1, 2)`` [target] for ``signal``, whose return shows at the target alone."""
     from rllib_gaze.envs.clutter import ClutterEnv
     from rllib_gaze.suite import TASKS
 
@@ -226,7 +228,8 @@ def record_diagnostic(name: str, episodes: int, seed: int) -> dict[str, np.ndarr
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-6)
         action = skill * direction + (1 - skill) * (2 * torch.rand(episodes, 2, generator=gen) - 1)
         out["images"].append(obs["rgb"].clone())
-        out["places"].append(torch.stack([obs["target"], obs["state"]], 1))
+        places = [obs["target"]] if settings.get("target_signal") else [obs["target"], obs["state"]]
+        out["places"].append(torch.stack(places, 1))
         obs, reward, *_ = env.step(action)
         out["rewards"].append(reward)
     # (T, E, ...) -> episode-major rows

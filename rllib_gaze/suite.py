@@ -108,7 +108,12 @@ FOVEA = Task(
     sac={"train_batch_size_per_learner": 128, "training_intensity": 4},
 )
 
-TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC, FOVEA.name: FOVEA}
+# The control diagnostic (issue 21): `fovea` with the outcome visible at one place, the target's
+# colour showing the agent's closeness, so a state's return can be read off the target alone (the
+# mechanism bench's `moving` family) rather than only off the relation between agent and target.
+SIGNAL = dataclasses.replace(FOVEA, name="signal", env_config={**FOVEA.env_config, "target_signal": True})
+
+TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC, FOVEA.name: FOVEA, SIGNAL.name: SIGNAL}
 for _env_id, _shape in _PAPER_SHAPES.items():
     for _clutter in (0, PAPER_CLUTTER):
         _task = _maniskill(_env_id, clutter=_clutter, **_shape)

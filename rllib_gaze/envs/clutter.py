@@ -22,6 +22,7 @@ REWARDS = ("progress", "closeness")
 
 _AGENT_RGB = (220, 40, 40)
 _TARGET_RGB = (40, 200, 60)
+_SIGNAL_RGB = (250, 240, 60)   # the target's colour at contact when it signals closeness
 
 
 class ClutterEnv:
@@ -40,6 +41,12 @@ class ClutterEnv:
     ``terminate_on_success`` it also ends the episode. ``info["success"]`` is a ``(N,)`` bool
     tensor. All outputs are torch tensors on ``device``.
 
+    ``target_signal`` makes the outcome visible at one place: the target's colour shows the agent's
+    closeness ``1 - tanh(5 * distance)`` (what the closeness reward pays), from its usual green at
+    no closeness to yellow at contact. It is the control diagnostic of docs/results.md: a state's
+    return can then be read off the target alone, as in the mechanism bench's ``moving`` family,
+    instead of only from the relation between agent and target.
+
     ``fail_at_step`` and ``fail_once_file`` are for tests only (0, the default, turns them off):
     ``step()`` raises RuntimeError at that many steps of this env object, to exercise RLlib's env
     runner restarts; with ``fail_once_file`` only while that file does not exist (it is created
@@ -49,7 +56,7 @@ class ClutterEnv:
     def __init__(self, num_envs: int = 1, *, image_size: int = 64, num_distractors: int = 6,
                  max_episode_steps: int = 50, include_state: bool = False, step_size: float = 0.08,
                  success_radius: float = 0.08, terminate_on_success: bool = False,
-                 reward: str = "progress", expose_target: bool = False,
+                 reward: str = "progress", expose_target: bool = False, target_signal: bool = False,
                  device: str = "cpu", seed: int | None = None, fail_at_step: int = 0,
                  fail_once_file: str | None = None):
         if num_envs < 1:
@@ -66,7 +73,7 @@ class ClutterEnv:
             raise ValueError(f"fail_at_step={fail_at_step!r}: must be >= 0 (0: off)")
         self.num_envs = num_envs
         self.fail_at_step, self.fail_once_file, self._steps_taken = fail_at_step, fail_once_file, 0
-        self.reward, self.expose_target = reward, expose_target
+        self.reward, self.expose_target, self.target_signal = reward, expose_target, target_signal
         self.image_size, self.num_distractors = image_size, num_distractors
         self.max_episode_steps, self.include_state = max_episode_steps, include_state
         self.step_size, self.success_radius = step_size, success_radius
@@ -193,7 +200,12 @@ class ClutterEnv:
             is_green = self.distractor_is_green[:, j]
             # Green distractors are filled (target is hollow); red ones hollow (agent is filled).
             self._paint_square(img, self.distractors[:, j], ~is_green, torch.where(is_green.view(-1, 1), green, red))
-        self._paint_square(img, self.target, yes, green)
+        target_colour = green
+        if self.target_signal:
+            closeness = (1.0 - torch.tanh(5.0 * (self.agent - self.target).norm(dim=-1))).view(-1, 1)
+            signal = torch.tensor(_SIGNAL_RGB, dtype=torch.float32, device=self.device)
+            target_colour = (green.float() + closeness * (signal - green.float())).round().to(torch.uint8)
+        self._paint_square(img, self.target, yes, target_colour)
         self._paint_square(img, self.agent, no, red)
         img = img.view(n, s, s, 3)
         if not (self.include_state or self.expose_target):

@@ -75,3 +75,10 @@ def test_bad_source_or_objective_is_refused_naming_it():
         mechanism.train("fixed", "stare")
     with pytest.raises(ValueError, match="mining='episode'.*recorded sources only"):
         mechanism.train("fixed", "triplet", mining="episode")
+
+
+def test_the_control_diagnostic_records_the_target_alone_as_its_place():
+    rec = mechanism.record_diagnostic("signal", episodes=2, seed=0)
+    assert rec["places"].shape == (2 * 50, 1, 2)
+    from rllib_gaze.suite import TASKS
+    assert TASKS["signal"].env_config == {**TASKS["fovea"].env_config, "target_signal": True}

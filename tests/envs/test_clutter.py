@@ -153,3 +153,29 @@ def test_expose_target_adds_the_target_position_to_the_observation():
     assert torch.equal(obs["target"], env.target) and torch.equal(obs["state"], env.agent)
     only_target = ClutterEnv(num_envs=1, expose_target=True)
     assert set(only_target.single_observation_space.spaces) == {"rgb", "target"}
+
+
+def _target_ring_colour(env: ClutterEnv) -> tuple[int, ...]:
+    """The colour of env 0's target ring (its top-left corner pixel)."""
+    obs = env._observe()
+    img = (obs["rgb"] if isinstance(obs, dict) else obs)[0]
+    s, half = env.image_size, env._half
+    x, y = (env.target[0] - half * 0.75) * s
+    return tuple(img[int(y), int(x)].tolist())
+
+
+def test_target_signal_colours_the_target_by_the_agents_closeness():
+    env = ClutterEnv(1, image_size=64, num_distractors=0, target_signal=True, seed=0)
+    env.reset()
+    env.target[0] = torch.tensor([0.3, 0.3])
+    env.agent[0] = torch.tensor([0.9, 0.9])                 # far: closeness ~0, the usual green
+    far = _target_ring_colour(env)
+    env.agent[0] = torch.tensor([0.4, 0.3])                 # beside it (the agent would cover it)
+    near = _target_ring_colour(env)
+    closeness = 1 - np.tanh(5 * 0.1)
+    expected = [round(g + closeness * (y - g)) for g, y in zip((40, 200, 60), (250, 240, 60))]
+    assert far == pytest.approx((40, 200, 60), abs=2) and near == pytest.approx(expected, abs=1)
+    plain = ClutterEnv(1, image_size=64, num_distractors=0, seed=0)
+    plain.reset()
+    plain.target[0], plain.agent[0] = torch.tensor([0.3, 0.3]), torch.tensor([0.35, 0.3])
+    assert _target_ring_colour(plain) == (40, 200, 60)      # off by default, whatever the distance
