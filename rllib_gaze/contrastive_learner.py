@@ -186,9 +186,19 @@ class ContrastiveGazeLearnerMixin:
         positive, negative = bank_maps[mined.positive], bank_maps[mined.negative]
         mean_map = self._mean_maps.get(module_id)
         loss = zero
+        anchor_gaze: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def gaze_weights(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # both objectives read the anchors' gaze: the head runs on them once
+            if maps is not features:
+                return gaze.gaze_weights(maps)
+            if not anchor_gaze:
+                anchor_gaze.append(gaze.gaze_weights(features))
+            return anchor_gaze[0]
+
         if config.contrastive_objective != "fixation":
             loss, active, cos_ap, cos_an = gaze_triplet_loss(
-                gaze.gaze_weights, features, positive, negative, similarity=config.contrastive_similarity,
+                gaze_weights, features, positive, negative, similarity=config.contrastive_similarity,
                 triplet_gaze=config.contrastive_triplet_gaze, margin=config.contrastive_margin,
                 mean_map=mean_map, valid=valid)
             metrics[CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY] = active
@@ -200,7 +210,7 @@ class ContrastiveGazeLearnerMixin:
             centre = mean_map if mean_map is not None else zero
             centres, _ = fixation_targets(features - centre, positive - centre, negative - centre,
                                           tuple(config.fixation_pools))
-            fixation = fixation_loss(gaze.gaze_weights(features)[1], centres, valid)
+            fixation = fixation_loss(gaze_weights(features)[1], centres, valid)
             metrics[CONTRASTIVE_FIXATION_LOSS_KEY] = fixation.detach()
             loss = loss + fixation
         metrics[CONTRASTIVE_LOSS_KEY] = loss.detach()

@@ -347,9 +347,13 @@ def test_fixation_objective_trains_only_the_gaze_and_logs_its_loss(objective):
     mask = batch[Columns.LOSS_MASK]
     features = module.forward_train(batch)["pre_attention_features"].detach()
     module.zero_grad()
-    loss = learner._contrastive_loss(MID, config, features[mask], batch[Columns.VALUE_TARGETS][mask])
+    head_inputs, gaze_weights = [], module.gaze_weights
+    module.gaze_weights = lambda maps, obs=None: head_inputs.append(len(maps)) or gaze_weights(maps, obs)
+    anchors = features[mask]
+    loss = learner._contrastive_loss(MID, config, anchors, batch[Columns.VALUE_TARGETS][mask])
     assert loss.item() > 0
     assert learner.metrics.peek((MID, CONTRASTIVE_FIXATION_LOSS_KEY)) > 0
+    assert head_inputs == [len(anchors)]   # the anchors' gaze once, whichever objectives read it
     loss.backward()
     moved = {name for name, g in param_grads(module).items() if g.abs().sum() > 0}
     assert moved and all(name.startswith("gaze.") for name in moved), moved
