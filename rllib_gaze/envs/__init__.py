@@ -19,13 +19,16 @@ MANISKILL = "maniskill"
 
 
 def _bridge_options(cfg: dict, name: str) -> dict:
-    """Pop the bridge's own options out of an env_config; check RLlib passed ``num_envs``."""
+    """Pop the bridge's own options out of an env_config (``BatchedEnvBridge``'s arguments of the same
+    names: ``ignore_terminations``, ``bootstrap_at_done``, ``torch_observations``); check RLlib passed
+    ``num_envs``."""
     if "num_envs" not in cfg:
         raise ValueError(
             f"env {name!r} is a batched VectorEnv: set "
             "config.env_runners(gym_env_vectorize_mode='vector_entry_point') so RLlib passes num_envs")
     return {"ignore_terminations": bool(cfg.pop("ignore_terminations", False)),
-            "bootstrap_at_done": bool(cfg.pop("bootstrap_at_done", True))}
+            "bootstrap_at_done": bool(cfg.pop("bootstrap_at_done", True)),
+            "torch_observations": bool(cfg.pop("torch_observations", True))}
 
 
 def make_clutter(env_config: dict) -> BatchedEnvBridge:
@@ -42,8 +45,8 @@ def make_clutter(env_config: dict) -> BatchedEnvBridge:
 
 def make_maniskill_env(env_config: dict) -> BatchedEnvBridge:
     """Tune env creator for ``"maniskill"``: ``env_config`` holds ``env_id`` and the options of
-    ``rllib_gaze.envs.maniskill.make_maniskill``, plus the bridge's ``ignore_terminations`` and
-    ``bootstrap_at_done``."""
+    ``rllib_gaze.envs.maniskill.make_maniskill``, plus the bridge's ``ignore_terminations``,
+    ``bootstrap_at_done`` and ``torch_observations``."""
     from rllib_gaze.envs.maniskill import make_maniskill  # imports ManiSkill only when used
 
     cfg = dict(env_config)

@@ -1,4 +1,4 @@
-"""BatchedEnvBridge: next-step autoreset, numpy out, and what RLlib's env runner makes of it."""
+"""BatchedEnvBridge: next-step autoreset, numpy out (torch beside it), and what RLlib's env runner makes of it."""
 
 import numpy as np
 import pytest
@@ -29,6 +29,44 @@ def test_next_step_autoreset_ignores_the_action_and_resets_only_finished_envs():
     assert not trunc.any() and bridge.env.elapsed.tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("torch_observations", [True, False])
+def test_gym_api_gives_numpy_and_the_on_device_api_the_envs_own_tensors(torch_observations):
+    # The option only says which API BatchedEnvRunner reads: reset/step give numpy either way (RLlib's
+    # stock runner), reset_on_device/step_on_device the env's tensors as it returned them, with the
+    # same autoreset; torch actions reach the env as numpy ones do.
+    returned = []
+
+    def keep(result):
+        returned.append(result[0])
+        return result
+
+    envs = [ClutterEnv(2, image_size=24, max_episode_steps=2, seed=0) for _ in range(2)]
+    gym_api, on_device = (BatchedEnvBridge(e, torch_observations=torch_observations) for e in envs)
+    step, reset = envs[1].step, envs[1].reset
+    envs[1].step = lambda actions: keep(step(actions))
+    envs[1].reset = lambda **kw: keep(reset(**kw))
+    obs, info = gym_api.reset(seed=1)
+    obs_t, info_t = on_device.reset_on_device(seed=1)
+    assert isinstance(obs, np.ndarray) and obs_t is returned[-1] and np.array_equal(obs, obs_t.numpy())
+    assert info["success"].tolist() == info_t["success"].tolist() == [False, False]
+    for t in range(5):   # steps 2 and 5 end both episodes, step 3 is the reset step
+        action = np.full((2, 2), 0.5 - 0.3 * t, np.float32)
+        obs, rew, term, trunc, info = gym_api.step(action)
+        obs_t, rew_t, term_t, trunc_t, info_t = on_device.step_on_device(torch.from_numpy(action))
+        assert isinstance(obs, np.ndarray) and obs_t is returned[-1]
+        assert np.array_equal(obs, obs_t.numpy())
+        assert all(isinstance(x, np.ndarray) for x in (rew_t, term_t, trunc_t, info_t["success"]))
+        assert (rew.tolist(), term.tolist(), trunc.tolist(), info["success"].tolist()) == \
+            (rew_t.tolist(), term_t.tolist(), trunc_t.tolist(), info_t["success"].tolist())
+        assert trunc.all() == (t in (1, 4))
+    assert isinstance(on_device.step(torch.zeros(2, 2))[0], np.ndarray)   # step takes tensors too
+
+
+def test_creators_pass_torch_observations_to_the_bridge():
+    assert make_clutter({"num_envs": 2, "image_size": 24}).torch_observations is True
+    assert make_clutter({"num_envs": 2, "image_size": 24, "torch_observations": False}).torch_observations is False
+
+
 @pytest.mark.parametrize("bootstrap_at_done, ignore_terminations, expected", [
     (True, False, "truncated"),      # ppo_rgb: bootstrap at every done
     (False, False, "terminated"),
@@ -48,11 +86,15 @@ def test_termination_reporting(bootstrap_at_done, ignore_terminations, expected)
         (bool(term[0]), bool(trunc[0]))
 
 
-@pytest.mark.parametrize("runner_cls", [SingleAgentEnvRunner, BatchedEnvRunner])
-def test_rllib_sees_the_same_episodes_as_a_plain_loop(runner_cls):
+@pytest.mark.parametrize("runner_cls, torch_observations", [
+    (SingleAgentEnvRunner, True),    # the stock runner reads numpy through step() whatever the option
+    (BatchedEnvRunner, True),        # the env's tensors (the default)
+    (BatchedEnvRunner, False),       # numpy, as before issue 22
+])
+def test_rllib_sees_the_same_episodes_as_a_plain_loop(runner_cls, torch_observations):
     env_config = {"image_size": 32, "num_distractors": 2, "max_episode_steps": 7, "seed": 3}
     config = (GazePPOConfig()
-              .environment("clutter", env_config=env_config)
+              .environment("clutter", env_config={**env_config, "torch_observations": torch_observations})
               .env_runners(num_env_runners=0, num_envs_per_env_runner=3, gym_env_vectorize_mode="vector_entry_point",
                            explore=False, env_runner_cls=runner_cls)
               .rl_module(model_config={"conv_filters": ((8, 4, 2), (8, 3, 2))})
