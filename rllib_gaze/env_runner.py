@@ -14,6 +14,14 @@ weights, ``get_metrics``, evaluation runners, fault tolerance) and replaces only
 - observations, actions, rewards, terminated/truncated, infos and the module's extra outputs
   (``action_logp``, ``action_dist_inputs``, ...: the stock runner's ``extra_model_outputs``) go into
   ``(rows, N, ...)`` numpy buffers allocated once per fragment;
+- where the env gives torch tensors (``BatchedEnvBridge`` with ``torch_observations``, its default;
+  issue 22), the forward pass reads the env's own observation tensors, actions go back to the env as
+  tensors, and the rows of every tensor value (observations, actions, extra outputs) are written into
+  buffers on its device, copied into the numpy buffers once at the end of the fragment; on the CPU
+  those buffers are the numpy buffers' own memory, so nothing is copied twice. A GPU simulation's
+  observations then reach a policy on the GPU without a device -> host -> device trip per step.
+  Rewards, terminated/truncated and infos come to the host every step: the loop's bookkeeping needs
+  them. The episodes are the same either way;
 - at the end of the fragment one ``SingleAgentEpisode`` per sub-env and episode chunk is built from
   views of those buffers, with the stock runner's semantics through ``BatchedEnvBridge``
   (next-step autoreset: the step after a done returns the reset observation, starts a new episode
@@ -61,6 +69,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import AddObservationsFromEpisodesToBatch
 from ray.rllib.connectors.common.add_states_from_episodes_to_batch import AddStatesFromEpisodesToBatch
@@ -86,6 +95,8 @@ from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
+from rllib_gaze.envs.bridge import to_numpy
+
 logger = logging.getLogger("ray.rllib")
 
 # RLlib's default connector pieces for a single-agent, stateless module: for these the batched loop
@@ -103,15 +114,18 @@ def _overrides(callback: RLlibCallback, name: str) -> bool:
 class _Carry:
     """What one fragment hands the next, per sub-env (``N`` sub-envs, lookback ``lb``).
 
-    ``tail_*`` are the last rows of the previous fragment's buffers (``lb + 1`` observation and
-    info rows, the last of them the current observation, and ``lb`` rows of everything else);
+    ``obs``, ``infos`` and ``other`` are the last rows of the previous fragment's buffers (``lb + 1``
+    observation and info rows, the last of them the current observation, and ``lb`` rows of everything
+    else); ``current`` is the current observation as the env gave it (numpy arrays or its torch
+    tensors), which the next step's forward pass reads;
     ``t[i]`` is the env steps of sub-env ``i``'s ongoing episode so far (0: a new episode starts at
     the current observation), ``pending[i]`` that its episode ended at the last step (the next step
     is the reset step), ``ids[i]`` and ``custom_data[i]`` its ongoing episode's id and custom data.
     """
 
-    def __init__(self, obs: dict[str, np.ndarray], infos: dict, num_envs: int, lookback: int):
-        self.obs = {k: np.repeat(v[None], lookback + 1, 0) for k, v in obs.items()}   # (lb + 1, N, ...)
+    def __init__(self, current: dict[str, Any], infos: dict, num_envs: int, lookback: int):
+        self.current = current
+        self.obs = {k: np.repeat(to_numpy(v)[None], lookback + 1, 0) for k, v in current.items()}   # (lb + 1, N, ...)
         self.infos = [infos] * (lookback + 1)
         self.other: dict[str, np.ndarray] = {}   # actions, rewards, extra outputs: (lb, N, ...)
         self.t = np.zeros(num_envs, np.int64)
@@ -130,6 +144,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         self._carry: _Carry | None = None
         self._episodes_rows = 64   # vector steps that sample(num_episodes=...) sizes its buffers for
         self._buffers: dict[str, list[np.ndarray]] = {}
+        self._device_buffers: dict[str, torch.Tensor] = {}   # see _staging
+        self._on_device = False   # whether the env gives torch observations (set at each reset)
+        self._action_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # see _normalize_and_clip
         self._step_callbacks = [c for c in self._callbacks if _overrides(c, "on_episode_step")]
         self._step_functions = list(force_list(self.config.callbacks_on_episode_step))
         self._replay_steps = bool(self._step_callbacks or self._step_functions)
@@ -174,20 +191,23 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
     # ---- env access without DictInfoToList (it builds one info dict per sub-env per step) ------------------------
 
     def _vector_reset(self, seed: int | None) -> tuple[Any, dict]:
+        env = self.env.env
+        self._on_device = bool(getattr(env, "torch_observations", False))
         try:
             with self.metrics.log_time(ENV_RESET_TIMER):
-                return self.env.env.reset(seed=seed)
+                return (env.reset_on_device if self._on_device else env.reset)(seed=seed)
         except Exception:
             if not self.config.restart_failed_sub_environments:
                 raise
             self.make_env()
             return self._vector_reset(seed)
 
-    def _vector_step(self, actions: np.ndarray):
+    def _vector_step(self, actions: np.ndarray | torch.Tensor):
         # EnvRunner._try_env_step, on the vector env inside DictInfoToList.
+        env = self.env.env
         try:
             with self.metrics.log_time(ENV_STEP_TIMER):
-                return self.env.env.step(actions)
+                return (env.step_on_device if self._on_device else env.step)(actions)
         except Exception as e:
             self.metrics.log_value(NUM_ENV_STEP_FAILURES_LIFETIME, 1, reduce="lifetime_sum")
             if self.config.restart_failed_sub_environments:
@@ -206,17 +226,21 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         lookback = self.config.episode_lookback_horizon
         self._carry = _Carry(self._flat(obs), infos, self.num_envs, lookback)
 
-    def _flat(self, obs: Any) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in obs.items()} if isinstance(obs, dict) else {"": np.asarray(obs)}
+    def _flat(self, obs: Any) -> dict[str, np.ndarray | torch.Tensor]:
+        """An observation's arrays by key (``""`` for a single one); torch tensors stay tensors."""
+        items = obs.items() if isinstance(obs, dict) else [("", obs)]
+        return {k: v if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in items}
 
     def _tree(self, flat: dict[str, Any]) -> Any:
         return flat[""] if "" in flat and len(flat) == 1 else flat
 
     # ---- actions for a batch ------------------------------------------------------------------------------------
 
-    def _act(self, obs: dict[str, np.ndarray], explore: bool, ts: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    @torch.no_grad()
+    def _act(self, obs: dict[str, np.ndarray | torch.Tensor], explore: bool, ts: int) -> tuple[Any, Any, dict]:
         """Actions (as stored in episodes), actions for the env and extra outputs, each ``(N, ...)``:
-        the default connector pipelines' results, computed on the batch."""
+        the default connector pipelines' results, computed on the batch. Numpy arrays, or, where the
+        env gives torch observations, torch tensors on the module's device (no TensorToNumpy)."""
         batch = {Columns.OBS: convert_to_torch_tensor(self._tree(obs), device=self._device)}
         runners = self.config.num_env_runners or 1
         with self.metrics.log_time(RLMODULE_INFERENCE_TIMER):
@@ -236,18 +260,38 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             out[Columns.ACTIONS] = dist.sample()
             if Columns.ACTION_LOGP not in out:
                 out[Columns.ACTION_LOGP] = dist.logp(out[Columns.ACTIONS])
-        out = convert_to_numpy(dict(out))   # TensorToNumpy
+        out = dict(out) if self._on_device else convert_to_numpy(dict(out))   # TensorToNumpy
         actions = out.pop(Columns.ACTIONS)
         for_env = out.pop(Columns.ACTIONS_FOR_ENV, None)
-        if for_env is None:   # NormalizeAndClipActions
-            piece = self._module_to_env.connectors[_DEFAULT_MODULE_TO_ENV.index(NormalizeAndClipActions)]
-            if piece.normalize_actions:
-                for_env = unsquash_action(actions.copy(), piece._action_space_struct)
-            elif piece.clip_actions:
-                for_env = clip_action(actions.copy(), piece._action_space_struct)
-            else:
-                for_env = actions
+        if for_env is None:
+            for_env = self._normalize_and_clip(actions)
         return actions, for_env, out
+
+    def _normalize_and_clip(self, actions: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """NormalizeAndClipActions on the batch: RLlib's ``unsquash_action`` or ``clip_action`` on numpy
+        actions; on tensors the same arithmetic in the same order (so the same float32 results), for the
+        Box or Discrete action space the batched loop supports (neither changes a Discrete action)."""
+        piece = self._module_to_env.connectors[_DEFAULT_MODULE_TO_ENV.index(NormalizeAndClipActions)]
+        space = piece._action_space_struct
+        if not (piece.normalize_actions or piece.clip_actions):
+            return actions
+        if not isinstance(actions, torch.Tensor):
+            return (unsquash_action if piece.normalize_actions else clip_action)(actions.copy(), space)
+        if not isinstance(space, gym.spaces.Box):
+            return actions
+        key = (id(space), actions.device)   # the bounds on the actions' device once, not a copy per step
+        if key not in self._action_bounds:
+            self._action_bounds[key] = tuple(torch.as_tensor(b, device=actions.device) for b in (space.low, space.high))
+        low, high = self._action_bounds[key]
+        if piece.normalize_actions:
+            if not (np.all(space.bounded_below) and np.all(space.bounded_above)):
+                return actions
+            if np.issubdtype(space.dtype, np.integer):
+                return low + actions
+            if space.dtype not in (np.float32, np.float64):
+                return actions
+            actions = low + (actions + 1.0) * (high - low) / 2.0
+        return torch.minimum(torch.maximum(actions, low), high)   # np.clip
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -288,22 +332,37 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             v[: lb + 1] = carry.obs[k]
         infos = list(carry.infos)                            # one dict of (N,) arrays per row
         other: dict[str, np.ndarray] = {}                    # actions, rewards, extra outputs; row p = step into p
+        staged: dict[str, torch.Tensor] = {}                 # rows of torch values, by buffer name (see write)
         flags = {name: np.zeros((cap, n), bool) for name in ("terminated", "truncated", "resetting")}
         times = np.zeros(cap)
         times[: lb + 1] = time.perf_counter()
 
-        def put(name: str, p: int, value: np.ndarray) -> None:
+        def buffers() -> dict[str, np.ndarray]:   # the host buffers by pool name
+            return {**{f"obs/{k}": v for k, v in obs.items()}, **other}
+
+        def write(name: str, buf: np.ndarray, p: int, value: np.ndarray | torch.Tensor) -> None:
+            """Row ``p`` of host buffer ``buf``: numpy values go there at once, torch tensors into a buffer
+            on their device (``_staging``) that is copied into ``buf`` at the end of the fragment."""
+            if isinstance(value, torch.Tensor):
+                stage = staged.get(name)
+                if stage is None:
+                    stage = staged[name] = self._staging(name, buf, value.device)
+                stage[p] = value
+            else:
+                buf[p] = value
+
+        def put(name: str, p: int, value: np.ndarray | torch.Tensor) -> None:
             buf = other.get(name)
             if buf is None:
-                value = np.asarray(value)
-                buf = other[name] = self._buffer(name, cap, value.shape, value.dtype)
+                value = value if isinstance(value, torch.Tensor) else np.asarray(value)
+                buf = other[name] = self._buffer(name, cap, tuple(value.shape), _numpy_dtype(value))
                 tail = carry.other.get(name)
                 if tail is not None and tail.shape[1:] == buf.shape[1:]:
                     buf[1: lb + 1] = tail
-            buf[p] = value
+            write(name, buf, p, value)
 
         pending = carry.pending.copy()
-        current = {k: v[lb] for k, v in obs.items()}
+        current = carry.current
         p, ts, seq_no, finished = lb, 0, self._weights_seq_no, 0
         while ts < num_timesteps if num_episodes is None else finished < num_episodes:
             if random_actions:
@@ -322,9 +381,11 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
                 other = {k: self._grow(k, v, cap) for k, v in other.items()}
                 flags = {k: _grown(v, cap) for k, v in flags.items()}
                 times = _grown(times, cap)
-            for k, v in self._flat(new_obs).items():
-                obs[k][p] = v
-            current = {k: v[p] for k, v in obs.items()}
+                hosts = buffers()
+                staged.update({name: self._staging(name, hosts[name], v.device, v) for name, v in staged.items()})
+            current = self._flat(new_obs)   # what the next forward pass reads: the env's own arrays or tensors
+            for k, v in current.items():
+                write(f"obs/{k}", obs[k], p, v)
             put(Columns.ACTIONS, p, actions)
             put(Columns.REWARDS, p, np.asarray(reward, np.float32))
             for k, v in extra.items():
@@ -340,10 +401,15 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             finished += int(pending.sum())
         if p == lb:   # nothing sampled (num_timesteps=0): the carry stays as it is
             return []
+        hosts = buffers()
+        for name, stage in staged.items():   # the fragment's tensor rows to the host, one copy per buffer
+            _copy_to_host(hosts[name][lb + 1: p + 1], stage[lb + 1: p + 1])
         if num_episodes is not None:
             self._episodes_rows = max(self._episodes_rows, p - lb)
         self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=p - lb)
         done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending, num_episodes)
+        if num_episodes is None:
+            self._carry.current = current
         # Summaries, not the chunks: those are views that would keep the fragment's buffers from reuse.
         self._done_episodes_for_metrics.extend(_ChunkSummary(e) for e in done)
         for episode in ongoing:
@@ -368,6 +434,23 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         pool.insert(0, buffer)
         del pool[2:]   # a buffer dropped here lives on as long as its episodes
         return buffer[:rows]
+
+    def _staging(self, name: str, host: np.ndarray, device: torch.device, old: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Where a fragment's rows of torch values on ``device`` wait for the end of the fragment, for host
+        buffer ``host`` of pool ``name``: on the CPU the host buffer's own memory (nothing left to copy),
+        elsewhere one buffer per name on that device, which every fragment reuses (the episodes hold the
+        host copies), with ``old``'s rows in it when a fragment's buffers grow."""
+        if _shares_host_memory(device):
+            return torch.from_numpy(host)
+        dtype = torch.from_numpy(host[:0]).dtype
+        stage = self._device_buffers.get(name)
+        if (stage is None or len(stage) < len(host) or stage.shape[1:] != host.shape[1:] or stage.dtype != dtype
+                or stage.device != device):
+            stage = self._device_buffers[name] = torch.empty(host.shape, dtype=dtype, device=device)
+        if old is not None:
+            stage[: len(old)] = old
+        return stage[: len(host)]
 
     def _grow(self, name: str, buffer: np.ndarray, rows: int) -> np.ndarray:
         grown = _grown(buffer, rows)
@@ -578,6 +661,22 @@ def _info_of(info: dict, i: int) -> dict:
             continue
         out[key] = _info_of(value, i) if isinstance(value, dict) else value[i]
     return out
+
+
+def _numpy_dtype(value: np.ndarray | torch.Tensor) -> np.dtype:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(0, dtype=value.dtype).numpy().dtype
+    return value.dtype
+
+
+def _shares_host_memory(device: torch.device) -> bool:
+    """Whether tensor rows on ``device`` are written straight into the host buffers (``_staging``)."""
+    return device.type == "cpu"
+
+
+def _copy_to_host(host: np.ndarray, stage: torch.Tensor) -> None:
+    if not _shares_host_memory(stage.device):
+        torch.from_numpy(host).copy_(stage)
 
 
 def _grown(buffer: np.ndarray, rows: int) -> np.ndarray:

@@ -5,10 +5,12 @@ import pytest
 import torch
 from helpers import running
 from ray.rllib.core import COMPONENT_ENV_TO_MODULE_CONNECTOR, COMPONENT_MODULE_TO_ENV_CONNECTOR, COMPONENT_RL_MODULE
+from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.test_utils import check_train_results_new_api_stack
 
 from rllib_gaze import GazePPOConfig
+from rllib_gaze import env_runner as env_runner_module
 from rllib_gaze.env_runner import BatchedEnvRunner
 
 # Steps of 0.5 reach a target within a few steps of a 6-step episode: some episodes succeed (and, with
@@ -38,6 +40,14 @@ def chunk(e):
             np.asarray(e.get_rewards()).tobytes(), [bool(i["success"]) for i in e.infos.data],
             sorted(e.extra_model_outputs),
             {k: np.round(np.asarray(v.data, np.float64), 5).tobytes() for k, v in e.extra_model_outputs.items()})
+
+
+def exact(e):
+    """``chunk`` with the extra model outputs' exact bytes and the arrays' types: for runs that must agree
+    to the bit."""
+    return (chunk(e), {k: np.asarray(v.data).tobytes() for k, v in e.extra_model_outputs.items()},
+            e.is_numpy, type(e.observations.data), type(e.actions.data), type(e.rewards.data),
+            sorted({type(v.data).__name__ for v in e.extra_model_outputs.values()}))
 
 
 def id_pattern(fragments):
@@ -72,6 +82,77 @@ def test_same_episodes_and_metrics_as_the_stock_runner(explore, bootstrap_at_don
     if explore:   # the untrained policy's mean action rarely reaches a target; its samples do
         assert ((True, False) in flags) == (not bootstrap_at_done)
         assert 0 < stock_metrics["success_once"] and stock_metrics["success_at_end"] <= stock_metrics["success_once"]
+
+
+def recorded(monkeypatch, obj, name: str, log: list, what=lambda *args, result: result):
+    """Patch ``obj.name`` to append ``what(*args, result=...)`` of every call to ``log``."""
+    original = getattr(obj, name)
+
+    def call(*args, **kwargs):
+        result = original(*args, **kwargs)
+        log.append(what(*args, result=result))
+        return result
+
+    monkeypatch.setattr(obj, name, call)
+
+
+def test_the_forward_pass_reads_the_envs_own_tensors(monkeypatch):
+    # Issue 22: with the env's torch observations (the bridge's default) each step's forward pass gets the
+    # tensors the env returned, not a numpy round trip of them, and no observation goes through numpy
+    # while a fragment is sampled (the episodes' host copy is written through torch, on the CPU in place).
+    runner = BatchedEnvRunner(config=config(max_episode_steps=3, terminate_on_success=False))
+    env = runner.env.unwrapped.env   # the ClutterEnv behind the bridge
+    returned, seen, to_numpy = [], [], []
+    for name in ("step", "reset"):
+        recorded(monkeypatch, env, name, returned, lambda *_, result: result[0])
+    recorded(monkeypatch, runner.module, "forward_exploration", seen, lambda batch, result: batch[Columns.OBS])
+    runner.sample(num_timesteps=8)
+    recorded(monkeypatch, torch.Tensor, "numpy", to_numpy, lambda tensor, result: tuple(tensor.shape))
+    episodes = runner.sample(num_timesteps=24)   # continues the first fragment: 6 vector steps, resets among them
+    monkeypatch.undo()
+    assert len(seen) == 10   # 2 vector steps, then 6 and 2 reset steps (the 3-step episodes end at steps 3 and 7)
+    assert len(returned) == 1 + 10 + 2   # the first reset, the steps, the partial resets in the reset steps
+    assert all(any(obs is r for r in returned) for obs in seen)   # the env's own tensors, every step
+    assert seen[2] is returned[2]             # the second fragment starts from the first one's last observation
+    assert not [shape for shape in to_numpy if shape[-3:] == (32, 32, 3)]
+    assert all(isinstance(e.get_observations(), np.ndarray) and e.is_numpy for e in episodes)
+    runner.stop()
+
+
+@pytest.mark.parametrize("explore, staging, env", [
+    (True, "host", {}),            # CPU: the tensor rows written into the numpy buffers' own memory
+    (False, "host", {}),
+    (True, "device", {}),          # as on a GPU: separate tensor buffers, copied to the host per fragment
+    # A reset every other step: 40 env steps take 19 vector steps, past the 10 + 2 + 2 rows foreseen.
+    (True, "device", {"max_episode_steps": 1, "terminate_on_success": False}),
+])
+def test_torch_observations_give_the_same_episodes_as_numpy_ones(monkeypatch, explore, staging, env):
+    # The same seeds with the bridge's numpy observations (the runner as before issue 22) and its torch
+    # ones: bit-identical chunks, episode ids alike, same metrics, over uneven fragments (episodes cut at
+    # a done and at a reset step), evaluation by episodes and a forced reset in between.
+    if staging == "device":
+        monkeypatch.setattr(env_runner_module, "_shares_host_memory", lambda device: False)
+    results = []
+    for torch_observations in (False, True):
+        runner = BatchedEnvRunner(config=config(explore=explore, torch_observations=torch_observations, **env))
+        assert runner.batched_loop_unsupported() is None
+        assert runner.env.unwrapped.torch_observations is torch_observations
+        grown = []
+        recorded(monkeypatch, runner, "_grow", grown, lambda name, *_, result: name)
+        torch.manual_seed(0)
+        fragments = [runner.sample(num_timesteps=n) for n in (8, 5, 8, 4)]
+        fragments.append(runner.sample(num_episodes=5, explore=explore))
+        fragments += [runner.sample(num_timesteps=n, force_reset=reset) for n, reset in ((9, False), (40, True))]
+        results.append(([[exact(e) for e in f] for f in fragments], id_pattern(fragments), metrics(runner),
+                        grown, set(runner._device_buffers)))
+        runner.stop()
+    (numpy_chunks, numpy_ids, numpy_metrics, numpy_grown, _), (chunks, ids, torch_metrics, grown, device) = results
+    assert chunks == numpy_chunks
+    assert ids == numpy_ids
+    assert torch_metrics == numpy_metrics
+    assert grown == numpy_grown and bool(grown) == bool(env)
+    assert (False, True) in {(c[0][2], c[0][3]) for f in chunks for c in f}
+    assert device == (set() if staging == "host" else {"obs/", "actions", "action_logp", "action_dist_inputs"})
 
 
 def test_continuing_chunks_keep_their_episode_for_gae():
