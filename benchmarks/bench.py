@@ -6,7 +6,8 @@
     python benchmarks/bench.py mining   [--device cpu|cuda] [--sizes 2048 8192 32768] ...
     python benchmarks/bench.py parts    [--device cpu|cuda] [--memory 8192] [--arm gaze-first] ...
     python benchmarks/bench.py learner-split [--num-envs 512] [--fragment 50] [--image 128] ...
-    python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] [--images 64 128] [--policy-steps 1024] ...
+    python benchmarks/bench.py envs     [--num-envs 256] [--steps 10240] [--images 64 128] [--policy-steps 1024]
+                                        [--compare-observations] [--clutter-device cpu|cuda] ...
     python benchmarks/bench.py evaluation [--num-envs 64] [--episodes 64] [--image 64] ...
 
 ``overhead`` times ``Learner.update`` of the real GazePPOLearner for the arms ``ppo`` (no
@@ -21,7 +22,9 @@ own optimizer step; the end of the update), per minibatch and per update, and ti
 ``mining`` times the exact neighbour search + triplet selection against memories of growing size;
 ``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss.
 ``envs`` compares env-steps/s of a bare loop, RLlib's stock ``SingleAgentEnvRunner`` and our
-``BatchedEnvRunner`` on the same envs, with and without the policy's forward pass; ``evaluation``
+``BatchedEnvRunner`` on the same envs, with and without the policy's forward pass (with
+``--compare-observations`` the batched runner also with the bridge's numpy observations, its path
+before issue 22, beside the env's torch ones); ``evaluation``
 the two runners' ``sample(num_episodes=...)`` with the deterministic policy, as the suite evaluates. They print
 figures; none asserts anything.
 """
@@ -461,13 +464,17 @@ def envs(args: argparse.Namespace) -> None:
 
     from rllib_gaze.env_runner import BatchedEnvRunner
 
+    if args.clutter_device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--clutter-device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     zero_cost = _register_zero_cost_env()
     cases = {}
     for image in args.images:
         cases[f"zero-cost, {image} px"] = (zero_cost, {"image_size": image}, args.num_envs, args.steps)
     for image in args.images:
-        cases[f"clutter, {image} px"] = ("clutter", {"image_size": image, "num_distractors": 6}, args.num_envs,
-                                         args.steps)
+        device = "" if args.clutter_device == "cpu" else f" on {args.clutter_device}"
+        cases[f"clutter{device}, {image} px"] = (
+            "clutter", {"image_size": image, "num_distractors": 6, "device": args.clutter_device}, args.num_envs,
+            args.steps)
     if not args.skip_maniskill:
         cases[f"maniskill {args.maniskill_env} physx_cpu {args.images[0]} px"] = (
             "maniskill", {"env_id": args.maniskill_env, "camera_size": args.images[0], "sim_backend": "physx_cpu"},
@@ -476,7 +483,10 @@ def envs(args: argparse.Namespace) -> None:
             cases[f"maniskill {args.maniskill_env} physx_cuda {args.images[-1]} px"] = (
                 "maniskill", {"env_id": args.maniskill_env, "camera_size": args.images[-1],
                               "sim_backend": "physx_cuda"}, args.gpu_envs, args.steps)
-    runners = {"stock": SingleAgentEnvRunner, "batched": BatchedEnvRunner}
+    # name: (runner, bridge options); "numpy": the batched runner reading the bridge's numpy observations
+    runners = {"stock": (SingleAgentEnvRunner, {}), "batched": (BatchedEnvRunner, {})}
+    if args.compare_observations:
+        runners["numpy"] = (BatchedEnvRunner, {"torch_observations": False})
     print(f"env-steps per {'CPU second of this process' if args.clock == 'cpu' else 'second'}, median of "
           f"{args.repeats}, one process, torch threads {torch.get_num_threads()}: a bare loop "
           "over the bridged env; +copy: the same loop copying each observation into a (steps, N, ...) buffer, "
@@ -493,9 +503,9 @@ def envs(args: argparse.Namespace) -> None:
         measured = {}
         # With the GPU simulation the policy runs on the GPU too. RLlib puts a local runner's module on
         # the CPU whatever the config, so the runner is built as a remote one would be (worker index 1).
-        gpu_policy = env_config.get("sim_backend") == "physx_cuda"
-        for runner_name, cls in runners.items():
-            config = (GazePPOConfig().environment(env_name, env_config=env_config)
+        gpu_policy = env_config.get("sim_backend") == "physx_cuda" or env_config.get("device") == "cuda"
+        for runner_name, (cls, bridge) in runners.items():
+            config = (GazePPOConfig().environment(env_name, env_config={**env_config, **bridge})
                       .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs,
                                    num_gpus_per_env_runner=1 if gpu_policy else 0,
                                    gym_env_vectorize_mode="vector_entry_point", env_runner_cls=cls))
@@ -523,6 +533,12 @@ def envs(args: argparse.Namespace) -> None:
               f"{st['random'] / st['bare']:10.3f} {ba['random'] / ba['bare']:10.3f} {ba['random'] / ba['copy']:10.3f} "
               f"{ba['random'] / st['random']:11.2f} | {st.get('policy', float('nan')):8.0f} "
               f"{ba.get('policy', float('nan')):8.0f} {share(st):>11s} {share(ba):>10s}", flush=True)
+        if "numpy" in measured:
+            npy = measured["numpy"]
+            print(f"  {'':34s} {'':5s} batched with numpy observations: {npy['random']:8.0f} random, "
+                  f"{npy.get('policy', float('nan')):8.0f} with the policy; torch/numpy "
+                  f"{ba['random'] / npy['random']:.2f} random, "
+                  f"{ba.get('policy', float('nan')) / npy.get('policy', float('nan')):.2f} with the policy", flush=True)
 
 
 def evaluation(args: argparse.Namespace) -> None:
@@ -677,6 +693,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--maniskill-steps", type=int, default=120)
     p.add_argument("--gpu-envs", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compare-observations", action="store_true",
+                   help="also the batched runner reading the bridge's numpy observations (torch_observations=False, "
+                        "its path before issue 22), beside the env's torch ones (the default)")
+    p.add_argument("--clutter-device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the clutter env simulates and renders (cuda: the policy runs on the GPU too)")
     p.set_defaults(func=envs)
 
     p = sub.add_parser("evaluation", help="evaluation by episodes: stock vs batched runner")
