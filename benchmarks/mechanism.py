@@ -76,16 +76,17 @@ GAMMA = 0.8  # ppo_rgb's discount: the learner's value targets look about this f
 class Maps:
     """Feature maps with what they are about: ``maps (N, C, H, W)``, ``returns (N,)``, the
     relevant places ``places (N, P, 2)`` as (x, y) in the map's normalised coordinates (-1, 1),
-    and for recorded rows their episode ``groups (N,)``."""
+    and for recorded rows their episode ``groups (N,)`` and step in it ``steps (N,)``."""
 
     maps: torch.Tensor
     returns: torch.Tensor
     places: torch.Tensor
     groups: torch.Tensor | None = None   # (N,) episode of each recorded row
+    steps: torch.Tensor | None = None    # (N,) its step in that episode
 
     def __getitem__(self, idx) -> Maps:
         return Maps(self.maps[idx], self.returns[idx], self.places[idx],
-                    None if self.groups is None else self.groups[idx])
+                    *(None if t is None else t[idx] for t in (self.groups, self.steps)))
 
 
 # --- synthetic families ----------------------------------------------------------------------------
@@ -279,7 +280,8 @@ def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str
     returns = torch.as_tensor(episode_labels(rec["rewards"], rec["episode"], labels))
     places = 2.0 * torch.as_tensor(rec["places"]).float() - 1.0
     episode = torch.as_tensor(rec["episode"])
-    data = Maps(maps, returns, places, episode)
+    first = torch.searchsorted(episode, episode)   # rows are episode-major: each episode's first row
+    data = Maps(maps, returns, places, episode, torch.arange(len(episode)) - first)
     if mining == "episode":
         odd = torch.arange(len(episode)) % 2 == 1
     else:
@@ -324,16 +326,19 @@ def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
 def train(source: str, objective: str, *, labels: str = "step", steps: int = 600, anchors: int = 256,
           capacity: int = 4096, k: int = 16, margin: float = 0.2, lr: float = 1e-3, seed: int = 0,
           episodes: int = 64, log_every: int = 50, pools: tuple[int, ...] = (1,),
-          checkpoint: str | None = None, mining: str = "all") -> Run:
+          checkpoint: str | None = None, mining: str = "all", gap: int = 0) -> Run:
     """Train a fresh foveal gaze (the project's defaults) on ``source`` with ``objective``; a
     recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one) and
-    mined across episodes or, with ``mining="episode"``, within each anchor's own episode."""
+    mined across episodes or, with ``mining="episode"``, within each anchor's own episode, and
+    with ``gap`` only from rows at least that many steps from the anchor's."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: allowed values are {OBJECTIVES}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: allowed values are {SOURCES}")
     if mining not in MINING or (mining != "all" and source in SYNTHETIC):
         raise ValueError(f"mining={mining!r}: allowed values are {MINING} ('episode' for recorded sources only)")
+    if gap < 0 or (gap and source in SYNTHETIC):
+        raise ValueError(f"gap={gap!r}: must be >= 0 (and 0 for synthetic sources, which have no steps)")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if source in SYNTHETIC:
@@ -363,7 +368,9 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
     for step in range(1, steps + 1):
         batch = draw(anchors)
         groups = None if mining == "all" else (batch.groups, bank.groups)
-        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold, groups=groups)
+        apart = (batch.steps, bank.steps, gap) if gap else None
+        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold, groups=groups,
+                                 apart=apart)
         agreements.append(triplets.label_agreement)
         valid.append(triplets.valid_fraction)
         if triplets.anchor.numel():
@@ -390,7 +397,8 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
     centre = nearest_place(probe.places.new_zeros(len(probe.places), 2), probe.places)
     centre_distance = float(centre[centre.isfinite()].mean())
     name = objective if objective == "triplet" else f"{objective} {pools}"
-    source = source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
+    source = (source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
+              + (f", >= {gap} steps apart" if gap else ""))
     return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma,
                centre_distance)
 
@@ -423,19 +431,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=64, help="episodes recorded per recorded source")
     parser.add_argument("--mining", nargs="+", default=["all"], choices=MINING,
                         help="recorded sources: neighbours from other episodes, or from the anchor's own")
+    parser.add_argument("--gaps", type=int, nargs="+", default=[0],
+                        help="recorded sources: neighbours at least this many steps from the anchor (0: any)")
     parser.add_argument("--checkpoint", help="recorded sources: encode with this trained algorithm checkpoint's "
                                              "module (a suite trial's checkpoint_0000NN) instead of a fresh one")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small ops: one thread is as fast, and leaves the other core to a run beside it
     runs = []
-    for source, mining in [(s, m) for s in args.sources for m in (["all"] if s in SYNTHETIC else args.mining)]:
+    for source, mining, gap in [(s, m, g) for s in args.sources for m in (["all"] if s in SYNTHETIC else args.mining)
+                                for g in ([0] if s in SYNTHETIC else args.gaps)]:
         for labels in (args.labels if source not in SYNTHETIC else ["step"]):
             for objective, pools in [(o, tuple(p)) for o in args.objectives
                                      for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])]:
                 for seed in args.seeds:
                     start = time.perf_counter()
                     run = train(source, objective, labels=labels, steps=args.steps, seed=seed,
-                                episodes=args.episodes, pools=pools, checkpoint=args.checkpoint, mining=mining)
+                                episodes=args.episodes, pools=pools, checkpoint=args.checkpoint, mining=mining,
+                                gap=gap)
                     print(f"{source:18s} {labels:7s} {run.objective:24s} seed {seed}: ratio "
                           f"{run.ratios[0]:.2f} -> {run.ratios[-1]:.2f}, agreement {run.agreement:.2f}, "
                           f"sigma {run.sigma:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

@@ -144,12 +144,16 @@ class Triplets:
 
 @torch.no_grad()
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int = 4096,
-                       groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       apart: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k neighbours of unit-norm ``queries (A, D)`` among unit-norm ``bank (N, D)`` rows
     by cosine similarity, one matmul per ``chunk_size`` rows of the bank.
 
     ``groups``: ``(query_groups (A,), bank_groups (N,))``; a query's neighbours are then only bank
     rows of its own group (others score ``-inf``, so a group smaller than k leaves ``-inf`` entries).
+    ``apart``: ``(query_steps (A,), bank_steps (N,), gap)``; bank rows fewer than ``gap`` steps from
+    the query are excluded the same way (with ``groups`` = episodes: the same scene at another time).
 
     Returns ``(similarities (A, k'), indices (A, k'))``, most similar first, ``k' = min(k, N)``.
     """
@@ -161,6 +165,9 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_
         if groups is not None:
             other = groups[0].view(-1, 1) != groups[1][start:start + chunk_size].view(1, -1)
             sims = sims.masked_fill(other, float("-inf"))
+        if apart is not None:
+            near = (apart[0].view(-1, 1) - apart[1][start:start + chunk_size].view(1, -1)).abs() < apart[2]
+            sims = sims.masked_fill(near, float("-inf"))
         sims, idx = sims.topk(min(k, bank.shape[0] - start, chunk_size), dim=1)
         best_sim, order = torch.cat([best_sim, sims], 1).topk(min(k, best_sim.shape[1] + sims.shape[1]), dim=1)
         best_idx = torch.cat([best_idx, idx + start], 1).gather(1, order)
@@ -190,7 +197,8 @@ def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
               threshold: float | torch.Tensor = 0.0, relative_gap: float | torch.Tensor = 0.0,
               chunk_size: int = 4096, centre: torch.Tensor | None = None,
               bank_keys: torch.Tensor | None = None, searched: torch.Tensor | None = None,
-              groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> MinedRows:
+              groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+              apart: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> MinedRows:
     """``mine_triplets`` without compaction: each anchor's nearest positive and nearest negative
     among its k neighbours, and whether it has both, as fixed-size tensors on the anchors' device
     (no host sync). ``threshold`` and ``relative_gap`` may be 0-dim tensors; ``searched (A,)``
@@ -205,7 +213,7 @@ def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         bank_keys = own_keys
     if searched is None:
         searched = torch.ones(anchor_maps.shape[0], dtype=torch.bool, device=anchor_maps.device)
-    sims, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size, groups)
+    sims, nbr = nearest_neighbours(search_keys(anchor_maps, memory.pool), bank_keys, k, chunk_size, groups, apart)
     nbr_returns = bank_returns[nbr]                                     # (A, k)
     anchor_returns = anchor_returns.reshape(-1, 1).to(nbr_returns)
     if label_rule == "threshold":
@@ -214,8 +222,8 @@ def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         positive = (nbr_returns >= threshold).expand_as(nbr)
     else:
         positive = (nbr_returns - anchor_returns).abs() <= relative_gap
-    if groups is not None:
-        found = sims > float("-inf")                                    # (A, k): in the anchor's group
+    if groups is not None or apart is not None:
+        found = sims > float("-inf")                                    # (A, k): not excluded
         positive, negative = positive & found, ~positive & found
     else:
         negative = ~positive
@@ -243,7 +251,8 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
                   threshold: float = 0.0, relative_gap: float = 0.0,
                   chunk_size: int = 4096, centre: torch.Tensor | None = None,
                   bank_keys: torch.Tensor | None = None,
-                  groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> Triplets:
+                  groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  apart: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> Triplets:
     """For each anchor, pick the nearest positive and the nearest negative among its k neighbours.
 
     Args:
@@ -259,6 +268,7 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
             (``search_keys(maps - centre, pool)``). ``None``: the memory's own keys of raw maps.
         groups: ``(anchor_groups (A,), memory_groups (N,))``: neighbours only from the anchor's own
             group (e.g. its episode: triplets that share the scene); see ``nearest_neighbours``.
+        apart: ``(anchor_steps (A,), memory_steps (N,), gap)``: no neighbour within ``gap`` steps.
 
     Anchors lacking either a positive or a negative among their neighbours are dropped. This reads
     the valid anchors on the host (a sync on a GPU); the learner uses ``mine_rows``, which does not.
@@ -271,7 +281,7 @@ def mine_triplets(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
         return Triplets(empty, empty, empty, num_anchors)
     rows = mine_rows(anchor_maps, anchor_returns, memory, k=k, label_rule=label_rule, threshold=threshold,
                      relative_gap=relative_gap, chunk_size=chunk_size, centre=centre, bank_keys=bank_keys,
-                     groups=groups)
+                     groups=groups, apart=apart)
     anchors = rows.valid.nonzero().squeeze(1)
     return Triplets(anchor=anchors, positive=rows.positive[anchors], negative=rows.negative[anchors],
                     num_anchors=num_anchors, label_agreement=rows.label_agreement.item())

@@ -7,6 +7,7 @@ from rllib_gaze.contrastive import (
     gaze_similarity,
     gaze_triplet_loss,
     glimpse_cosine,
+    mine_rows,
     mine_triplets,
     nearest_neighbours,
     search_keys,
@@ -349,8 +350,6 @@ def test_return_to_go_reads_nothing_on_the_host():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fixed_size_mining_agrees_with_the_compacted_triplets(seed):
-    from rllib_gaze.contrastive import mine_rows
-
     gen = torch.Generator().manual_seed(seed)
     memory = FeatureReturnMemory(64, (4, 3, 3), pool=2)
     memory.push(torch.rand(64, 4, 3, 3, generator=gen), torch.randn(64, generator=gen))
@@ -442,3 +441,21 @@ def test_grouped_mining_takes_neighbours_only_from_the_anchors_group():
     # only high returns in its group: no negative, dropped
     assert t.anchor.tolist() == [0]
     assert bank_groups[t.positive].tolist() == [0] and bank_groups[t.negative].tolist() == [0]
+
+
+def test_mining_apart_skips_neighbours_within_the_gap():
+    """Rows of one episode at steps 0..7; with a gap of 3 the anchor at step 4 may only be mined
+    against steps 0, 1 and 7, however similar steps 2-6 are."""
+    torch.manual_seed(0)
+    rows = torch.rand(8, 4, 3, 3)
+    memory = FeatureReturnMemory(8, (4, 3, 3))
+    memory.push(rows, torch.tensor([0., 1., 0., 1., 0., 1., 0., 1.]))
+    steps = torch.arange(8)
+    anchor = rows[4:5] + 0.01
+    near = mine_rows(anchor, torch.tensor([1.0]), memory, k=8, threshold=0.5)
+    far = mine_rows(anchor, torch.tensor([1.0]), memory, k=8, threshold=0.5,
+                    apart=(torch.tensor([4]), steps, 3))
+    assert bool(near.valid[0]) and bool(far.valid[0])
+    assert {int(far.positive[0]), int(far.negative[0])} <= {0, 1, 7}
+    assert int(far.positive[0]) in (1, 7) and int(far.negative[0]) == 0    # labels: odd steps high
+    assert {int(near.positive[0]), int(near.negative[0])} != {int(far.positive[0]), int(far.negative[0])}

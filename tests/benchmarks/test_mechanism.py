@@ -52,6 +52,9 @@ def test_diagnostic_recording_is_encoded_with_its_places_on_the_map():
     # own-episode mining: the same episodes on both sides, alternate steps
     memory, anchors = mechanism.recorded("fovea", "step", seed=0, episodes=4, mining="episode")
     assert set(memory.groups.tolist()) == set(anchors.groups.tolist()) == {0, 1, 2, 3}
+    assert memory.steps[:3].tolist() == [0, 2, 4] and anchors.steps[:3].tolist() == [1, 3, 5]
+    with pytest.raises(ValueError, match="gap=5"):
+        mechanism.train("moving", "fixation", steps=1, gap=5)   # synthetic rows have no steps
 
 
 # Measured (docs/results.md, seed 0): fixed/triplet 0.37 at 100 steps, fixed/fixation 0.04 at 50
