@@ -39,7 +39,7 @@ def make_clutter(env_config: dict) -> BatchedEnvBridge:
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f"env {CLUTTER!r}: unknown env_config keys {unknown}; allowed keys are "
-                         f"{allowed + ['ignore_terminations', 'bootstrap_at_done']}")
+                         f"{allowed + list(bridge)}")
     return BatchedEnvBridge(ClutterEnv(**cfg), **bridge)
 
 

@@ -65,6 +65,8 @@ def test_gym_api_gives_numpy_and_the_on_device_api_the_envs_own_tensors(torch_ob
 def test_creators_pass_torch_observations_to_the_bridge():
     assert make_clutter({"num_envs": 2, "image_size": 24}).torch_observations is True
     assert make_clutter({"num_envs": 2, "image_size": 24, "torch_observations": False}).torch_observations is False
+    with pytest.raises(ValueError, match=r"keys \['bogus'\].*'bootstrap_at_done', 'torch_observations'\]"):
+        make_clutter({"num_envs": 2, "bogus": 1})
 
 
 @pytest.mark.parametrize("bootstrap_at_done, ignore_terminations, expected", [
