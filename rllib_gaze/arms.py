@@ -53,6 +53,8 @@ ARMS.update(VARIANTS)
 SAC_ARMS = {
     "sac": dict(ARMS["ppo"]),                                                      # plain SAC baseline
     "gaze-sac": dict(ARMS["gaze"]),                                                # the full method on SAC
+    # Ours (issue 21): the head reads the map minus the memory's mean map (docs/results.md, GazeSAC probes)
+    "gaze-sac-centred": {**ARMS["gaze"], "gaze_input": "centred"},
 }
 ARMS.update(SAC_ARMS)
 # Algorithm -> its arms; and the arm every other arm of that algorithm is compared with.

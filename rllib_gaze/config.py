@@ -97,6 +97,7 @@ class GazeConfigMixin:
         gaze_lr: float | None = NotProvided,
         gaze_adam_eps: float = NotProvided,
         gaze_predict_coeff: float = NotProvided,
+        gaze_input: str = NotProvided,
         contrastive: bool = NotProvided,
         contrastive_objective: str = NotProvided,
         fixation_pools: tuple[int, ...] = NotProvided,
@@ -150,6 +151,10 @@ class GazeConfigMixin:
                 ``gaze-predict`` arm): a small head predicts the standardised value target from the
                 gaze's centre, what the fovea sees and the state, and its squared error, times this
                 weight, trains that head and the gaze. 0 (default): off.
+            gaze_input: what the gaze head reads: ``"map"`` (default, the paper) or ``"centred"``
+                (ours: the map minus the contrastive memory's mean map, which the learner keeps in
+                the module's ``gaze_input_centre`` buffer after each update; for a map with a large
+                common offset, as GazeSAC's; needs ``contrastive``).
             contrastive: add the return-guided triplet loss (needs attention).
             contrastive_objective: what the mined triplets train the gaze with: ``"triplet"`` (the
                 paper's triplet margin loss), ``"fixation"`` (ours, foveal only: the gaze centre is
@@ -306,6 +311,9 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"contrastive=True needs a trainable attention: the contrastive loss trains the gaze, "
                       f"and attention={c.attention!r} has none to train; use attention='foveal' or 'patch', "
                       "or contrastive=False")
+    if c.gaze_input == "centred" and not (c.contrastive and c.attention in ("foveal", "patch")):
+        errors.append(f"gaze_input='centred' needs contrastive=True with a trainable attention (the centre is the "
+                      f"contrastive memory's mean map); got contrastive={c.contrastive!r}, attention={c.attention!r}")
     if (c.attention in ("foveal", "patch") and c.gaze_rl_gradient is False and not c.contrastive
             and not c.gaze_predict_coeff > 0):
         errors.append(f"gaze_rl_gradient=False with contrastive=False leaves the {c.attention} gaze untrained; "

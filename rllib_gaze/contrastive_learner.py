@@ -304,6 +304,9 @@ class ContrastiveGazeLearnerMixin:
             if len(memory):
                 maps = memory.filled()[0]
                 self._mean_maps[module_id] = maps.mean(0)
+                centre = getattr(self.module[module_id], "gaze_input_centre", None)
+                if centre is not None:   # gaze_input="centred": the head reads the map minus this
+                    centre.copy_(self._mean_maps[module_id])
                 if self.config.get_config_for_module(module_id).mining_centred:
                     self._centred_keys[module_id] = search_keys(maps - self._mean_maps[module_id], memory.pool)
 

@@ -55,7 +55,12 @@ GAZE_DEFAULTS: dict[str, Any] = {
     # (and hands the module that bool); a module built alone lets RL train its gaze.
     "gaze_rl_gradient": None,
     "gaze_predict_coeff": 0.0,     # > 0: a return predictor on what the gaze sees (ours)
+    # GAZE_INPUTS: what the gaze head reads: "map" (the paper) or "centred" (the map minus the
+    # contrastive memory's mean map, kept by the learner: a candidate fix for GazeSAC, whose map
+    # barely varies between observations, docs/results.md)
+    "gaze_input": "map",
 }
+GAZE_INPUTS = ("map", "centred")
 
 
 def gaze_settings_errors(settings: Mapping[str, Any]) -> list[str]:
@@ -84,6 +89,8 @@ def gaze_settings_errors(settings: Mapping[str, Any]) -> list[str]:
         errors.append(f"gaze_oracle_sigma={s['gaze_oracle_sigma']!r} must be > 0")
     if s["gaze_rl_gradient"] is not None and not isinstance(s["gaze_rl_gradient"], bool):
         errors.append(f"gaze_rl_gradient={s['gaze_rl_gradient']!r} must be True, False or None (automatic)")
+    if s["gaze_input"] not in GAZE_INPUTS:
+        errors.append(f"gaze_input={s['gaze_input']!r} is not known; allowed values are {GAZE_INPUTS}")
     if not s["gaze_predict_coeff"] >= 0:
         errors.append(f"gaze_predict_coeff={s['gaze_predict_coeff']!r} must be >= 0 (0 = off)")
     elif s["gaze_predict_coeff"] > 0 and s["attention"] not in ("foveal", "patch"):

@@ -128,6 +128,10 @@ class GazeModuleMixin(GazeAPI):
                              f"got {self.observation_space}")
         self.gaze = build_gaze(cfg, *map_shape)
         self._gaze_rl_gradient = cfg["gaze_rl_gradient"] is not False  # None: see GAZE_DEFAULTS
+        if cfg["gaze_input"] == "centred":
+            # (C, h, w): the learner writes its memory's mean map here; a buffer, so it travels with
+            # the weights to the env runners and into checkpoints
+            self.register_buffer("gaze_input_centre", torch.zeros(map_shape))
 
     def _images(self, obs: Observations) -> torch.Tensor:
         """Images ``(B, C, H, W)`` as floats (uint8 scaled by 1/255) from observations."""
@@ -157,7 +161,9 @@ class GazeModuleMixin(GazeAPI):
             raise ValueError("this module has attention='none': it has no gaze")
         if self._attention_kind == "oracle":
             return self.gaze.attention_map(features, obs[TARGET])
-        return self.gaze.attention_map(features)
+        centre = getattr(self, "gaze_input_centre", None)
+        # the head reads the centred map (gaze_input="centred"); the weights still apply to the raw one
+        return self.gaze.attention_map(features if centre is None else features - centre)
 
     @override(GazeAPI)
     def gaze_parameters(self) -> list[nn.Parameter]:

@@ -191,7 +191,7 @@ def pick_preset(cluster_gpus: float) -> tuple[str, str]:
 # The Tune trainable of each algorithm (registered by ``import rllib_gaze``).
 TRAINABLES = {"ppo": "GazePPO", "sac": "GazeSAC"}
 # The arms a preset runs with ``--algo sac`` (its ``arms`` are PPO's).
-SAC_PRESET_ARMS = ALGORITHMS["sac"]
+SAC_PRESET_ARMS = ("sac", "gaze-sac")   # plain SAC and the paper's method; the others by --arms
 
 
 def experiment_algorithm(arms) -> str:

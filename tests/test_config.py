@@ -89,6 +89,9 @@ def test_registered_for_tune_by_name():
      r"contrastive_objective='fixation' moves a foveal gaze's centre; attention='patch' has none"),
     ({"fixation_pools": (1, 2)}, r"fixation_pools=\(1, 2\) must be a non-empty tuple of odd integers >= 1"),
     ({"fixation_pools": ()}, r"fixation_pools=\(\) must be a non-empty tuple"),
+    ({"gaze_input": "raw"}, r"gaze_input='raw' is not known; allowed values are \('map', 'centred'\)"),
+    ({"gaze_input": "centred", "contrastive": False},
+     r"gaze_input='centred' needs contrastive=True .*got contrastive=False, attention='foveal'"),
 ])
 def test_bad_gaze_options_fail_validation_naming_the_value(options, message):
     config = GazePPOConfig().environment("clutter").gaze(**options)

@@ -183,3 +183,19 @@ def test_sac_learner_memory_and_mining_live_on_the_learners_gpu():
     assert memory.maps.device.type == "cuda" and memory.keys.device.type == "cuda"
     assert logged[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
     assert all(p.device.type == "cuda" for p in trainer.learner.module[MID].parameters())
+
+
+def test_centred_gaze_input_reads_the_map_minus_the_memorys_mean():
+    """gaze_input="centred" (the gaze-sac-centred arm): after an update the module's centre is the
+    memory's mean map, travels with the module's state, and the head reads the map minus it."""
+    trainer = Trainer(tiny_sac_config(**{k: v for k, v in ARMS["gaze-sac-centred"].items()
+                                         if k not in ("attention", "contrastive")}))
+    module = trainer.learner.module[MID]
+    assert not module.gaze_input_centre.any()                      # nothing learnt yet: raw maps
+    trainer.step(updates=2)
+    mean_map = trainer.learner.contrastive_memory(MID).filled()[0].mean(0)
+    assert torch.allclose(module.gaze_input_centre, mean_map) and mean_map.abs().sum() > 0
+    assert np.array_equal(module.get_state()["gaze_input_centre"], module.gaze_input_centre.numpy())
+    maps = module.forward_train(trainer.batch())["pre_attention_features"].detach()
+    assert torch.allclose(module.gaze_weights(maps)[1], module.gaze.attention_map(maps - mean_map)[1])
+    assert not torch.allclose(module.gaze_weights(maps)[1], module.gaze.attention_map(maps)[1])
