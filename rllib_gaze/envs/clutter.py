@@ -25,6 +25,11 @@ _TARGET_RGB = (40, 200, 60)
 _SIGNAL_RGB = (250, 240, 60)   # the target's colour at contact when it signals closeness
 
 
+def _closeness(distance: torch.Tensor) -> torch.Tensor:
+    """``1 - tanh(5 * distance)``: what the closeness reward pays and what ``target_signal`` shows."""
+    return 1.0 - torch.tanh(5.0 * distance)
+
+
 class ClutterEnv:
     """Batched "reach the target among distractors" task (ManiSkill's batched-env API).
 
@@ -133,7 +138,7 @@ class ClutterEnv:
         self.elapsed += 1
 
         distance = (self.agent - self.target).norm(dim=-1)
-        reward = 1.0 - torch.tanh(5.0 * distance)
+        reward = _closeness(distance)
         if self.reward == "progress":
             # the progress term gives every step a signal PPO can use at ppo_rgb's short horizon
             # (gamma 0.8), but makes the return depend on the action more than on the state
@@ -202,7 +207,7 @@ class ClutterEnv:
             self._paint_square(img, self.distractors[:, j], ~is_green, torch.where(is_green.view(-1, 1), green, red))
         target_colour = green
         if self.target_signal:
-            closeness = (1.0 - torch.tanh(5.0 * (self.agent - self.target).norm(dim=-1))).view(-1, 1)
+            closeness = _closeness((self.agent - self.target).norm(dim=-1)).view(-1, 1)
             signal = torch.tensor(_SIGNAL_RGB, dtype=torch.float32, device=self.device)
             target_colour = (green.float() + closeness * (signal - green.float())).round().to(torch.uint8)
         self._paint_square(img, self.target, yes, target_colour)
