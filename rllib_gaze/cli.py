@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 
@@ -33,6 +34,7 @@ from rllib_gaze.suite import (
     BudgetStop,
     Preset,
     SuiteProgress,
+    experiment_algorithm,
     param_space,
     pick_preset,
     planned_steps,
@@ -41,6 +43,9 @@ from rllib_gaze.suite import (
 )
 
 EXPERIMENT_STATE = "tuner.pkl"
+# The experiment's resolved Preset, written at launch: `--resume` rebuilds the param space from it, which
+# Tune needs to create the trials it had not created yet (it keeps no param space of its own).
+EXPERIMENT_PRESET = "suite_preset.pkl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,8 +205,11 @@ def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str)
 
 
 def _experiment_algo(path: str, given: str) -> str:
-    """The algorithm of a local experiment's trials (their params.json); ``given`` (``--algo``) for a
-    remote one or one without trials yet."""
+    """The algorithm of an experiment: its saved preset's, else its trials' (their params.json), else
+    ``given`` (``--algo``)."""
+    preset = saved_preset(path)
+    if preset is not None:
+        return experiment_algorithm(preset.arms)
     if "://" not in path and os.path.isdir(path):
         for trial in sorted(os.listdir(path)):
             params = os.path.join(path, trial, "params.json")
@@ -272,8 +280,13 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[suite] Ray's logs (every trial's output): {_ray_logs_dir()}; --verbose shows them here", flush=True)
     if args.resume:
         print(f"[suite] resuming {args.resume_path}", flush=True)
+        preset = saved_preset(args.resume_path)
+        if preset is None:
+            print(f"[suite] {args.resume_path} has no {EXPERIMENT_PRESET} (started before it was written): its "
+                  "unfinished trials continue, trials Tune had not created yet cannot", flush=True)
         runs = [(args.resume_path, lambda: tune.Tuner.restore(
-            args.resume_path, trainable=TRAINABLES[args.algo], resume_unfinished=True, resume_errored=True))]
+            args.resume_path, trainable=TRAINABLES[args.algo], resume_unfinished=True, resume_errored=True,
+            param_space=param_space(preset) if preset is not None else None))]
     else:
         name, presets = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
         base = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -304,6 +317,7 @@ def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, exper
     num_trials = len(preset.tasks) * len(preset.arms) * len(preset.seeds)
     print(f"[suite] {name} ({algo}): {num_trials} trials ({[t.name for t in preset.tasks]} x {list(preset.arms)} x "
           f"seeds {list(preset.seeds)}), {planned_steps(preset):,} env steps in all -> {path}", flush=True)
+    save_preset(path, preset)
     return tune.Tuner(
         TRAINABLES[algo],
         param_space=param_space(preset),
@@ -321,6 +335,32 @@ def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, exper
             failure_config=tune.FailureConfig(max_failures=2),
         ),
     )
+
+
+def save_preset(path: str, preset: Preset) -> None:
+    """Writes ``preset`` into the experiment folder ``path`` (local, or a ``scheme://`` URI)."""
+    fs, file = _preset_file(path)
+    fs.create_dir(file.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(file) as f:
+        f.write(pickle.dumps(preset))
+
+
+def saved_preset(path: str) -> Preset | None:
+    """The Preset ``save_preset`` wrote into experiment ``path``; None where there is none."""
+    import pyarrow.fs
+
+    fs, file = _preset_file(path)
+    if fs.get_file_info(file).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(file) as f:
+        return pickle.loads(f.read())
+
+
+def _preset_file(path: str):
+    import pyarrow.fs  # what Tune itself stores experiments with, local or remote
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    return fs, f"{fs_path.rstrip('/')}/{EXPERIMENT_PRESET}"
 
 
 def _fit(tuner, path: str) -> list[tuple[str, str]]:

@@ -41,3 +41,14 @@ def test_wandb_without_the_package_fails_before_anything_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--wandb myproject" in proc.stderr and 'pip install "rllib-gaze[wandb]"' in proc.stderr
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_the_experiment_keeps_its_preset_for_resume_locally_and_behind_a_uri(tmp_path, uri):
+    from rllib_gaze.cli import save_preset, saved_preset
+    from rllib_gaze.suite import PRESETS
+
+    folder = f"file://{tmp_path}/exp" if uri else str(tmp_path / "exp")
+    assert saved_preset(folder) is None
+    save_preset(folder, PRESETS["local"])
+    assert saved_preset(folder) == PRESETS["local"]
