@@ -162,7 +162,7 @@ PRESETS: dict[str, Preset] = {
         tasks=(FOVEA,), arms=("ppo", "gaze", "gaze-rl", "oracle"),
     ),
     "evidence": Preset(
-        "one machine without GPU, about two hours: the fovea diagnostic with 5 seeds (intervals on the ratios)",
+        "one machine without GPU, about 80 minutes: the fovea diagnostic with 5 seeds (intervals on the ratios)",
         tasks=(FOVEA,), arms=("ppo", "gaze", "oracle"), seeds=(0, 1, 2, 3, 4),
     ),
     "ablation": Preset(
