@@ -1,10 +1,11 @@
 """Test helpers: small GazePPO and GazeSAC configs on the clutter env, a context manager for a built
-Algorithm, and the benchmark scripts loaded as modules."""
+Algorithm, the benchmark scripts loaded as modules, and the environment of a suite subprocess."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -68,3 +69,11 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def suite_env() -> dict[str, str]:
+    """This process's environment for a suite subprocess: a local Ray of its own (no RAY_ADDRESS)
+    without token files in ~/.ray."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return env

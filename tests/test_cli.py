@@ -7,17 +7,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import suite_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "tune_configs", "maniskill_suite.py")
 
 
 def run_suite(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
     command = [sys.executable, SUITE, "--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze",
                "--storage-path", str(tmp_path), "--name", "exp", *flags]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=suite_env(), capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from helpers import suite_env
+
 from rllib_gaze.results import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +35,7 @@ def _start_and_interrupt(tmp_path, sig: int, arm: str) -> None:
              "--budget", str(ITERATIONS * BATCH), "--max-concurrent-trials", "1", "--checkpoint-every", "2",
              "--name", "exp", "--storage-path", str(tmp_path)]
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(start, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(start, env=suite_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and driver.poll() is None:
@@ -54,15 +56,9 @@ def _start_and_interrupt(tmp_path, sig: int, arm: str) -> None:
 
 def _resume(tmp_path) -> None:
     resumed = subprocess.run([sys.executable, SUITE, "--resume", "exp", "--storage-path", str(tmp_path)],
-                             env=_env(), capture_output=True, text=True, timeout=900)
+                             env=suite_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "[suite] resuming" in resumed.stdout
-
-
-def _env() -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def test_interrupted_suite_resumes_from_checkpoints_without_rerunning_finished_trials(tmp_path):

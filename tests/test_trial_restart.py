@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from helpers import suite_env
+
 from rllib_gaze.results import result_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +32,10 @@ main(sys.argv[2:])
 
 
 def _run(tmp_path, mode: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-c", SUITE, mode, "--preset", "smoke", "--tasks", "clutter", "--arms", "ppo", "gaze",
                "--budget", str(ITERATIONS * BATCH), "--max-concurrent-trials", "1", "--checkpoint-every", "2",
                "--storage-path", str(tmp_path), "--name", "exp"]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(command, env=suite_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def _trial(tmp_path, arm: str):
