@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             p.error(f"--resume continues an experiment as it was started; drop {' '.join(given)}")
         args.resume_path = _find_experiment(p, args.storage_path, args.resume)
-        found = _experiment_algo(args.resume_path, args.algo or "ppo")
+        args.resume_preset = saved_preset(args.resume_path)
+        found = _experiment_algo(args.resume_path, args.resume_preset, args.algo or "ppo")
         if args.algo and found != args.algo:
             p.error(f"--resume {args.resume!r} --algo {args.algo}: that experiment's trials are {found} arms; "
                     f"drop --algo (it is read from the trials) or resume a {args.algo} experiment")
@@ -204,10 +205,9 @@ def _find_experiment(p: argparse.ArgumentParser, storage_path: str, resume: str)
     return path
 
 
-def _experiment_algo(path: str, given: str) -> str:
-    """The algorithm of an experiment: its saved preset's, else its trials' (their params.json), else
-    ``given`` (``--algo``)."""
-    preset = saved_preset(path)
+def _experiment_algo(path: str, preset: Preset | None, given: str) -> str:
+    """The algorithm of experiment ``path``: its saved ``preset``'s, else its trials' (their
+    params.json), else ``given`` (``--algo``)."""
     if preset is not None:
         return experiment_algorithm(preset.arms)
     if "://" not in path and os.path.isdir(path):
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[suite] Ray's logs (every trial's output): {_ray_logs_dir()}; --verbose shows them here", flush=True)
     if args.resume:
         print(f"[suite] resuming {args.resume_path}", flush=True)
-        preset = saved_preset(args.resume_path)
+        preset = args.resume_preset
         if preset is None:
             print(f"[suite] {args.resume_path} has no {EXPERIMENT_PRESET} (started before it was written): its "
                   "unfinished trials continue, trials Tune had not created yet cannot", flush=True)
