@@ -12,6 +12,7 @@ ARMS = {
     "gaze-rl": {"attention": "foveal", "contrastive": False},                      # gaze trained by RL only
     "patch": {"attention": "patch", "contrastive": True},                          # free cell weights + contrastive
     "oracle": {"attention": "oracle", "contrastive": False},                       # fovea fixed on the true target
+    "centre": {"attention": "centre", "contrastive": False},                       # fovea fixed on the image centre
 }
 # Arms that need the env to expose the target's position (the diagnostics do; ManiSkill does not).
 TARGET_ARMS = ("oracle",)

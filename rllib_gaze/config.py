@@ -93,6 +93,7 @@ class GazeConfigMixin:
         gaze_head_init_std: float = NotProvided,
         gaze_centre: str = NotProvided,
         gaze_oracle_sigma: float = NotProvided,
+        gaze_fixed_sigma: float = NotProvided,
         gaze_rl_gradient: bool | None = NotProvided,
         gaze_lr: float | None = NotProvided,
         gaze_adam_eps: float = NotProvided,
@@ -127,7 +128,8 @@ class GazeConfigMixin:
         Args:
             attention: ``"foveal"`` (one Gaussian), ``"patch"`` (one free weight per cell),
                 ``"oracle"`` (a fixed Gaussian on the true target: an upper bound, needs an env
-                that exposes the target, e.g. clutter with ``expose_target=True``) or ``"none"``
+                that exposes the target, e.g. clutter with ``expose_target=True``), ``"centre"`` (a
+                fixed Gaussian on the image's centre: the control for narrowing alone) or ``"none"``
                 (plain PPO).
             gaze_floor: minimum weight of any cell, in [0, 1).
             gaze_sigma_min, gaze_init_sigma, gaze_rho_max: foveal parameterisation (normalised
@@ -141,6 +143,8 @@ class GazeConfigMixin:
                 output) or ``"soft_argmax"`` (the expected cell position under a softmax over a
                 learnt 1x1-conv relevance map: the centre goes where a feature fires).
             gaze_oracle_sigma: the oracle's fixed spread (> 0).
+            gaze_fixed_sigma: the ``"centre"`` attention's fixed spread (> 0): a round Gaussian that
+                never moves from the image's centre, the control for what narrowing alone gives.
             gaze_rl_gradient: False stops RL's gradient at the gaze weights, so only the
                 contrastive loss trains the gaze (PPO still trains the encoder and heads through
                 the attended map); ``None`` (default): stop it exactly when ``contrastive`` is on.
@@ -307,7 +311,7 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
                           f"{getattr(c, key)!r}); set it only through .gaze({key}=...) so the module and the "
                           "learner see the same value")
     errors += gaze_settings_errors({key: getattr(c, key) for key in GAZE_DEFAULTS})
-    if c.contrastive and c.attention in ("none", "oracle"):
+    if c.contrastive and c.attention in ("none", "oracle", "centre"):
         errors.append(f"contrastive=True needs a trainable attention: the contrastive loss trains the gaze, "
                       f"and attention={c.attention!r} has none to train; use attention='foveal' or 'patch', "
                       "or contrastive=False")

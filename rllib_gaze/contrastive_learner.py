@@ -339,7 +339,7 @@ class ContrastiveGazeLearnerMixin:
     def _log_gaze_stats(self, module_id: ModuleID, params: torch.Tensor, obs: Any) -> None:
         if self._gaze_module(module_id).attention_kind == "patch":  # (B, h, w) weights
             stats = {GAZE_WEIGHT_MEAN_KEY: params.mean(), GAZE_WEIGHT_STD_KEY: params.std(unbiased=False)}
-        else:  # foveal, oracle: (B, 5) Gaussians
+        else:  # GAUSSIAN_MODES: (B, 5) Gaussians
             stats = {}
             for name, column in zip(GAZE_PARAM_NAMES, params.unbind(-1)):
                 stats[gaze_param_key(name, "mean")] = column.mean()
@@ -347,9 +347,11 @@ class ContrastiveGazeLearnerMixin:
             if isinstance(obs, dict) and TARGET in obs:
                 # Where the relevant object is, in the map's normalised coordinates: how far the
                 # centre is from it, next to how far a fixed central gaze would be.
-                target = 2.0 * obs[TARGET].to(params.dtype) - 1.0
+                module = self._gaze_module(module_id)
+                target = module.map_registration.image_to_map(obs[TARGET].to(params.dtype))
+                centre = module.map_registration.image_to_map(target.new_tensor([0.5, 0.5]))
                 stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
-                stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = target.norm(dim=-1).mean()
+                stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = (target - centre).norm(dim=-1).mean()
         self._log_gaze_metrics(module_id, stats)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,58 @@ def cell_centres(height: int, width: int, device: torch.device | str | None = No
     return ys, xs
 
 
-ATTENTION_MODES = ("foveal", "patch", "oracle", "none")
+ATTENTION_MODES = ("foveal", "patch", "oracle", "centre", "none")
+# Attention modes whose map is one Gaussian, with ``(B, 5)`` parameters (the learnt gaze, and the fixed
+# ones: the oracle on the true target, the centre on the image's centre).
+GAUSSIAN_MODES = ("foveal", "oracle", "centre")
+
+
+@dataclass(frozen=True)
+class MapRegistration:
+    """Where points of the image fall on an encoder's feature map, from its layers' receptive fields.
+
+    Both sides use normalised coordinates in ``[-1, 1]`` (x along the width, y along the height;
+    the image's from ``2 f - 1`` of a position ``f`` in ``[0, 1]``, the map's as ``cell_centres``).
+    An unpadded conv stack does not tile the image evenly: NatureCNN's cell ``m`` sees a window
+    centred at pixel ``18 + 8 m`` (continuous coordinates), so at 96 px its 8 x 8 map spans pixels
+    18-74 and ``map = 1.5 * image + 0.0625`` on each axis. Padded stacks whose strides divide the
+    image (GazeSAC's) give the identity. ``scale (2,)`` and ``offset (2,)`` are per axis, (x, y).
+    """
+
+    scale: tuple[float, float] = (1.0, 1.0)
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def of_layers(cls, layers: nn.Module, image_hw: tuple[int, int], map_hw: tuple[int, int]) -> MapRegistration:
+        """The registration of the map ``map_hw`` that ``layers`` (convs and pools, in order; others
+        are ignored) make from images ``image_hw``."""
+        start, jump = [0.5, 0.5], [1.0, 1.0]  # (y, x): first cell's centre, in pixels, and the cells' spacing
+        for layer in layers.modules():
+            if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+                kernel, stride, padding = (nn.modules.utils._pair(getattr(layer, a))
+                                           for a in ("kernel_size", "stride", "padding"))
+                for axis in (0, 1):
+                    start[axis] += ((kernel[axis] - 1) / 2 - padding[axis]) * jump[axis]
+                    jump[axis] *= stride[axis]
+        scale, offset = [], []
+        for axis in (1, 0):  # x then y
+            size, cells = image_hw[axis], map_hw[axis]
+            scale.append(size / (jump[axis] * cells))
+            offset.append(scale[-1] - 2.0 * start[axis] / (jump[axis] * cells) + 1.0 / cells - 1.0)
+        return cls(tuple(scale), tuple(offset))
+
+    def image_to_map(self, points: torch.Tensor) -> torch.Tensor:
+        """``points (..., 2)``, (x, y) in image coordinates ``[0, 1]`` -> map coordinates (``[-1, 1]`` on
+        the map; beyond it for points outside every cell's window centre)."""
+        scale, offset = points.new_tensor(self.scale), points.new_tensor(self.offset)
+        return scale * (2.0 * points - 1.0) + offset
+
+    def gaussian_to_image(self, params: torch.Tensor) -> torch.Tensor:
+        """A map Gaussian ``params (..., 5)`` (``GAZE_PARAM_NAMES``) as the same Gaussian in the image's
+        normalised coordinates: what a drawing on the image shows."""
+        (sx_, sy_), (ox, oy) = self.scale, self.offset
+        mu_x, mu_y, sx, sy, sxy = params.unbind(-1)
+        return torch.stack([(mu_x - ox) / sx_, (mu_y - oy) / sy_, sx / sx_, sy / sy_, sxy / (sx_ * sy_)], -1)
 NORMALIZATIONS = ("peak", "mean")
 CENTRES = ("mlp", "soft_argmax")
 
@@ -51,6 +103,7 @@ GAZE_DEFAULTS: dict[str, Any] = {
     "gaze_head_init_std": 0.05,    # foveal: std of the head's output layer at init
     "gaze_centre": "mlp",          # CENTRES: "mlp" (tanh of the head) | "soft_argmax" (of a relevance map)
     "gaze_oracle_sigma": 0.3,      # oracle: fixed spread
+    "gaze_fixed_sigma": 0.4,       # centre: fixed spread of the Gaussian on the image's centre
     # None: GazePPOConfig stops RL's gradient at the gaze exactly when another objective trains it
     # (and hands the module that bool); a module built alone lets RL train its gaze.
     "gaze_rl_gradient": None,
@@ -85,8 +138,9 @@ def gaze_settings_errors(settings: Mapping[str, Any]) -> list[str]:
         errors.append(f"gaze_head_init_std={s['gaze_head_init_std']!r} must be > 0")
     if s["gaze_centre"] not in CENTRES:
         errors.append(f"gaze_centre={s['gaze_centre']!r} is not known; allowed values are {CENTRES}")
-    if not s["gaze_oracle_sigma"] > 0:
-        errors.append(f"gaze_oracle_sigma={s['gaze_oracle_sigma']!r} must be > 0")
+    for key in ("gaze_oracle_sigma", "gaze_fixed_sigma"):
+        if not s[key] > 0:
+            errors.append(f"{key}={s[key]!r} must be > 0")
     if s["gaze_rl_gradient"] is not None and not isinstance(s["gaze_rl_gradient"], bool):
         errors.append(f"gaze_rl_gradient={s['gaze_rl_gradient']!r} must be True, False or None (automatic)")
     if s["gaze_input"] not in GAZE_INPUTS:
@@ -242,37 +296,48 @@ class PatchGaze(nn.Module):
         return features * weights.unsqueeze(1), weights
 
 
-class OracleGaze(nn.Module):
-    """The upper bound of what one fovea can give: a fixed round Gaussian centred on the true target.
+class FixedGaze(nn.Module):
+    """A round Gaussian of fixed spread on a point of the image; nothing in it is learnt.
 
-    Not learnt and not a method: it reads the target's position ``(B, 2)`` in image coordinates
-    ``[0, 1]`` (the env's privileged ``"target"`` observation) and draws a Gaussian of spread
-    ``sigma`` there on the feature map. Input ``(B, C, H, W)`` and the target; output ``attended``
-    and ``params (B, 5)``, as ``FovealGaze``.
+    Two uses, neither a method: ``point=None`` is the oracle, the upper bound of what one fovea can
+    give, centred on the true target it reads per observation (the env's privileged ``"target"``,
+    ``(B, 2)`` in image coordinates ``[0, 1]``); a fixed ``point`` (x, y) is the ``centre`` control, a
+    fovea that never moves (what narrowing alone gives). The point goes onto the map through
+    ``registration`` (the encoder's receptive fields). Input ``(B, C, H, W)`` (and the target for
+    the oracle); output ``attended`` and ``params (B, 5)``, as ``FovealGaze``.
     """
 
-    def __init__(self, height: int, width: int, *, sigma: float, floor: float, normalization: str):
+    def __init__(self, height: int, width: int, *, sigma: float, floor: float, normalization: str,
+                 registration: MapRegistration, point: tuple[float, float] | None = None):
         super().__init__()
         self.height, self.width, self.sigma = height, width, sigma
         self.floor, self.normalization = floor, normalization
+        self.registration, self.point = registration, point
 
-    def attention_map(self, features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, H, W)`` and ``target (B, 2)`` in ``[0, 1]`` -> weights ``(B, H, W)``, params ``(B, 5)``."""
-        mu = 2.0 * target.to(features.dtype) - 1.0  # image [0, 1] -> map [-1, 1]
+    def attention_map(self, features: torch.Tensor,
+                      target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` (and, for the oracle, ``target (B, 2)`` in ``[0, 1]``) -> weights ``(B, H, W)``,
+        params ``(B, 5)``."""
+        if self.point is not None:
+            target = features.new_tensor(self.point).expand(features.shape[0], 2)
+        elif target is None:
+            raise ValueError("the oracle gaze needs the target's position (B, 2)")
+        mu = self.registration.image_to_map(target.to(features.dtype))
         sigma = mu.new_full((mu.shape[0], 2), self.sigma)
         params = torch.cat([mu, sigma, mu.new_zeros(mu.shape[0], 1)], dim=-1)
         weights = gaussian_map(params, self.height, self.width, floor=self.floor, normalization=self.normalization)
         return weights, params
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         weights, params = self.attention_map(features, target)
         return features * weights.unsqueeze(1), params
 
 
-def build_gaze(settings: Mapping[str, Any], in_channels: int, height: int,
-               width: int) -> FovealGaze | PatchGaze | OracleGaze | None:
+def build_gaze(settings: Mapping[str, Any], in_channels: int, height: int, width: int,
+               registration: MapRegistration | None = None) -> FovealGaze | PatchGaze | FixedGaze | None:
     """The attention module over feature maps ``(B, in_channels, height, width)`` that ``settings``
-    ask for (``None`` for ``attention="none"``).
+    ask for (``None`` for ``attention="none"``); ``registration`` places the fixed gazes' image
+    points on the map (default: a map that tiles the image evenly).
 
     ``settings``: any of ``GAZE_DEFAULTS``' keys (the others take their defaults; other keys are
     ignored, so a whole model_config will do). Raises ``ValueError`` listing every bad value
@@ -287,9 +352,13 @@ def build_gaze(settings: Mapping[str, Any], in_channels: int, height: int,
                           init_sigma=s["gaze_init_sigma"], rho_max=s["gaze_rho_max"],
                           normalization=s["gaze_normalization"], head_init_std=s["gaze_head_init_std"],
                           centre=s["gaze_centre"])
+    registration = registration or MapRegistration()
     if s["attention"] == "oracle":
-        return OracleGaze(height, width, sigma=s["gaze_oracle_sigma"], floor=s["gaze_floor"],
-                          normalization=s["gaze_normalization"])
+        return FixedGaze(height, width, sigma=s["gaze_oracle_sigma"], floor=s["gaze_floor"],
+                         normalization=s["gaze_normalization"], registration=registration)
+    if s["attention"] == "centre":
+        return FixedGaze(height, width, sigma=s["gaze_fixed_sigma"], floor=s["gaze_floor"],
+                         normalization=s["gaze_normalization"], registration=registration, point=(0.5, 0.5))
     if s["attention"] == "patch":
         return PatchGaze(in_channels, height, width, floor=s["gaze_floor"])
     return None

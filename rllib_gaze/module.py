@@ -19,7 +19,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 from torch import nn
 
-from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze, glimpse
+from rllib_gaze.gaze import GAZE_DEFAULTS, MapRegistration, build_gaze, glimpse
 
 # Keys this module adds to its forward_train output (read by GazePPOLearner).
 PRE_ATTENTION_FEATURES = "pre_attention_features"
@@ -78,16 +78,18 @@ class GazeAPI(abc.ABC):
     """An RLModule with a gaze on a CNN feature map, as the learner and the drawings use it (in the
     spirit of RLlib's ``ValueFunctionAPI``).
 
-    Besides the methods below, ``feature_map_shape`` is the ``(C, h, w)`` of the map the gaze acts on.
+    Besides the methods below, ``feature_map_shape`` is the ``(C, h, w)`` of the map the gaze acts on,
+    and ``map_registration`` (``rllib_gaze.gaze.MapRegistration``) where image points fall on it.
     """
 
     feature_map_shape: tuple[int, int, int]
+    map_registration: MapRegistration
 
     @property
     @abc.abstractmethod
     def attention_kind(self) -> str:
-        """``"foveal"``, ``"patch"``, ``"oracle"`` or ``"none"``. The gaze's parameters are ``(B, 5)``
-        Gaussians (``rllib_gaze.gaze.GAZE_PARAM_NAMES``) for foveal and oracle, ``(B, h, w)``
+        """``"foveal"``, ``"patch"``, ``"oracle"``, ``"centre"`` or ``"none"``. The gaze's parameters are
+        ``(B, 5)`` Gaussians (``rllib_gaze.gaze.GAZE_PARAM_NAMES``) for ``GAUSSIAN_MODES``, ``(B, h, w)``
         weights for patch."""
 
     @abc.abstractmethod
@@ -116,17 +118,20 @@ class GazeModuleMixin(GazeAPI):
     ``feature_map`` runs its convs on ``_images(obs)``, and its encoder applies ``_attend``.
     """
 
-    def _build_gaze(self, cfg: dict, map_shape: tuple[int, int, int]) -> None:
-        """Build the gaze that ``cfg`` (a model_config) asks for over maps ``(C, h, w)``; raises
-        ``ValueError`` naming what is wrong (``build_gaze``, or an oracle without the target)."""
+    def _build_gaze(self, cfg: dict, map_shape: tuple[int, int, int], encoder: nn.Module,
+                    image_hw: tuple[int, int]) -> None:
+        """Build the gaze that ``cfg`` (a model_config) asks for over maps ``(C, h, w)``, which the layers
+        of ``encoder`` make from images ``image_hw``; raises ``ValueError`` naming what is wrong
+        (``build_gaze``, or an oracle without the target)."""
         self.feature_map_shape = tuple(map_shape)
+        self.map_registration = MapRegistration.of_layers(encoder, image_hw, map_shape[1:])
         self._attention_kind = cfg["attention"]
         if self._attention_kind == "oracle" and not (isinstance(self.observation_space, gym.spaces.Dict)
                                                      and TARGET in self.observation_space.spaces):
             raise ValueError(f"attention='oracle' needs the target's position in the observation "
                              f"(a Dict with a {TARGET!r} key, e.g. the clutter env's expose_target=True); "
                              f"got {self.observation_space}")
-        self.gaze = build_gaze(cfg, *map_shape)
+        self.gaze = build_gaze(cfg, *map_shape, registration=self.map_registration)
         self._gaze_rl_gradient = cfg["gaze_rl_gradient"] is not False  # None: see GAZE_DEFAULTS
         if cfg["gaze_input"] == "centred":
             # (C, h, w): the learner writes its memory's mean map here; a buffer, so it travels with
@@ -161,6 +166,8 @@ class GazeModuleMixin(GazeAPI):
             raise ValueError("this module has attention='none': it has no gaze")
         if self._attention_kind == "oracle":
             return self.gaze.attention_map(features, obs[TARGET])
+        if self._attention_kind == "centre":
+            return self.gaze.attention_map(features)
         centre = getattr(self, "gaze_input_centre", None)
         # the head reads the centred map (gaze_input="centred"); the weights still apply to the raw one
         return self.gaze.attention_map(features if centre is None else features - centre)
@@ -200,7 +207,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModul
         self.cnn = nn.Sequential(*layers)
         with torch.no_grad():
             _, fc, fh, fw = self.cnn(torch.zeros(1, channels, height, width)).shape
-        self._build_gaze(cfg, (fc, fh, fw))
+        self._build_gaze(cfg, (fc, fh, fw), self.cnn, (height, width))
         self.image_fc = nn.Sequential(nn.Linear(fc * fh * fw, cfg["image_feature_dim"]), nn.ReLU())
         feature_dim = cfg["image_feature_dim"]
         self.state_fc = None

@@ -36,7 +36,8 @@ def module_gaze(module: GazeAPI, obs: NumpyObservations) -> tuple[np.ndarray, np
 
     Returns:
         weights ``(B, h, w)`` on the feature map, and the Gaussian's parameters ``(B, 5)`` =
-        (mu_x, mu_y, sigma_x, sigma_y, sigma_xy) (foveal, oracle), or None for patch attention.
+        (mu_x, mu_y, sigma_x, sigma_y, sigma_xy) in the image's normalised coordinates (moved off the
+        map by ``module.map_registration``), or None for patch attention.
     """
     if module.attention_kind == "none":
         raise ValueError("this module has attention='none': there is no gaze to draw")
@@ -45,7 +46,9 @@ def module_gaze(module: GazeAPI, obs: NumpyObservations) -> tuple[np.ndarray, np
                else torch.as_tensor(np.asarray(obs), device=device))
     with torch.no_grad():
         weights, params = module.gaze_weights(module.feature_map(tensors), tensors)
-    return weights.cpu().numpy(), (None if module.attention_kind == "patch" else params.cpu().numpy())
+    if module.attention_kind == "patch":
+        return weights.cpu().numpy(), None
+    return weights.cpu().numpy(), module.map_registration.gaussian_to_image(params).cpu().numpy()
 
 
 def image_weights(weights: np.ndarray | None, params: np.ndarray | None, height: int, width: int,

@@ -140,7 +140,7 @@ class GazeSACModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI, QNetAPI, 
         with torch.no_grad():
             pre = self.cnn.head(torch.zeros(1, channels, height, width))
             last = self.cnn.tail(pre)
-        self._build_gaze(cfg, tuple(pre.shape[1:]))
+        self._build_gaze(cfg, tuple(pre.shape[1:]), self.cnn.head, (height, width))
         self.image_fc = nn.Sequential(nn.Linear(last[0].numel(), cfg["image_feature_dim"]), nn.ReLU())
 
         self._state_dim = state_space.shape[0] if state_space is not None else 0

@@ -113,7 +113,20 @@ FOVEA = Task(
 # mechanism bench's `moving` family) rather than only off the relation between agent and target.
 SIGNAL = dataclasses.replace(FOVEA, name="signal", env_config={**FOVEA.env_config, "target_signal": True})
 
-TASKS: dict[str, Task] = {DIAGNOSTIC.name: DIAGNOSTIC, FOVEA.name: FOVEA, SIGNAL.name: SIGNAL}
+# The paper's kind of scene (issue 28): clutter placed once per episode and then still, as in
+# ManiSkill's cluttered tables; `-centre` adds its layout, the task objects in a central workspace
+# with the clutter around it, and `-corner` moves that workspace off the centre (the control for a
+# central fovea).
+_STILL = {"distractor_motion": "still"}
+FOVEA_STILL = dataclasses.replace(FOVEA, name="fovea-still", env_config={**FOVEA.env_config, **_STILL})
+CLUTTER_STILL = dataclasses.replace(DIAGNOSTIC, name="clutter-still", env_config={**DIAGNOSTIC.env_config, **_STILL})
+FOVEA_CENTRE = dataclasses.replace(FOVEA, name="fovea-centre",
+                                   env_config={**FOVEA_STILL.env_config, "workspace": "centre"})
+FOVEA_CORNER = dataclasses.replace(FOVEA, name="fovea-corner",
+                                   env_config={**FOVEA_STILL.env_config, "workspace": "corner"})
+
+TASKS: dict[str, Task] = {task.name: task for task in (DIAGNOSTIC, FOVEA, SIGNAL, FOVEA_STILL, CLUTTER_STILL,
+                                                       FOVEA_CENTRE, FOVEA_CORNER)}
 for _env_id, _shape in _PAPER_SHAPES.items():
     for _clutter in (0, PAPER_CLUTTER):
         _task = _maniskill(_env_id, clutter=_clutter, **_shape)

@@ -26,7 +26,7 @@ def _config(**gaze):
 BAD_INPUTS = [
     # (entry point, call, texts the message must contain)
     ("config", lambda tmp: _config(attention="spotlight"),
-     ["attention='spotlight'", "'foveal', 'patch', 'oracle', 'none'"]),
+     ["attention='spotlight'", "'foveal', 'patch', 'oracle', 'centre', 'none'"]),
     ("config", lambda tmp: _config(attention="none", contrastive=True), ["contrastive=True", "attention='foveal'"]),
     ("config", lambda tmp: _config(contrastive_margin=-1.0), ["contrastive_margin=-1.0", ">= 0"]),
     ("config", lambda tmp: _config(contrastive_similarity="dot"), ["contrastive_similarity='dot'", "'glimpse'"]),

@@ -55,7 +55,7 @@ def test_registered_for_tune_by_name():
 
 @pytest.mark.parametrize("options, message", [
     ({"attention": "spotlight"},
-     r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'none'\)"),
+     r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'centre', 'none'\)"),
     ({"attention": "oracle", "contrastive": True}, r"contrastive=True needs a trainable attention.*attention='oracle'"),
     ({"gaze_normalization": "sum"}, r"gaze_normalization='sum' is not known; allowed values are \('peak', 'mean'\)"),
     ({"gaze_head_init_std": 0.0}, r"gaze_head_init_std=0.0 must be > 0"),

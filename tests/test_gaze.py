@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze, cell_centres, gaussian_map, gaze_settings_errors
+from rllib_gaze.gaze import GAZE_DEFAULTS, MapRegistration, build_gaze, cell_centres, gaussian_map, gaze_settings_errors
 
 
 def params(mu_x, mu_y, sx, sy, sxy):
@@ -114,7 +114,7 @@ def test_patch_weights_per_cell_in_range():
 
 def test_build_gaze_rejects_unknown_mode():
     assert build_gaze({"attention": "none"}, 4, 3, 3) is None
-    with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'oracle', 'none'"):
+    with pytest.raises(ValueError, match=r"attention='spotlight'.*'foveal', 'patch', 'oracle', 'centre', 'none'"):
         build_gaze({"attention": "spotlight"}, 4, 3, 3)
 
 
@@ -158,6 +158,19 @@ def test_oracle_centres_its_fixed_gaussian_on_the_target():
     # (0.8125, 0.0625) is the centre of cell (row 0, col 6): the peak lands there
     assert attended[0, 0].argmax().item() == 0 * 8 + 6 and attended[0, 0, 0, 6].item() == pytest.approx(1.0)
     assert not list(gaze.parameters())
+
+
+def test_fixed_gazes_place_image_points_through_the_registration():
+    registration = MapRegistration(scale=(1.5, 1.5), offset=(0.0625, 0.0625))   # NatureCNN at 96 px
+    centre = build_gaze({"attention": "centre", "gaze_fixed_sigma": 0.4}, 4, 8, 8, registration=registration)
+    _, p = centre(torch.rand(3, 4, 8, 8))
+    assert torch.allclose(p, torch.tensor([0.0625, 0.0625, 0.4, 0.4, 0.0]).expand(3, 5))
+    oracle = build_gaze({"attention": "oracle"}, 4, 8, 8, registration=registration)
+    _, p = oracle(torch.ones(1, 4, 8, 8), torch.tensor([[0.62, 0.5]]))
+    assert torch.allclose(p[0, :2], torch.tensor([1.5 * 0.24 + 0.0625, 0.0625]))
+    # a map Gaussian drawn on the image: back through the same affine map
+    back = registration.gaussian_to_image(torch.tensor([[0.4225, 0.0625, 0.3, 0.6, 0.09]]))
+    assert torch.allclose(back, torch.tensor([[0.24, 0.0, 0.2, 0.4, 0.04]]), atol=1e-6)
 
 
 def test_soft_argmax_centre_lands_where_the_relevance_map_fires():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
+from rllib_gaze.gaze import MapRegistration, cell_centres
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES, GazePPOModule
 
 IMAGE = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
@@ -41,7 +42,8 @@ def test_nature_cnn_on_128px_gives_a_12x12_map():
 
 
 @pytest.mark.parametrize("attention, params_shape, learnt", [
-    ("foveal", (5, 5), True), ("patch", (5, 4, 4), True), ("oracle", (5, 5), False), ("none", None, False)])
+    ("foveal", (5, 5), True), ("patch", (5, 4, 4), True), ("oracle", (5, 5), False), ("centre", (5, 5), False),
+    ("none", None, False)])
 def test_gaze_api(attention, params_shape, learnt):
     m = module(TARGETED, attention)
     obs = obs_batch(TARGETED)
@@ -114,9 +116,32 @@ def test_oracle_gaze_sits_on_the_target_and_needs_it():
     m = module(TARGETED, "oracle", gaze_oracle_sigma=0.2)
     batch = obs_batch(TARGETED)
     params = m.forward_train({Columns.OBS: batch})[GAZE_PARAMS]
-    assert torch.allclose(params[:, :2], 2 * batch["target"] - 1)
+    assert torch.allclose(params[:, :2], m.map_registration.image_to_map(batch["target"]))
     with pytest.raises(ValueError, match="attention='oracle' needs the target's position"):
         module(DICT, "oracle")
+
+
+def test_centre_gaze_stays_on_the_image_centre_whatever_the_input():
+    m = module(DICT, "centre", gaze_fixed_sigma=0.4)
+    params = m.forward_train({Columns.OBS: obs_batch(DICT)})[GAZE_PARAMS]
+    centre = m.map_registration.image_to_map(torch.tensor([0.5, 0.5]))
+    assert torch.allclose(params[:, :2], centre.expand(len(params), 2)) and torch.all(params[:, 2:4] == 0.4)
+    assert not m.gaze_parameters()
+
+
+def test_map_registration_follows_the_encoders_receptive_fields():
+    # NatureCNN at 96 px: cell m of the 8 x 8 map sees a window centred at pixel 18 + 8 m (continuous
+    # coordinates), so an image point there lands on that cell's centre in map coordinates
+    m = module(gym.spaces.Box(0, 255, (96, 96, 3), np.uint8), "foveal")
+    assert m.feature_map_shape[1:] == (8, 8)
+    ys, xs = cell_centres(8, 8)
+    pixels = 18.0 + 8.0 * torch.arange(8.0)
+    points = torch.stack([pixels / 96, pixels.flip(0) / 96], -1)
+    assert torch.allclose(m.map_registration.image_to_map(points), torch.stack([xs, ys.flip(0)], -1), atol=1e-6)
+    # GazeSAC's padded stack with pools that divide the image tiles it evenly: the identity
+    from rllib_gaze.sac_module import PlainConv
+    even = MapRegistration.of_layers(PlainConv(3, "pre_pool").head, (128, 128), (8, 8))
+    assert even.scale == pytest.approx((1.0, 1.0)) and even.offset == pytest.approx((0.0, 0.0))
 
 
 def test_stopping_rl_gradient_at_the_gaze_leaves_its_parameters_without_gradient():

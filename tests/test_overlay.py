@@ -54,6 +54,7 @@ def test_draw_batch_uses_the_modules_own_gaze(tmp_path):
     assert len(images) == 3 and images[0].shape == (64, 64, 3) and images[0].dtype == np.uint8
     with torch.no_grad():
         _, params = module.gaze_weights(module.feature_map(torch.as_tensor(obs)))
+    params = module.map_registration.gaussian_to_image(params)  # drawn where the map's cells see
     expected = draw(obs[0], image_weights(None, params[0].numpy(), 64, 64, floor=0.0), params[0].numpy())
     np.testing.assert_array_equal(images[0], expected)
     sheet = tile(images, columns=2, scale=2, gap=2)

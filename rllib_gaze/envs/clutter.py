@@ -12,6 +12,7 @@ through the same ``BatchedEnvBridge`` as ManiSkill, and it runs on CPU or GPU (`
 
 from __future__ import annotations
 
+import math
 import os
 
 import gymnasium as gym
@@ -19,6 +20,12 @@ import numpy as np
 import torch
 
 REWARDS = ("progress", "closeness")
+MOTIONS = ("drift", "still")
+# Where agent and target live (x0, y0, x1, y1 in image coordinates [0, 1]); distractors are placed
+# outside that box. "none": anywhere, distractors too. "centre": the paper's tabletop, the task
+# objects around the image centre with clutter around them; "corner": the same box moved off the
+# centre, the control that tells a central fovea's gain from a gain of narrowing at all.
+WORKSPACES = {"none": (0.0, 0.0, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75), "corner": (0.5, 0.5, 1.0, 1.0)}
 
 _AGENT_RGB = (220, 40, 40)
 _TARGET_RGB = (40, 200, 60)
@@ -46,6 +53,12 @@ class ClutterEnv:
     ``terminate_on_success`` it also ends the episode. ``info["success"]`` is a ``(N,)`` bool
     tensor. All outputs are torch tensors on ``device``.
 
+    Scenes (``MOTIONS``, ``WORKSPACES``): ``distractor_motion="drift"`` moves every distractor each
+    step (bouncing off the edges); ``"still"`` places them once per episode and leaves them, as
+    ManiSkill's cluttered scenes do. ``workspace`` confines agent and target to a box (the agent
+    cannot leave it) and places distractors outside it; the target then starts at least
+    ``min(0.3, 0.6 x the box's free side)`` from the agent.
+
     ``target_signal`` makes the outcome visible at one place: the target's colour shows the agent's
     closeness ``1 - tanh(5 * distance)`` (what the closeness reward pays), from its usual green at
     no closeness to yellow at contact. It is the control diagnostic of docs/results.md: a state's
@@ -62,7 +75,8 @@ class ClutterEnv:
                  max_episode_steps: int = 50, include_state: bool = False, step_size: float = 0.08,
                  success_radius: float = 0.08, terminate_on_success: bool = False,
                  reward: str = "progress", expose_target: bool = False, target_signal: bool = False,
-                 device: str = "cpu", seed: int | None = None, fail_at_step: int = 0,
+                 distractor_motion: str = "drift", workspace: str = "none", device: str = "cpu",
+                 seed: int | None = None, fail_at_step: int = 0,
                  fail_once_file: str | None = None):
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r}: must be >= 1")
@@ -74,6 +88,10 @@ class ClutterEnv:
             raise ValueError(f"max_episode_steps={max_episode_steps!r}: must be >= 1")
         if reward not in REWARDS:
             raise ValueError(f"reward={reward!r}: allowed values are {REWARDS}")
+        if distractor_motion not in MOTIONS:
+            raise ValueError(f"distractor_motion={distractor_motion!r}: allowed values are {MOTIONS}")
+        if workspace not in WORKSPACES:
+            raise ValueError(f"workspace={workspace!r}: allowed values are {list(WORKSPACES)}")
         if fail_at_step < 0:
             raise ValueError(f"fail_at_step={fail_at_step!r}: must be >= 0 (0: off)")
         self.num_envs = num_envs
@@ -83,6 +101,7 @@ class ClutterEnv:
         self.max_episode_steps, self.include_state = max_episode_steps, include_state
         self.step_size, self.success_radius = step_size, success_radius
         self.terminate_on_success = terminate_on_success
+        self.distractor_motion, self.workspace = distractor_motion, workspace
         self.device = torch.device(device)
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
@@ -106,6 +125,11 @@ class ClutterEnv:
         self.elapsed = torch.zeros(n, dtype=torch.long, device=self.device)
         self._distance = torch.zeros(n, device=self.device)
         self._half = 0.06  # object half-size, in units of the image side
+        x0, y0, x1, y1 = WORKSPACES[workspace]
+        # the box's centres' range: an object inside it lies wholly inside the box (and the image)
+        self._box_lo = torch.tensor([x0, y0], device=self.device) + self._half
+        self._box_hi = torch.tensor([x1, y1], device=self.device) - self._half
+        self._min_start_distance = min(0.3, 0.6 * float((self._box_hi - self._box_lo).min()))
         # Pixel offsets around an object's centre pixel that can lie inside it: a (2r+1)^2 patch.
         r = int(np.ceil(self._half * image_size)) + 1
         oy, ox = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
@@ -130,7 +154,7 @@ class ClutterEnv:
                 open(self.fail_once_file, "w").close()
             raise RuntimeError(f"clutter env: fail_at_step={self.fail_at_step} reached (a test's injected fault)")
         actions = torch.as_tensor(actions, dtype=torch.float32, device=self.device).clamp(-1, 1)
-        self.agent = (self.agent + self.step_size * actions).clamp(self._half, 1 - self._half)
+        self.agent = torch.maximum(torch.minimum(self.agent + self.step_size * actions, self._box_hi), self._box_lo)
         self.distractors = self.distractors + self.velocities
         bounced = (self.distractors < self._half) | (self.distractors > 1 - self._half)
         self.velocities = torch.where(bounced, -self.velocities, self.velocities)
@@ -156,24 +180,59 @@ class ClutterEnv:
     def _reset_envs(self, idx: torch.Tensor) -> None:
         n, d, s = idx.numel(), self.num_distractors, self.image_size
         lo, span = self._half, 1 - 2 * self._half
-        self.agent[idx] = lo + span * self._rand(n, 2)
-        # Target at least 0.3 away from the agent so no episode starts solved.
-        target = lo + span * self._rand(n, 2)
-        for _ in range(8):
-            close = (target - self.agent[idx]).norm(dim=-1) < 0.3
+        box_lo, box_span = self._box_lo, self._box_hi - self._box_lo
+        self.agent[idx] = box_lo + box_span * self._rand(n, 2)
+        # Target away from the agent so no episode starts solved.
+        target = box_lo + box_span * self._rand(n, 2)
+        # a workspace box leaves less room, so more rounds (8 on the whole image, as first built)
+        for _ in range(8 if self.workspace == "none" else 32):
+            close = (target - self.agent[idx]).norm(dim=-1) < self._min_start_distance
             if not close.any():
                 break
-            target[close] = lo + span * self._rand(int(close.sum()), 2)
+            target[close] = box_lo + box_span * self._rand(int(close.sum()), 2)
         self.target[idx] = target
-        self.distractors[idx] = lo + span * self._rand(n, d, 2)
+        distractors = lo + span * self._rand(n, d, 2)
+        if self.workspace != "none":
+            # redraw any distractor that overlaps the box (a few rounds suffice: the box is at most a
+            # quarter of the image); one still inside after that is pushed out along its nearer edge
+            for _ in range(16):
+                inside = self._overlaps_box(distractors)
+                if not inside.any():
+                    break
+                distractors[inside] = lo + span * self._rand(int(inside.sum()), 2)
+            distractors = self._push_out_of_box(distractors)
+        self.distractors[idx] = distractors
         angle = 2 * np.pi * self._rand(n, d)
-        self.velocities[idx] = 0.02 * torch.stack([angle.cos(), angle.sin()], -1)
+        speed = 0.02 if self.distractor_motion == "drift" else 0.0
+        self.velocities[idx] = speed * torch.stack([angle.cos(), angle.sin()], -1)
         self.distractor_is_green[idx] = self._rand(n, d) < 0.5
         # Low-contrast noise texture in a per-episode hue.
         base = 60 + 60 * self._rand(n, 1, 1, 3)
         self.background[idx] = (base + 40 * self._rand(n, s, s, 1)).to(torch.uint8)
         self.elapsed[idx] = 0
         self._distance[idx] = (self.agent[idx] - self.target[idx]).norm(dim=-1)
+
+    def _overlaps_box(self, centres: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` object centres -> ``(...)`` whether the object overlaps the workspace box."""
+        lo, hi = self._box_lo - 2 * self._half, self._box_hi + 2 * self._half
+        return ((centres > lo) & (centres < hi)).all(-1)
+
+    def _push_out_of_box(self, centres: torch.Tensor) -> torch.Tensor:
+        """Objects that overlap the box moved just outside it, across the edge nearest to them."""
+        inside = self._overlaps_box(centres)
+        if not inside.any():
+            return centres
+        lo, hi = self._box_lo - 2 * self._half, self._box_hi + 2 * self._half
+        # distance to each of the four edges, outward: (..., 4) = left, top, right, bottom
+        gaps = torch.cat([centres - lo, hi - centres], -1)
+        bounds = torch.cat([lo, hi])
+        blocked = (bounds < self._half) | (bounds > 1 - self._half)   # an edge on the image's border
+        edge = gaps.masked_fill(blocked, math.inf).argmin(-1)
+        moved = centres.clone()
+        for k, (axis, bound) in enumerate(((0, lo[0]), (1, lo[1]), (0, hi[0]), (1, hi[1]))):
+            rows = inside & (edge == k)
+            moved[..., axis] = torch.where(rows, bound.expand_as(moved[..., axis]), moved[..., axis])
+        return moved.clamp(self._half, 1 - self._half)
 
     def _paint_square(self, img: torch.Tensor, centre: torch.Tensor, hollow: torch.Tensor,
                       colour: torch.Tensor) -> None:

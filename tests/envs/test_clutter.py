@@ -95,6 +95,9 @@ def test_terminate_on_success_option():
     ({"num_envs": 1, "num_distractors": -1}, "num_distractors=-1"),
     ({"num_envs": 1, "max_episode_steps": 0}, "max_episode_steps=0"),
     ({"num_envs": 1, "reward": "sparse"}, r"reward='sparse': allowed values are \('progress', 'closeness'\)"),
+    ({"num_envs": 1, "distractor_motion": "jitter"},
+     r"distractor_motion='jitter': allowed values are \('drift', 'still'\)"),
+    ({"num_envs": 1, "workspace": "table"}, r"workspace='table': allowed values are \['none', 'centre', 'corner'\]"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -179,3 +182,40 @@ def test_target_signal_colours_the_target_by_the_agents_closeness():
     plain.reset()
     plain.target[0], plain.agent[0] = torch.tensor([0.3, 0.3]), torch.tensor([0.35, 0.3])
     assert _target_ring_colour(plain) == (40, 200, 60)      # off by default, whatever the distance
+
+
+def test_still_distractors_stay_where_each_episode_put_them():
+    env = ClutterEnv(16, image_size=48, num_distractors=6, distractor_motion="still", seed=0)
+    env.reset()
+    placed = env.distractors.clone()
+    for _ in range(20):
+        env.step(torch.rand(16, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    assert torch.equal(env.distractors, placed)
+    env.reset(options={"env_idx": torch.tensor([3])})          # a new episode places them anew
+    assert not torch.equal(env.distractors[3], placed[3]) and torch.equal(env.distractors[4], placed[4])
+    drifting = ClutterEnv(16, image_size=48, num_distractors=6, seed=0)
+    drifting.reset()
+    start = drifting.distractors.clone()
+    drifting.step(torch.zeros(16, 2))
+    assert (drifting.distractors - start).norm(dim=-1).min() > 0.01
+
+
+@pytest.mark.parametrize("workspace, box", [("centre", (0.25, 0.75)), ("corner", (0.5, 1.0))])
+def test_workspace_keeps_agent_and_target_inside_and_clutter_outside(workspace, box):
+    lo, hi = box
+    env = ClutterEnv(256, image_size=96, num_distractors=16, distractor_motion="still", workspace=workspace, seed=0)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):   # random pushes press the agent against the box's walls
+        env.step(torch.rand(256, 2, generator=gen) * 2 - 1)
+        for place in (env.agent, env.target):   # whole squares inside the box
+            assert (place - env._half >= lo - 1e-6).all() and (place + env._half <= hi + 1e-6).all()
+    # no distractor square overlaps the box, and the clutter still lies all around it
+    d = env.distractors
+    overlap = ((d + env._half > lo) & (d - env._half < hi)).all(-1)
+    assert not overlap.any()
+    # episodes start unsolved: the target away from the agent (the rejection rounds leave almost none closer)
+    fresh = ClutterEnv(256, image_size=96, workspace=workspace, seed=1)
+    fresh.reset()
+    apart = (fresh.target - fresh.agent).norm(dim=-1) >= fresh._min_start_distance
+    assert apart.float().mean() > 0.95 and fresh._min_start_distance > 2 * fresh.success_radius
