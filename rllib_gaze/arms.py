@@ -43,6 +43,9 @@ VARIANTS = {
     # Ours (issue 21): the centre regressed onto the fixation search's cell (docs/method.md).
     "gaze-fixation": {**ARMS["gaze"], "contrastive_objective": "fixation"},
     "gaze-fixation-triplet": {**ARMS["gaze"], "contrastive_objective": "fixation+triplet"},
+    # Ours (issue 28): the fixation search on neighbours from the anchor's own episode, the setting
+    # in which the mechanism bench first localised on still clutter.
+    "gaze-fixation-episode": {**ARMS["gaze"], "contrastive_objective": "fixation", "mining": "episode"},
     # Ours, not the paper's: the gaze trained to predict the return (docs/method.md).
     "gaze-predict": {"attention": "foveal", "contrastive": False, "gaze_predict_coeff": 1.0,
                      "gaze_centre": "soft_argmax"},

@@ -15,7 +15,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
-from rllib_gaze.contrastive import LABEL_RULES, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
+from rllib_gaze.contrastive import LABEL_RULES, MININGS, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
@@ -35,6 +35,9 @@ class GazeConfigMixin:
 
     # What may label a state for the contrastive loss (``contrastive_return``) with this algorithm.
     ALLOWED_RETURNS: tuple[str, ...] = RETURNS
+    # Where mining may look for an anchor's neighbours (``mining``) with this algorithm: own-episode
+    # mining needs a train batch of episode chunks (PPO's), not rows drawn from a replay buffer.
+    ALLOWED_MININGS: tuple[str, ...] = MININGS
 
     def _init_gaze_settings(self) -> None:
         # Gaze (module side): attention, gaze_floor, ..., gaze_predict_coeff.
@@ -63,6 +66,8 @@ class GazeConfigMixin:
         self.mining_chunk_size = 4096
         self.mining_pool = 2
         self.mining_centred = False
+        self.mining = "memory"
+        self.mining_gap = 0
         self.contrastive_memory_checkpoint_mb = 64.0
         # TensorBoard drawings of the gaze (off by default).
         self.gaze_image_interval = 0
@@ -118,6 +123,8 @@ class GazeConfigMixin:
         mining_chunk_size: int = NotProvided,
         mining_pool: int = NotProvided,
         mining_centred: bool = NotProvided,
+        mining: str = NotProvided,
+        mining_gap: int = NotProvided,
         contrastive_memory_checkpoint_mb: float = NotProvided,
         gaze_image_interval: int = NotProvided,
         gaze_image_count: int = NotProvided,
@@ -201,6 +208,13 @@ class GazeConfigMixin:
             mining_centred: search neighbours by the cosine of maps minus the memory's mean map
                 (what differs from the typical scene) instead of the raw maps, whose cosines are all
                 0.96-0.98 and dominated by the background.
+            mining: where an anchor's neighbours come from (``ALLOWED_MININGS``): ``"memory"`` (the
+                paper's: the memory of earlier updates, any episode) or ``"episode"`` (ours, issue 28:
+                the other steps of the anchor's own episode chunk in this update's batch, so a
+                triplet shares the scene and differs in what changed within the episode; labels
+                still split at the memory's return threshold). PPO only.
+            mining_gap: with ``mining="episode"``, neighbours at least this many steps from the
+                anchor (0: any other step).
             contrastive_memory_checkpoint_mb: checkpoints include the contrastive memory when it
                 holds at most this many MB (0: never); a memory left out refills after a restore
                 within ``contrastive_memory_capacity / train batch`` iterations.
@@ -370,6 +384,10 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"mining_centred={c.mining_centred!r} must be True or False")
     if not isinstance(c.mining_pool, int) or c.mining_pool < 1:
         errors.append(f"mining_pool={c.mining_pool!r} must be an integer >= 1")
+    if c.mining not in c.ALLOWED_MININGS:
+        errors.append(f"mining={c.mining!r} is not allowed with this algorithm; allowed values are {c.ALLOWED_MININGS}")
+    if not isinstance(c.mining_gap, int) or c.mining_gap < 0:
+        errors.append(f"mining_gap={c.mining_gap!r} must be an integer >= 0")
     if not isinstance(c.gaze_image_interval, int) or c.gaze_image_interval < 0:
         errors.append(f"gaze_image_interval={c.gaze_image_interval!r} must be an integer >= 0 (0 = off)")
     if not isinstance(c.gaze_image_count, int) or not 1 <= c.gaze_image_count <= 16:

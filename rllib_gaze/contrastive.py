@@ -21,6 +21,8 @@ LABEL_RULES = ("threshold", "above", "relative")
 OBJECTIVES = ("triplet", "fixation", "fixation+triplet")
 SIMILARITIES = ("map", "centred_map", "glimpse")
 TRIPLET_GAZES = ("anchor", "each")
+# Where an anchor's neighbours come from: the memory of earlier updates, or its own episode.
+MININGS = ("memory", "episode")
 
 
 def search_keys(maps: torch.Tensor, pool: int = 1) -> torch.Tensor:
@@ -96,6 +98,34 @@ class FeatureReturnMemory:
         """Refill from ``state_dict()``, also of a memory with another capacity (newest rows kept)."""
         self.size, self._next = 0, 0
         self.push(state["maps"], state["returns"])
+
+
+@dataclass
+class RowBank:
+    """Rows to mine in that are not the memory (``mining="episode"``: this update's rows so far):
+    maps ``(N, C, H, W)``, their search keys ``(N, D')`` made with ``pool``, returns ``(N,)``.
+    ``mine_rows`` reads it as it reads a ``FeatureReturnMemory``."""
+
+    maps: torch.Tensor
+    keys: torch.Tensor
+    returns: torch.Tensor
+    pool: int
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.maps, self.keys, self.returns
+
+
+def episode_chunks(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's episode chunk and its step within it, ``(N,)`` int64 each, in a train batch laid out
+    as RLlib's learner connector lays it (each chunk's rows in order, then one extra row with
+    ``loss_mask (N,)`` False, which counts as its chunk's last row)."""
+    ends = ~loss_mask.bool()
+    chunk = torch.cumsum(ends.long(), 0) - ends.long()                  # extra rows close their chunk
+    starts = torch.cat([ends.new_zeros(1, dtype=torch.long), ends.nonzero().squeeze(1) + 1])
+    return chunk, torch.arange(loss_mask.shape[0], device=loss_mask.device) - starts[chunk]
 
 
 @torch.no_grad()
@@ -179,9 +209,9 @@ class MinedRows:
     """Mining's result for every searched anchor, fixed-size so that nothing is read on the host:
     ``positive``/``negative`` ``(A,)`` memory indices (arbitrary where not ``valid``), ``valid (A,)``
     whether the anchor has both among its neighbours, ``searched (A,)`` which anchors count (the
-    others are padding), ``label_agreement ()`` the share of searched anchors whose threshold label
-    equals their nearest neighbour's, ``valid_fraction ()`` the share of searched anchors that are
-    valid."""
+    others are padding), ``label_agreement ()`` the share of searched anchors with a nearest neighbour
+    whose threshold label equals that neighbour's (NaN when none has one), ``valid_fraction ()`` the
+    share of searched anchors that are valid."""
 
     positive: torch.Tensor
     negative: torch.Tensor
@@ -193,7 +223,7 @@ class MinedRows:
 
 @torch.no_grad()
 def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
-              memory: FeatureReturnMemory, *, k: int, label_rule: str = "threshold",
+              memory: FeatureReturnMemory | RowBank, *, k: int, label_rule: str = "threshold",
               threshold: float | torch.Tensor = 0.0, relative_gap: float | torch.Tensor = 0.0,
               chunk_size: int = 4096, centre: torch.Tensor | None = None,
               bank_keys: torch.Tensor | None = None, searched: torch.Tensor | None = None,
@@ -232,15 +262,17 @@ def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     first_pos = positive.float().argmax(1, keepdim=True)
     first_neg = negative.float().argmax(1, keepdim=True)
     # How often an anchor's own label (its side of the threshold) is its nearest neighbour's: 0.5 is
-    # chance, i.e. labels that visual similarity cannot predict.
+    # chance, i.e. labels that visual similarity cannot predict. Only anchors that have a nearest
+    # neighbour count (groups/apart may exclude every row); NaN when none has.
     agrees = (nbr_returns[:, 0] >= threshold) == (anchor_returns[:, 0] >= threshold)
+    has_neighbour = searched & (sims[:, 0] > float("-inf")) if sims.shape[1] else torch.zeros_like(searched)
     count = searched.sum().clamp_min(1)
     return MinedRows(
         positive=nbr.gather(1, first_pos).squeeze(1),
         negative=nbr.gather(1, first_neg).squeeze(1),
         valid=valid,
         searched=searched,
-        label_agreement=(agrees & searched).sum() / count,
+        label_agreement=(agrees & has_neighbour).sum() / has_neighbour.sum(),
         valid_fraction=valid.sum() / count,
     )
 

@@ -25,6 +25,7 @@ from ray.rllib.utils.typing import ModuleID, StateDict
 
 from rllib_gaze.contrastive import (
     FeatureReturnMemory,
+    RowBank,
     fixation_loss,
     fixation_targets,
     gaze_triplet_loss,
@@ -59,6 +60,10 @@ from rllib_gaze.results import (
 CONTRASTIVE_MEMORY = "contrastive_memory"
 # Name of the gaze's own optimizer (when .gaze(gaze_lr=...) is set).
 GAZE_OPTIMIZER = "gaze"
+# Train-batch columns of each row's episode chunk and step within it (mining="episode"; the
+# algorithm's learner adds them, ``rllib_gaze.contrastive.episode_chunks``).
+EPISODE_CHUNK = "contrastive_episode_chunk"
+EPISODE_STEP = "contrastive_episode_step"
 
 
 class ContrastiveGazeLearnerMixin:
@@ -74,7 +79,8 @@ class ContrastiveGazeLearnerMixin:
     def build(self) -> None:
         super().build()
         self._memories: dict[ModuleID, FeatureReturnMemory] = {}
-        self._staged: dict[ModuleID, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # this update's rows for the memory: (maps, returns, loss mask or None, (chunk, step, keys) or None)
+        self._staged: dict[ModuleID, list[tuple]] = {}
         self._rows_left_to_stage: dict[ModuleID, int] = {}
         self._stage_fraction: dict[ModuleID, float] = {}
         self._mean_maps: dict[ModuleID, torch.Tensor] = {}  # (C, h, w) mean of each memory
@@ -131,10 +137,12 @@ class ContrastiveGazeLearnerMixin:
         gradients of ``rl_losses`` (metric key -> loss) and of the triplet loss on the gaze."""
         features = fwd_out[PRE_ATTENTION_FEATURES].detach()
         mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None
-        self._stage(module_id, features, returns, mask)
+        chunks = (batch[EPISODE_CHUNK], batch[EPISODE_STEP]) if config.mining == "episode" else None
+        self._stage(module_id, features, returns, mask, chunks)
         anchors = _random_rows(mask, features.shape[0], config.contrastive_num_anchors, features.device)
         contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors],
-                                             None if mask is None else mask[anchors])
+                                             None if mask is None else mask[anchors],
+                                             None if chunks is None else (chunks[0][anchors], chunks[1][anchors]))
         if module_id in self._first_minibatch:
             self._first_minibatch.discard(module_id)
             self._log_gaze_gradients(module_id, {**rl_losses, GAZE_GRAD_NORM_CONTRASTIVE_KEY: contrastive})
@@ -154,10 +162,13 @@ class ContrastiveGazeLearnerMixin:
         self._log_gaze_metrics(module_id, norms)
 
     def _contrastive_loss(self, module_id: ModuleID, config: Any, features: torch.Tensor,
-                          returns: torch.Tensor, searched: torch.Tensor | None = None) -> torch.Tensor:
+                          returns: torch.Tensor, searched: torch.Tensor | None = None,
+                          chunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``;
         ``searched (A,)``: the anchors that count (default all; the others are padding that keeps
-        the shapes fixed). Reads nothing on the host."""
+        the shapes fixed). With ``mining="episode"``, ``chunks`` holds the anchors' episode chunk
+        and step ``(A,)`` each, and neighbours come from the rows of this update staged so far
+        (this minibatch's included) of the same chunk. Reads nothing on the host."""
         memory = self._memories.get(module_id)
         zero = features.new_zeros(())
         metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
@@ -167,14 +178,24 @@ class ContrastiveGazeLearnerMixin:
             self._log_gaze_metrics(module_id, metrics)
             return zero
 
-        bank_maps = memory.filled()[0]
         threshold, spread = self._memory_label_stats(module_id, config)
         centred = config.mining_centred and module_id in self._mean_maps
+        bank, groups, apart = memory, None, None
+        if chunks is not None:
+            bank, bank_chunks = self._staged_bank(module_id, memory.pool)
+            if len(bank) == 0:
+                self._log_gaze_metrics(module_id, metrics)
+                return zero
+            # the same chunk, never the anchor itself, and at least mining_gap steps away
+            groups, apart = (chunks[0], bank_chunks[0]), (chunks[1], bank_chunks[1], max(config.mining_gap, 1))
+            centred = False   # the centred keys are the memory's
+        bank_maps = bank.filled()[0]
         mined = mine_rows(
-            features, returns, memory, k=config.contrastive_k, label_rule=config.label_rule,
+            features, returns, bank, k=config.contrastive_k, label_rule=config.label_rule,
             threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
             centre=self._mean_maps[module_id] if centred else None,
             bank_keys=self._centred_keys.get(module_id) if centred else None, searched=searched,
+            groups=groups, apart=apart,
         )
         valid = mined.valid
         metrics[CONTRASTIVE_RETURN_THRESHOLD_KEY] = threshold
@@ -248,11 +269,23 @@ class ContrastiveGazeLearnerMixin:
         for ((mid, key), _), value in zip(tensors, read):
             self.metrics.log_value((mid, key), value, window=1)
 
+    def _staged_bank(self, module_id: ModuleID, pool: int) -> tuple[RowBank, tuple[torch.Tensor, torch.Tensor]]:
+        """This update's staged rows as a bank to mine in, and their episode chunk and step ``(N,)``
+        each (``mining="episode"``). Rows outside the loss mask score as no one's neighbour."""
+        staged = self._staged[module_id]
+        maps, returns = torch.cat([s[0] for s in staged]), torch.cat([s[1] for s in staged])
+        chunk, step, keys = (torch.cat([s[3][i] for s in staged]) for i in range(3))
+        if staged[0][2] is not None:
+            chunk = torch.where(torch.cat([s[2] for s in staged]), chunk, -1)   # never an anchor's chunk
+        return RowBank(maps, keys, returns, pool), (chunk, step)
+
     def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor | None) -> None:
+               mask: torch.Tensor | None, chunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep this minibatch's rows for the memory until one epoch's worth has been seen: all of
         them, or (an epoch larger than the memory) a random ``_stage_fraction`` of them, valid rows
-        (``mask``) first. Which staged rows are valid is read after the update (``_push_staged``)."""
+        (``mask``) first. Which staged rows are valid is read after the update (``_push_staged``).
+        With ``chunks`` (each row's episode chunk and step) the rows also keep those and their
+        search keys, for own-episode mining."""
         take = min(self._rows_left_to_stage.get(module_id, 0), features.shape[0])
         if take <= 0:
             return
@@ -261,8 +294,12 @@ class ContrastiveGazeLearnerMixin:
         count = math.ceil(take * self._stage_fraction.get(module_id, 1.0))
         rows = (_random_rows(keep, take, count, features.device) if count < take
                 else torch.arange(take, device=features.device))
+        episode = None
+        if chunks is not None:
+            pool = self.config.get_config_for_module(module_id).mining_pool   # the memory's pool too
+            episode = (chunks[0][rows], chunks[1][rows], search_keys(features[rows], pool))
         self._staged.setdefault(module_id, []).append(
-            (features[rows], returns[rows], None if keep is None else keep[rows]))
+            (features[rows], returns[rows], None if keep is None else keep[rows], episode))
 
     def _push_staged(self) -> None:
         """Move the staged rows of this update into the memories: the valid ones (their masks read
@@ -271,8 +308,8 @@ class ContrastiveGazeLearnerMixin:
         for module_id, staged in self._staged.items():
             if not staged:
                 continue
-            sizes = [features.shape[0] for features, _, _ in staged]
-            valid = (torch.cat([keep for _, _, keep in staged]).cpu() if staged[0][2] is not None
+            sizes = [rows[0].shape[0] for rows in staged]
+            valid = (torch.cat([rows[2] for rows in staged]).cpu() if staged[0][2] is not None
                      else torch.ones(sum(sizes), dtype=torch.bool))
             rows = valid.nonzero().squeeze(1)                       # on the host
             if module_id not in self._memories:
@@ -283,7 +320,7 @@ class ContrastiveGazeLearnerMixin:
             # each chunk's share of the (sorted) rows: host tensors, read as ints once
             starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
             bounds = torch.searchsorted(rows, torch.tensor(starts)).tolist()
-            for i, (features, returns, _) in enumerate(staged):
+            for i, (features, returns, *_) in enumerate(staged):
                 chunk = (rows[bounds[i]:bounds[i + 1]] - starts[i]).to(features.device)
                 if chunk.numel():
                     memory.push(features[chunk], returns[chunk])

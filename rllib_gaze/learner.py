@@ -23,8 +23,8 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import discounted_return_to_go
-from rllib_gaze.contrastive_learner import ContrastiveGazeLearnerMixin
+from rllib_gaze.contrastive import discounted_return_to_go, episode_chunks
+from rllib_gaze.contrastive_learner import EPISODE_CHUNK, EPISODE_STEP, ContrastiveGazeLearnerMixin
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
 from rllib_gaze.results import GAZE_GRAD_NORM_PPO_KEY, GAZE_PREDICT_LOSS_KEY
 
@@ -56,6 +56,10 @@ class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
             config = self.config.get_config_for_module(module_id)
             if config.contrastive and config.contrastive_return == "return_to_go":
                 module_batch[CONTRASTIVE_RETURNS] = self._return_to_go(module_id, config, module_batch)
+            if config.contrastive and config.mining == "episode":
+                # columns, so they follow the rows into shuffled minibatches
+                mask = torch.as_tensor(module_batch[Columns.LOSS_MASK])
+                module_batch[EPISODE_CHUNK], module_batch[EPISODE_STEP] = episode_chunks(mask)
         return batch
 
     def _return_to_go(self, module_id: ModuleID, config: GazePPOConfig, batch: dict[str, Any]) -> torch.Tensor:

@@ -4,6 +4,7 @@ import torch
 from rllib_gaze.contrastive import (
     FeatureReturnMemory,
     attended_cosine,
+    episode_chunks,
     gaze_similarity,
     gaze_triplet_loss,
     glimpse_cosine,
@@ -459,3 +460,24 @@ def test_mining_apart_skips_neighbours_within_the_gap():
     assert {int(far.positive[0]), int(far.negative[0])} <= {0, 1, 7}
     assert int(far.positive[0]) in (1, 7) and int(far.negative[0]) == 0    # labels: odd steps high
     assert {int(near.positive[0]), int(near.negative[0])} != {int(far.positive[0]), int(far.negative[0])}
+
+
+def test_label_agreement_counts_only_anchors_that_have_a_neighbour():
+    """An anchor whose every neighbour is excluded (another group) has no nearest neighbour: it must
+    not count as agreeing or disagreeing (it read the excluded row's label before)."""
+    memory = FeatureReturnMemory(4, (2, 2, 2))
+    maps = torch.rand(4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    memory.push(maps, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    anchors, returns = maps[[0, 2]] + 0.01, torch.tensor([1.0, 1.0])
+    groups = (torch.tensor([0, 9]), torch.tensor([0, 0, 0, 0]))          # anchor 1's group has no rows
+    rows = mine_rows(anchors, returns, memory, k=4, threshold=0.5, groups=groups)
+    assert rows.label_agreement.item() == 1.0                            # anchor 0 agrees with row 0
+    none = mine_rows(anchors, returns, memory, k=4, threshold=0.5, groups=(torch.tensor([9, 9]), groups[1]))
+    assert torch.isnan(none.label_agreement)
+
+
+def test_episode_chunks_number_the_chunks_and_their_steps():
+    # two chunks of 3 and 2 steps, each closed by RLlib's extra (loss-masked) row
+    mask = torch.tensor([True, True, True, False, True, True, False])
+    chunk, step = episode_chunks(mask)
+    assert chunk.tolist() == [0, 0, 0, 0, 1, 1, 1] and step.tolist() == [0, 1, 2, 3, 0, 1, 2]

@@ -10,7 +10,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.policy.sample_batch import SampleBatch
 
 from rllib_gaze import ARMS
-from rllib_gaze.contrastive import search_keys
+from rllib_gaze.contrastive import episode_chunks, mine_rows, search_keys
 from rllib_gaze.results import (
     CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
     CONTRASTIVE_COS_AN_KEY,
@@ -363,3 +363,38 @@ def test_fixation_objective_trains_only_the_gaze_and_logs_its_loss(objective):
     except KeyError:
         triplet_logged = False
     assert triplet_logged == (objective == "fixation+triplet")
+
+
+def test_episode_mining_mines_each_anchor_in_its_own_chunk_of_this_update():
+    config = tiny_config(contrastive_objective="fixation", mining="episode", mining_gap=2)
+    runner, learner, _ = one_update(config, num_epochs=1)     # the memory now holds a threshold
+    episodes = runner.sample(num_timesteps=128)
+    batch = train_batch(learner, episodes)
+    mask = batch[Columns.LOSS_MASK].bool()
+    chunk, step = episode_chunks(mask)
+    # the update stages every row with its chunk, step and key; its own-chunk mining finds triplets
+    results = learner.update(episodes=episodes, num_epochs=2, minibatch_size=64,
+                             timesteps={"num_env_steps_sampled_lifetime": 256})
+    assert results[MID][CONTRASTIVE_VALID_ANCHOR_FRAC_KEY] > 0 and results[MID][CONTRASTIVE_FIXATION_LOSS_KEY] > 0
+    # the bank a minibatch mines in: the staged rows, loss-masked rows in no chunk
+    features = learner.module[MID].forward_train(batch)["pre_attention_features"].detach()
+    returns = batch[Columns.VALUE_TARGETS]
+    learner._staged, learner._rows_left_to_stage, learner._stage_fraction = {MID: []}, {MID: len(mask)}, {}
+    learner._stage(MID, features, returns, mask, (chunk, step))
+    bank, (bank_chunk, bank_step) = learner._staged_bank(MID, config.mining_pool)
+    assert torch.equal(bank_chunk, torch.where(mask, chunk, -1)) and torch.equal(bank_step, step)
+    rows = mine_rows(features[mask], returns[mask], bank, k=8, threshold=returns[mask].median(),
+                     groups=(chunk[mask], bank_chunk), apart=(step[mask], bank_step, config.mining_gap))
+    valid = rows.valid
+    assert valid.sum() > 10
+    for picked in (rows.positive[valid], rows.negative[valid]):
+        assert torch.equal(bank_chunk[picked], chunk[mask][valid])
+        assert ((bank_step[picked] - step[mask][valid]).abs() >= config.mining_gap).all()
+
+
+def test_sac_refuses_episode_mining_naming_the_allowed_values():
+    from helpers import tiny_sac_config
+
+    with pytest.raises(ValueError, match=r"mining='episode' is not allowed with this algorithm; allowed values are "
+                                         r"\('memory',\)"):
+        tiny_sac_config(mining="episode").validate()
