@@ -13,6 +13,9 @@ Supported tasks (both scripted as "go behind the cube, opposite the goal, then p
   gripper works on the camera's side of the cube. The cube was in view in 82% of its frames against
   88% for PushCube (seed 0, 16 episodes of 50 steps): in failed episodes the hand often hides it.
 
+Each also comes as its cluttered variant (``PushCube-v1-Clutter``, ``PullCube-v1-Clutter``: the suite's
+``PAPER_CLUTTER`` visual-only objects placed once per episode, ``rllib_gaze.envs.maniskill_clutter``).
+
 PickCube-v1 is not supported: its cube has a random yaw, and grasping it needs orientation control
 that the ``pd_ee_delta_pos`` scripted policy does not have.
 
@@ -43,7 +46,9 @@ PLACE_NAMES: dict[str, tuple[str, ...]] = {
 CAMERA = "base_camera"  # the one sensor camera of ManiSkill's tabletop tasks
 CONTROL_MODE = "pd_ee_delta_pos"  # the scripted policy steers the gripper's position in Cartesian space
 # Bump when the recording changes for the same arguments (policy, env settings), so that caches go stale.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CLUTTER_SUFFIX = "-Clutter"
+TASKS = tuple(PLACE_NAMES) + tuple(task + CLUTTER_SUFFIX for task in PLACE_NAMES)
 
 # Scripted policy geometry (metres). The cube's half size is 0.02; the gripper's tool centre point
 # (TCP) sits between the fingertips, so at z = CUBE_HEIGHT it pushes on the cube's middle.
@@ -153,13 +158,24 @@ class ScriptedPusher:
         return np.append(np.clip(delta, -1.0, 1.0), -1.0).astype(np.float32)
 
 
+def base_task(task: str) -> str:
+    """The ManiSkill task of ``task`` (a cluttered variant's base)."""
+    return task.removesuffix(CLUTTER_SUFFIX)
+
+
 def _make_env(task: str, image_size: int, max_steps: int):
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
+    extra = {}
+    if task.endswith(CLUTTER_SUFFIX):
+        from rllib_gaze.envs.maniskill_clutter import cluttered_env_id
+        from rllib_gaze.suite import PAPER_CLUTTER
+
+        task, extra = cluttered_env_id(base_task(task)), {"clutter": PAPER_CLUTTER}
     return gym.make(task, obs_mode="rgb", num_envs=1, sim_backend="physx_cpu", render_backend="cpu",
                     control_mode=CONTROL_MODE, reward_mode="normalized_dense", max_episode_steps=max_steps,
-                    sensor_configs=dict(width=image_size, height=image_size))
+                    sensor_configs=dict(width=image_size, height=image_size), **extra)
 
 
 def _places(env, obs: dict, image_size: int) -> np.ndarray:
@@ -171,12 +187,13 @@ def _places(env, obs: dict, image_size: int) -> np.ndarray:
                    image_size, image_size)
 
 
-def _record(task: str, episodes: int, seed: int, image_size: int, max_steps: int, noise: float) -> Recording:
+def _record(task: str, episodes: int, seed: int, image_size: int, max_steps: int, noise: float,
+            full_episodes: bool) -> Recording:
     import torch
 
     env = _make_env(task, image_size, max_steps)
     rng = np.random.default_rng(seed)
-    policy = ScriptedPusher(rng, noise * NOISE_SCALE[task])
+    policy = ScriptedPusher(rng, noise * NOISE_SCALE[base_task(task)])
     rows: dict[str, list] = {f.name: [] for f in fields(Recording) if f.name != "place_names"}
     scene, start, successes = env.unwrapped, time.perf_counter(), 0
     try:
@@ -195,7 +212,7 @@ def _record(task: str, episodes: int, seed: int, image_size: int, max_steps: int
                 rows["step"].append(step)
                 rows["terminated"].append(bool(_numpy(terminated).reshape(-1)[0]))
                 rows["success"].append(bool(_numpy(info["success"]).reshape(-1)[0]))
-                if rows["terminated"][-1] or bool(_numpy(truncated).reshape(-1)[0]):
+                if (rows["terminated"][-1] and not full_episodes) or bool(_numpy(truncated).reshape(-1)[0]):
                     break
             successes += any(rows["success"][-step - 1:])
             if (episode + 1) % max(1, episodes // 8) == 0 or episode + 1 == episodes:
@@ -208,7 +225,7 @@ def _record(task: str, episodes: int, seed: int, image_size: int, max_steps: int
     return Recording(
         images=np.stack(rows["images"]).astype(np.uint8),
         places=np.stack(rows["places"]).astype(np.float32),
-        place_names=PLACE_NAMES[task],
+        place_names=PLACE_NAMES[base_task(task)],
         rewards=np.array(rows["rewards"], dtype=np.float32),
         episode=np.array(rows["episode"], dtype=np.int64),
         step=np.array(rows["step"], dtype=np.int64),
@@ -218,10 +235,14 @@ def _record(task: str, episodes: int, seed: int, image_size: int, max_steps: int
 
 
 def record_maniskill(task: str = "PushCube-v1", episodes: int = 16, seed: int = 0, image_size: int = 128,
-                     max_steps: int = 50, noise: float = 1.0, cache_dir: str | None = None) -> Recording:
+                     max_steps: int = 50, noise: float = 1.0, cache_dir: str | None = None,
+                     full_episodes: bool = False) -> Recording:
     """Records ``episodes`` episodes of a noisy scripted policy in the real ManiSkill ``task``.
 
-    Each episode runs until the env terminates (success) or ``max_steps`` steps; ``seed`` fixes the
+    Each episode runs until the env terminates (success) or ``max_steps`` steps; with
+    ``full_episodes`` every episode runs ``max_steps`` steps, success or not (ManiSkill's
+    ``ignore_terminations``, as in ppo_rgb's evaluation), so that an episode's summed reward does not
+    punish an early success. ``seed`` fixes the
     episodes (env resets and policy noise). ``noise`` scales the policy's mistakes (see
     ``ScriptedPusher``): at 1 about half the episodes succeed, in either task. Rendering on the CPU runs at
     about 20-30 steps/s, so 16 episodes of 50 steps take about a minute.
@@ -229,20 +250,21 @@ def record_maniskill(task: str = "PushCube-v1", episodes: int = 16, seed: int = 
     With ``cache_dir``, the recording is saved there as an .npz named after all arguments and loaded
     from it (well under a second) when called again with the same ones.
     """
-    if task not in PLACE_NAMES:
-        raise ValueError(f"task={task!r} is not supported; supported tasks: {sorted(PLACE_NAMES)}")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not supported; supported tasks: {sorted(TASKS)}")
     if episodes < 1 or max_steps < 1 or image_size < 16 or noise < 0:
         raise ValueError(f"need episodes >= 1, max_steps >= 1, image_size >= 16 and noise >= 0; got "
                          f"episodes={episodes}, max_steps={max_steps}, image_size={image_size}, noise={noise}")
     path = None
     if cache_dir is not None:
-        key = f"{task}-e{episodes}-s{seed}-px{image_size}-t{max_steps}-n{noise:g}-v{CACHE_VERSION}"
+        key = (f"{task}-e{episodes}-s{seed}-px{image_size}-t{max_steps}-n{noise:g}{'-full' if full_episodes else ''}"
+               f"-v{CACHE_VERSION}")
         path = Path(cache_dir) / f"{key}.npz"
         if path.exists():
             with np.load(path) as saved:
                 arrays = {name: saved[name] for name in saved.files if name != "place_names"}
                 return Recording(place_names=tuple(str(n) for n in saved["place_names"]), **arrays)
-    recording = _record(task, episodes, seed, image_size, max_steps, noise)
+    recording = _record(task, episodes, seed, image_size, max_steps, noise, full_episodes)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file and rename, so an interrupted save never leaves a truncated cache.
@@ -254,17 +276,18 @@ def record_maniskill(task: str = "PushCube-v1", episodes: int = 16, seed: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="PushCube-v1", choices=sorted(PLACE_NAMES))
+    parser.add_argument("--task", default="PushCube-v1", choices=TASKS)
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--full-episodes", action="store_true", help="run every episode to --max-steps")
     args = parser.parse_args()
     start = time.perf_counter()
     recording = record_maniskill(args.task, args.episodes, args.seed, args.image_size, args.max_steps,
-                                 args.noise, args.cache_dir)
+                                 args.noise, args.cache_dir, args.full_episodes)
     wall = time.perf_counter() - start
     success = recording.episode_success()
     print(f"{args.task}: {success.sum()}/{len(success)} episodes successful ({success.mean():.0%}), "

@@ -20,14 +20,25 @@ Sources of maps (``SOURCES``):
   played by a noisy scripted reach, encoded by a randomly initialised NatureCNN (the module's);
   relevant places: target and agent; ``signal``: the control diagnostic (``fovea`` whose target's
   colour shows the agent's closeness), relevant place: the target alone, where the return shows;
-- ``PushCube-v1`` / ``PullCube-v1``: real ManiSkill frames on ``physx_cpu`` from a noisy scripted
-  push (``benchmarks/maniskill_frames.py``), encoded the same way; relevant places: cube and goal.
+  ``fovea-still``, ``clutter-still``, ``fovea-centre``, ``fovea-corner``: the paper's kind of scene
+  (distractors placed once per episode; the task in a central or an off-centre workspace);
+- ``PushCube-v1`` / ``PullCube-v1`` and their ``-Clutter`` variants: real ManiSkill frames on
+  ``physx_cpu`` from a noisy scripted push (``benchmarks/maniskill_frames.py``), every episode run
+  to the time limit, encoded the same way; relevant places: cube and goal.
+
+Places reach the map through the encoder's receptive fields (``rllib_gaze.gaze.MapRegistration``).
 
 Recorded sources are split by episode: even episodes fill the memory, odd ones are the anchors, so
 an anchor never finds itself; with ``--mining episode`` by step instead (even steps in the memory,
 odd ones anchors) and an anchor's neighbours are the steps of its own episode: triplets that share
-the scene. Their labels are the discounted return-to-go (gamma 0.8, ppo_rgb's)
-or, with ``--labels episode``, the whole episode's return.
+the scene. Their labels are the discounted return-to-go (gamma 0.8, ppo_rgb's), computed on a
+recording that runs ``TAIL`` steps past the episode's horizon (those steps only feed the labels, so
+the last steps' returns are not cut short); with ``--labels episode`` the whole episode's return, with
+``--labels success`` whether the episode succeeded (1) or not (0).
+
+Training runs ``--steps`` gaze updates (default 1,500, what a 98,304-step suite run on ``fovea``
+gives the gaze: 96 iterations x 4 epochs x 4 minibatches); ``--triplet-gaze`` sets the paper's loss's
+gaze: ``anchor`` (the anchor's gaze weighs all three maps) or ``each`` (a gaze per member).
 
 Objectives (``--objectives``): ``triplet`` (the paper's: triplet loss on glimpses under the
 anchor's gaze), ``fixation`` (ours: the centre regressed onto the fixation search's cell,
@@ -54,22 +65,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rllib_gaze.contrastive import (  # noqa: E402
     OBJECTIVES,
+    TRIPLET_GAZES,
     FeatureReturnMemory,
     fixation_loss,
     fixation_targets,
     gaze_triplet_loss,
     mine_triplets,
 )
-from rllib_gaze.gaze import build_gaze  # noqa: E402
+from rllib_gaze.gaze import MapRegistration, build_gaze  # noqa: E402
 
 CHANNELS, GRID, CLUTTER_OBJECTS = 16, 8, 12
 SYNTHETIC = ("fixed", "moving", "relational", "conjunction", "copies", "relational-copies")
-DIAGNOSTICS = ("fovea", "clutter", "signal")
-MANISKILL = ("PushCube-v1", "PullCube-v1")
+DIAGNOSTICS = ("fovea", "clutter", "signal", "fovea-still", "clutter-still", "fovea-centre", "fovea-corner")
+MANISKILL = ("PushCube-v1", "PullCube-v1", "PushCube-v1-Clutter", "PullCube-v1-Clutter")
 SOURCES = SYNTHETIC + DIAGNOSTICS + MANISKILL
-LABELS = ("step", "episode")
+LABELS = ("step", "episode", "success")
 MINING = ("all", "episode")
 GAMMA = 0.8  # ppo_rgb's discount: the learner's value targets look about this far ahead
+HORIZON = 50  # steps of a recorded episode (the diagnostics' and the ManiSkill recordings' time limit)
+TAIL = 20     # steps recorded past it for the return-to-go alone: GAMMA ** TAIL = 0.012
+STEPS = 1500  # default gaze updates: what a 98,304-step fovea run gives the gaze
 
 
 @dataclass
@@ -193,14 +208,22 @@ class Synthetic:
 
 
 # --- recorded sources --------------------------------------------------------------------------
-def episode_labels(rewards: np.ndarray, episode: np.ndarray, labels: str) -> np.ndarray:
+def episode_labels(rewards: np.ndarray, episode: np.ndarray, labels: str, tail: np.ndarray | None = None,
+                   success: np.ndarray | None = None) -> np.ndarray:
     """``(N,)`` labels of rows laid out episode by episode, steps in order: the discounted
-    return-to-go with ``GAMMA`` (``"step"``) or the episode's summed reward (``"episode"``)."""
+    return-to-go with ``GAMMA`` over every row (``"step"``; ``tail (N,)`` marks the rows past the
+    horizon, there only so that the return-to-go is not cut short), the summed reward of the rows
+    before the tail (``"episode"``), or whether ``success (N,)`` held at any row before it
+    (``"success"``: 1 or 0)."""
     out = np.zeros(len(rewards), dtype=np.float32)
+    inside = np.ones(len(rewards), dtype=bool) if tail is None else ~tail
     for e in np.unique(episode):
         idx = np.flatnonzero(episode == e)
         if labels == "episode":
-            out[idx] = rewards[idx].sum()
+            out[idx] = rewards[idx][inside[idx]].sum()
+            continue
+        if labels == "success":
+            out[idx] = float(success[idx][inside[idx]].any())
             continue
         following = 0.0
         for i in idx[::-1]:
@@ -210,9 +233,11 @@ def episode_labels(rewards: np.ndarray, episode: np.ndarray, labels: str) -> np.
 
 
 def record_diagnostic(name: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
-    """Play a diagnostic of ``DIAGNOSTICS`` (the suite's settings) with a noisy scripted reach: images
-    ``(N, S, S, 3)``, rewards, episode ids, and the places in [0, 1]: ``(N, 2, 2)`` [target, agent],
-    or ``(N, 1, 2)`` [target] for ``signal``, whose return shows at the target alone."""
+    """Play a diagnostic of ``DIAGNOSTICS`` (the suite's settings) with a noisy scripted reach for
+    ``HORIZON + TAIL`` steps (the env does not reset itself): images ``(N, S, S, 3)``, rewards,
+    success flags, episode ids, ``tail`` (the rows past the horizon), and the places in [0, 1]:
+    ``(N, 2, 2)`` [target, agent], or ``(N, 1, 2)`` [target] for ``signal``, whose return shows at the
+    target alone."""
     from rllib_gaze.envs.clutter import ClutterEnv
     from rllib_gaze.suite import TASKS
 
@@ -223,27 +248,28 @@ def record_diagnostic(name: str, episodes: int, seed: int) -> dict[str, np.ndarr
     # Per-episode skill: how much of each action is the true direction (the rest is noise), so
     # some episodes reach the target and some never do.
     skill = torch.rand(episodes, 1, generator=gen)
-    out = {"images": [], "rewards": [], "places": []}
-    for _ in range(env.max_episode_steps):
+    out = {"images": [], "rewards": [], "places": [], "success": []}
+    for _ in range(HORIZON + TAIL):
         direction = obs["target"] - obs["state"]
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-6)
         action = skill * direction + (1 - skill) * (2 * torch.rand(episodes, 2, generator=gen) - 1)
         out["images"].append(obs["rgb"].clone())
         places = [obs["target"]] if settings.get("target_signal") else [obs["target"], obs["state"]]
         out["places"].append(torch.stack(places, 1))
-        obs, reward, *_ = env.step(action)
+        obs, reward, _, _, info = env.step(action)
         out["rewards"].append(reward)
+        out["success"].append(info["success"])
     # (T, E, ...) -> episode-major rows
-    return {"images": torch.stack(out["images"], 1).flatten(0, 1).numpy(),
-            "places": torch.stack(out["places"], 1).flatten(0, 1).numpy(),
-            "rewards": torch.stack(out["rewards"], 1).flatten(0, 1).numpy(),
-            "episode": np.repeat(np.arange(episodes), env.max_episode_steps)}
+    rows = {key: torch.stack(value, 1).flatten(0, 1).numpy() for key, value in out.items()}
+    steps = np.tile(np.arange(HORIZON + TAIL), episodes)
+    return {**rows, "episode": np.repeat(np.arange(episodes), HORIZON + TAIL), "tail": steps >= HORIZON}
 
 
-def encode(images: np.ndarray, seed: int, checkpoint: str | None = None, batch: int = 256) -> torch.Tensor:
-    """``(N, S, S, 3)`` uint8 -> ``(N, 64, h, w)`` pre-attention maps of a ``GazePPOModule``: the
-    trained one of an algorithm ``checkpoint`` (a suite trial's ``checkpoint_0000NN``), or a fresh
-    one (its NatureCNN as at the start of training)."""
+def encode(images: np.ndarray, seed: int, checkpoint: str | None = None,
+           batch: int = 256) -> tuple[torch.Tensor, MapRegistration]:
+    """``(N, S, S, 3)`` uint8 -> ``(N, 64, h, w)`` pre-attention maps of a ``GazePPOModule`` and where
+    image points fall on them: the trained module of an algorithm ``checkpoint`` (a suite trial's
+    ``checkpoint_0000NN``), or a fresh one (its NatureCNN as at the start of training)."""
     if checkpoint:
         from rllib_gaze.visualize import load_checkpoint
 
@@ -258,8 +284,9 @@ def encode(images: np.ndarray, seed: int, checkpoint: str | None = None, batch: 
                                action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
                                model_config={"attention": "none"})
     with torch.no_grad():
-        return torch.cat([module.feature_map({"rgb": torch.as_tensor(images[i:i + batch])})
+        maps = torch.cat([module.feature_map({"rgb": torch.as_tensor(images[i:i + batch])})
                           for i in range(0, len(images), batch)])
+    return maps, module.map_registration
 
 
 @functools.lru_cache(maxsize=4)
@@ -273,13 +300,16 @@ def recorded(source: str, labels: str, seed: int, episodes: int, checkpoint: str
     else:
         from benchmarks.maniskill_frames import record_maniskill
 
-        r = record_maniskill(source, episodes=episodes, seed=seed,
+        r = record_maniskill(source, episodes=episodes, seed=seed, max_steps=HORIZON + TAIL, full_episodes=True,
                              cache_dir=str(Path(__file__).resolve().parent / ".cache"))
-        rec = {"images": r.images, "places": r.places, "rewards": r.rewards, "episode": r.episode}
-    maps = encode(rec["images"], seed, checkpoint)
-    returns = torch.as_tensor(episode_labels(rec["rewards"], rec["episode"], labels))
-    places = 2.0 * torch.as_tensor(rec["places"]).float() - 1.0
-    episode = torch.as_tensor(rec["episode"])
+        rec = {"images": r.images, "places": r.places, "rewards": r.rewards, "episode": r.episode,
+               "success": r.success, "tail": r.step >= HORIZON}
+    returns = episode_labels(rec["rewards"], rec["episode"], labels, rec["tail"], rec["success"])
+    keep = ~rec["tail"]   # the tail's rows gave their rewards to the labels; they are not mined
+    maps, registration = encode(rec["images"][keep], seed, checkpoint)
+    returns = torch.as_tensor(returns[keep])
+    places = registration.image_to_map(torch.as_tensor(rec["places"][keep]).float())
+    episode = torch.as_tensor(rec["episode"][keep])
     first = torch.searchsorted(episode, episode)   # rows are episode-major: each episode's first row
     data = Maps(maps, returns, places, episode, torch.arange(len(episode)) - first)
     if mining == "episode":
@@ -323,16 +353,21 @@ def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
     return float(gaze[seen].mean() / centre[seen].mean())
 
 
-def train(source: str, objective: str, *, labels: str = "step", steps: int = 600, anchors: int = 256,
+def train(source: str, objective: str, *, labels: str = "step", steps: int = STEPS, anchors: int = 256,
           capacity: int = 4096, k: int = 16, margin: float = 0.2, lr: float = 1e-3, seed: int = 0,
           episodes: int = 64, log_every: int = 50, pools: tuple[int, ...] = (1,),
-          checkpoint: str | None = None, mining: str = "all", gap: int = 0) -> Run:
+          checkpoint: str | None = None, mining: str = "all", gap: int = 0, triplet_gaze: str = "anchor") -> Run:
     """Train a fresh foveal gaze (the project's defaults) on ``source`` with ``objective``; a
     recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one) and
     mined across episodes or, with ``mining="episode"``, within each anchor's own episode, and
-    with ``gap`` only from rows at least that many steps from the anchor's."""
+    with ``gap`` only from rows at least that many steps from the anchor's. ``triplet_gaze``: the
+    triplet loss's gaze (``TRIPLET_GAZES``)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: allowed values are {OBJECTIVES}")
+    if triplet_gaze not in TRIPLET_GAZES:
+        raise ValueError(f"triplet_gaze={triplet_gaze!r}: allowed values are {TRIPLET_GAZES}")
+    if labels not in LABELS:
+        raise ValueError(f"labels={labels!r}: allowed values are {LABELS}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: allowed values are {SOURCES}")
     if mining not in MINING or (mining != "all" and source in SYNTHETIC):
@@ -379,7 +414,7 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
             loss = a.new_zeros(())
             if objective != "fixation":
                 loss = loss + gaze_triplet_loss(gaze.attention_map, a, p, n, similarity="glimpse",
-                                                triplet_gaze="anchor", margin=margin, mean_map=mean_map)[0]
+                                                triplet_gaze=triplet_gaze, margin=margin, mean_map=mean_map)[0]
             if objective != "triplet":
                 centres, _ = fixation_targets(a - mean_map, p - mean_map, n - mean_map, pools)
                 loss = loss + fixation_loss(gaze.attention_map(a)[1], centres)
@@ -396,7 +431,9 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
         sigma = float(gaze.attention_map(probe.maps)[1][:, 2:4].mean())
     centre = nearest_place(probe.places.new_zeros(len(probe.places), 2), probe.places)
     centre_distance = float(centre[centre.isfinite()].mean())
-    name = objective if objective == "triplet" else f"{objective} {pools}"
+    name = f"triplet ({triplet_gaze})" if objective == "triplet" else f"{objective} {pools}"
+    if objective == "fixation+triplet":
+        name += f" ({triplet_gaze})"
     source = (source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
               + (f", >= {gap} steps apart" if gap else ""))
     return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma,
@@ -405,7 +442,7 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = 600
 
 def table(runs: list[Run]) -> str:
     """Markdown table of ``runs``: ratio at a few steps, steps to 0.5, agreement, final sigma."""
-    marks = sorted({s for r in runs for s in r.steps if s in (0, 100, 200, 400) or s == r.steps[-1]})
+    marks = sorted({s for r in runs for s in r.steps if s in (0, 100, 400, 800) or s == r.steps[-1]})
     head = ("| source | labels | objective | " + " | ".join(f"ratio@{s}" for s in marks)
             + " | steps to 0.5 | label agreement | valid anchors | final sigma | central gaze's distance |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -423,7 +460,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--labels", nargs="+", default=["step"], choices=LABELS,
                         help="recorded sources only: return-to-go or whole-episode return")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=STEPS, help="gaze updates per run (default: what an RL run "
+                                                                  "on fovea gives the gaze)")
+    parser.add_argument("--triplet-gaze", nargs="+", default=["anchor"], choices=TRIPLET_GAZES,
+                        help="triplet objectives: the anchor's gaze on all three maps, or a gaze per member")
     parser.add_argument("--pools", type=int, nargs="+", action="append",
                         help="fixation objectives: the windows of the search (repeat for several settings); "
                              "default: 1, and 1 3")
@@ -441,13 +481,15 @@ def main(argv: list[str] | None = None) -> None:
     for source, mining, gap in [(s, m, g) for s in args.sources for m in (["all"] if s in SYNTHETIC else args.mining)
                                 for g in ([0] if s in SYNTHETIC else args.gaps)]:
         for labels in (args.labels if source not in SYNTHETIC else ["step"]):
-            for objective, pools in [(o, tuple(p)) for o in args.objectives
-                                     for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])]:
+            for objective, pools, triplet_gaze in [
+                    (o, tuple(p), t) for o in args.objectives
+                    for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])
+                    for t in (["anchor"] if o == "fixation" else args.triplet_gaze)]:
                 for seed in args.seeds:
                     start = time.perf_counter()
                     run = train(source, objective, labels=labels, steps=args.steps, seed=seed,
                                 episodes=args.episodes, pools=pools, checkpoint=args.checkpoint, mining=mining,
-                                gap=gap)
+                                gap=gap, triplet_gaze=triplet_gaze)
                     print(f"{source:18s} {labels:7s} {run.objective:24s} seed {seed}: ratio "
                           f"{run.ratios[0]:.2f} -> {run.ratios[-1]:.2f}, agreement {run.agreement:.2f}, "
                           f"sigma {run.sigma:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

@@ -101,3 +101,16 @@ def test_the_cache_returns_the_same_recording_quickly(recording):
 def test_unknown_task_raises():
     with pytest.raises(ValueError, match=r"StackCube-v1.*PullCube-v1.*PushCube-v1"):
         maniskill_frames.record_maniskill("StackCube-v1", episodes=1, max_steps=1)
+
+
+def test_a_cluttered_full_episode_recording_runs_past_success(recording):
+    rec, _ = recording
+    full = maniskill_frames.record_maniskill("PushCube-v1-Clutter", episodes=1, seed=3, image_size=SIZE,
+                                             max_steps=STEPS, noise=0.0, full_episodes=True)
+    assert full.place_names == ("cube", "goal") and len(full.step) == STEPS   # no early end
+    first_success = int(np.argmax(full.success))
+    assert full.success.any() and first_success < STEPS - 2                  # the expert succeeds early...
+    assert full.terminated[first_success] and len(full.step) > first_success + 1   # ...and the episode goes on
+    # the clutter shows: the same first scene (cube and goal where the plain recording has them) looks different
+    np.testing.assert_allclose(full.places[0], rec.places[0], atol=1e-4)
+    assert (np.abs(full.images[0].astype(int) - rec.images[0].astype(int)).sum(-1) > 60).mean() > 0.005

@@ -40,6 +40,12 @@ def test_episode_labels_are_return_to_go_or_the_episodes_return():
     assert np.allclose(mechanism.episode_labels(rewards, episode, "step"),
                        [1 + g * g * 2, g * 2, 2, 5 + g, 1])
     assert np.allclose(mechanism.episode_labels(rewards, episode, "episode"), [3, 3, 3, 6, 6])
+    # a tail past the horizon feeds the return-to-go but not the episode's return or its success
+    tail = np.array([False, False, True, False, True])
+    success = np.array([False, False, True, True, False])
+    assert np.allclose(mechanism.episode_labels(rewards, episode, "step", tail), [1 + g * g * 2, g * 2, 2, 5 + g, 1])
+    assert np.allclose(mechanism.episode_labels(rewards, episode, "episode", tail), [1, 1, 1, 5, 5])
+    assert np.allclose(mechanism.episode_labels(rewards, episode, "success", tail, success), [0, 0, 0, 1, 1])
 
 
 def test_diagnostic_recording_is_encoded_with_its_places_on_the_map():
@@ -47,7 +53,11 @@ def test_diagnostic_recording_is_encoded_with_its_places_on_the_map():
     assert memory.maps.shape[1:] == (64, 8, 8) == anchors.maps.shape[1:]     # 96 px -> NatureCNN 8 x 8
     assert len(memory.maps) == len(anchors.maps) == 2 * 50                   # even / odd episodes
     assert set(memory.groups.tolist()) == {0, 2} and set(anchors.groups.tolist()) == {1, 3}
-    assert memory.places.shape[1:] == (2, 2) and memory.places.abs().max() < 1
+    # places on the map through NatureCNN's receptive fields (96 px: map = 1.5 x image + 0.0625)
+    rec = mechanism.record_diagnostic("fovea", episodes=4, seed=0)
+    even = ~rec["tail"] & (rec["episode"] % 2 == 0)                         # the memory's rows
+    image = 2 * torch.as_tensor(rec["places"][even]).float() - 1
+    assert torch.allclose(memory.places, 1.5 * image + 0.0625, atol=1e-6)
     assert len(torch.unique(memory.returns)) == 2                            # one return per episode
     # own-episode mining: the same episodes on both sides, alternate steps
     memory, anchors = mechanism.recorded("fovea", "step", seed=0, episodes=4, mining="episode")
@@ -82,6 +92,16 @@ def test_bad_source_or_objective_is_refused_naming_it():
 
 def test_the_control_diagnostic_records_the_target_alone_as_its_place():
     rec = mechanism.record_diagnostic("signal", episodes=2, seed=0)
-    assert rec["places"].shape == (2 * 50, 1, 2)
+    assert rec["places"].shape == (2 * (mechanism.HORIZON + mechanism.TAIL), 1, 2)
     from rllib_gaze.suite import TASKS
     assert TASKS["signal"].env_config == {**TASKS["fovea"].env_config, "target_signal": True}
+
+
+def test_recordings_run_past_the_horizon_so_return_to_go_is_not_cut_short():
+    rec = mechanism.record_diagnostic("fovea-still", episodes=3, seed=0)
+    per_episode = mechanism.HORIZON + mechanism.TAIL
+    assert len(rec["rewards"]) == 3 * per_episode and rec["tail"].sum() == 3 * mechanism.TAIL
+    labels = mechanism.episode_labels(rec["rewards"], rec["episode"], "step", rec["tail"])
+    last = mechanism.HORIZON - 1                   # the horizon's last row counts what follows it
+    assert labels[last] == pytest.approx(rec["rewards"][last] + mechanism.GAMMA * labels[last + 1])
+    assert labels[last] > rec["rewards"][last] + 0.5 * mechanism.GAMMA * rec["rewards"][last + 1]
