@@ -71,8 +71,9 @@ from rllib_gaze.contrastive import (  # noqa: E402
     fixation_targets,
     gaze_triplet_loss,
     mine_triplets,
+    window_vote_targets,
 )
-from rllib_gaze.gaze import MapRegistration, build_gaze  # noqa: E402
+from rllib_gaze.gaze import MapRegistration, build_gaze, cell_centres  # noqa: E402
 
 CHANNELS, GRID, CLUTTER_OBJECTS = 16, 8, 12
 SYNTHETIC = ("fixed", "moving", "relational", "conjunction", "copies", "relational-copies")
@@ -440,6 +441,48 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = STE
                centre_distance)
 
 
+def within(centres: torch.Tensor, places: torch.Tensor, radius: float = 0.3) -> float:
+    """Share of the rows with a place in view whose ``centres (N, 2)`` lie within ``radius`` of one."""
+    distance = nearest_place(centres, places)
+    seen = nearest_place(torch.zeros_like(centres), places).isfinite()
+    return float((distance[seen] <= radius).float().mean())
+
+
+def targets_alone(source: str, *, labels: str = "step", seed: int = 0, episodes: int = 64,
+                  checkpoint: str | None = None, mining: str = "all", anchors: int = 128, bank_rows: int = 1024,
+                  k: int = 32, pools: tuple[int, ...] = (1, 3)) -> dict[str, tuple[float, float]]:
+    """Where each search sends the gaze before any training: the window vote (its ``k`` nearest
+    windows over ``bank_rows`` memory states, any place), the fixation search (on each anchor's
+    mined triplet, ``mining`` as in ``train``) and a random cell, each as (localisation ratio,
+    share of anchors within 0.3 of a relevant place) over ``anchors`` anchors."""
+    gen = torch.Generator().manual_seed(seed)
+    if source in SYNTHETIC:
+        family = Synthetic(source, seed)
+        bank, batch = family.sample(4096), family.sample(anchors)
+    else:
+        bank, queries = recorded(source, labels, seed, episodes, checkpoint, mining)
+        batch = queries[torch.randperm(len(queries.maps), generator=gen)[:anchors]]
+    threshold = float(torch.quantile(bank.returns, 0.5))
+    mean_map = bank.maps.mean(0)
+    rows = torch.randperm(len(bank.maps), generator=gen)[:bank_rows]
+    vote, _ = window_vote_targets(batch.maps - mean_map, batch.returns >= threshold, bank.maps[rows] - mean_map,
+                                  bank.returns[rows] >= threshold, k=k)
+    memory = FeatureReturnMemory(len(bank.maps), bank.maps.shape[1:], pool=2)
+    memory.push(bank.maps, bank.returns)
+    triplets = mine_triplets(batch.maps, batch.returns, memory, k=16, threshold=threshold,
+                             groups=None if mining == "all" else (batch.groups, bank.groups))
+    a = triplets.anchor
+    fixation, _ = fixation_targets(batch.maps[a] - mean_map, memory.maps[triplets.positive] - mean_map,
+                                   memory.maps[triplets.negative] - mean_map, pools)
+    h, w = bank.maps.shape[-2:]
+    ys, xs = cell_centres(h, w)
+    cell = torch.randint(h * w, (len(batch.maps),), generator=gen)
+    random = torch.stack([xs[cell % w], ys[cell // w]], 1)
+    return {name: (localisation_ratio(c, p), within(c, p))
+            for name, c, p in (("window vote", vote, batch.places), ("fixation search", fixation, batch.places[a]),
+                               ("random cell", random, batch.places))}
+
+
 def table(runs: list[Run]) -> str:
     """Markdown table of ``runs``: ratio at a few steps, steps to 0.5, agreement, final sigma."""
     marks = sorted({s for r in runs for s in r.steps if s in (0, 100, 400, 800) or s == r.steps[-1]})
@@ -473,10 +516,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="recorded sources: neighbours from other episodes, or from the anchor's own")
     parser.add_argument("--gaps", type=int, nargs="+", default=[0],
                         help="recorded sources: neighbours at least this many steps from the anchor (0: any)")
+    parser.add_argument("--targets", action="store_true",
+                        help="no training: where the window vote, the fixation search and a random cell would send "
+                             "the gaze on each source (ratio / share within 0.3 of a relevant place)")
     parser.add_argument("--checkpoint", help="recorded sources: encode with this trained algorithm checkpoint's "
                                              "module (a suite trial's checkpoint_0000NN) instead of a fresh one")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small ops: one thread is as fast, and leaves the other core to a run beside it
+    if args.targets:
+        print("| source | mining | seed | window vote | fixation search | random cell |\n|---|---|---|---|---|---|")
+        for source in args.sources:
+            for mining in (["all"] if source in SYNTHETIC else args.mining):
+                for seed in args.seeds:
+                    found = targets_alone(source, labels=args.labels[0], seed=seed, episodes=args.episodes,
+                                          checkpoint=args.checkpoint, mining=mining)
+                    print(f"| {source}{' (trained)' if args.checkpoint else ''} | {mining} | {seed} | "
+                          + " | ".join(f"{r:.2f} / {share:.2f}" for r, share in found.values()) + " |", flush=True)
+        return
     runs = []
     for source, mining, gap in [(s, m, g) for s in args.sources for m in (["all"] if s in SYNTHETIC else args.mining)
                                 for g in ([0] if s in SYNTHETIC else args.gaps)]:

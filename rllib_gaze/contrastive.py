@@ -459,6 +459,44 @@ def fixation_targets(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
     return torch.stack([xs[best % width], ys[best // width]], dim=1), best_score
 
 
+@torch.no_grad()
+def window_vote_targets(anchor: torch.Tensor, anchor_high: torch.Tensor, bank: torch.Tensor,
+                        bank_high: torch.Tensor, *, k: int = 32, pool: int = 3,
+                        chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window vote (a lead of issue 28): the window of each anchor whose look-alikes share its label.
+
+    ``anchor (A, C, H, W)`` and ``bank (N, C, H, W)``: centred maps; ``anchor_high (A,)``,
+    ``bank_high (N,)``: their labels (return above the threshold). Every ``pool x pool`` window of
+    every map is one unit vector (its mean over the window). An anchor window scores the share of
+    its ``k`` nearest windows, among all windows of all bank maps at any place, whose map has the
+    anchor's label: a window that says which side of the threshold a state is on wherever it
+    appears. Unlike the fixation search it needs no twin of the scene (no triplet), so it can work
+    across scenes that differ. Cost: ``A*H*W x N*H*W`` dot products.
+
+    Returns ``(centres (A, 2) as (x, y) in (-1, 1) of the best window, its score (A,))``.
+    """
+    def windows(maps: torch.Tensor) -> torch.Tensor:   # (M, C, H, W) -> unit vectors (M*H*W, C)
+        pooled = torch.nn.functional.avg_pool2d(maps.float(), pool, stride=1, padding=pool // 2,
+                                                count_include_pad=False)
+        vectors = pooled.flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])
+        return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    height, width = anchor.shape[-2:]
+    cells = height * width
+    keys = windows(bank)
+    key_high = bank_high.bool().repeat_interleave(cells)                   # (N*H*W,)
+    scores = []
+    for start in range(0, anchor.shape[0], max(1, chunk_size // cells)):  # a (queries x chunk) block at a time
+        rows = slice(start, start + max(1, chunk_size // cells))
+        _, nearest = nearest_neighbours(windows(anchor[rows]), keys, k, chunk_size)     # (a*H*W, k)
+        same = key_high[nearest] == anchor_high[rows].bool().repeat_interleave(cells).view(-1, 1)
+        scores.append(same.float().mean(1).view(-1, cells))
+    score = torch.cat(scores)                                              # (A, H*W)
+    best_score, best = score.max(1)
+    ys, xs = cell_centres(height, width, device=anchor.device)
+    return torch.stack([xs[best % width], ys[best // width]], dim=1), best_score
+
+
 def fixation_loss(gaze_params: torch.Tensor, centres: torch.Tensor,
                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared distance ``()`` from the gaze centres ``gaze_params[:, :2]`` (of ``(T, 5)``

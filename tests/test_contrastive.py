@@ -13,7 +13,9 @@ from rllib_gaze.contrastive import (
     nearest_neighbours,
     search_keys,
     triplet_margin_loss,
+    window_vote_targets,
 )
+from rllib_gaze.gaze import cell_centres
 
 
 def maps(rows):
@@ -481,3 +483,27 @@ def test_episode_chunks_number_the_chunks_and_their_steps():
     mask = torch.tensor([True, True, True, False, True, True, False])
     chunk, step = episode_chunks(mask)
     assert chunk.tolist() == [0, 0, 0, 0, 1, 1, 1] and step.tolist() == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_window_vote_finds_the_window_whose_look_alikes_share_the_label():
+    """Scenes differ (clutter anywhere); a marker's channel at one place says the label: the window
+    on the marker votes with its label wherever the marker is, so it wins, in scenes never seen."""
+    gen = torch.Generator().manual_seed(0)
+
+    def scenes(n):
+        maps = 0.3 * torch.rand(n, 6, 6, 6, generator=gen)                      # clutter everywhere
+        high = torch.rand(n, generator=gen) < 0.5
+        cell = torch.randint(36, (n,), generator=gen)
+        rows = torch.arange(n)
+        flat = maps.view(n, 6, 36)
+        flat[rows, 0, cell] += 1.0                                              # the marker
+        flat[rows, 1, cell] += high.float()                                     # its state: the label
+        flat[rows, 2, cell] += (~high).float()
+        return maps - maps.mean((0, 2, 3), keepdim=True), high, cell
+
+    bank, bank_high, _ = scenes(200)
+    anchor, anchor_high, cell = scenes(20)
+    centres, score = window_vote_targets(anchor, anchor_high, bank, bank_high, k=16, pool=1)
+    ys, xs = cell_centres(6, 6)
+    assert torch.allclose(centres, torch.stack([xs[cell % 6], ys[cell // 6]], 1))
+    assert (score > 0.9).all()
