@@ -51,7 +51,7 @@ def test_registered_for_tune_by_name_with_its_module_and_learner():
 
 @pytest.mark.parametrize("options, message", [
     ({"attention": "spotlight"},
-     r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'none'\)"),
+     r"attention='spotlight' is not known; allowed values are \('foveal', 'patch', 'oracle', 'centre', 'none'\)"),
     ({"contrastive_return": "return_to_go"},
      r"contrastive_return='return_to_go' is not known; allowed values are \('value_target', 'value'\)"),
     ({"gaze_predict_coeff": 1.0}, r"gaze_predict_coeff=1.0: the gaze-predict objective is GazePPO's only"),
