@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=10, help="iterations between trial checkpoints")
     p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
-                        "(the arms' own attention/contrastive switches excluded)")
+                        "(the arms' own attention/contrastive/augmentation switches excluded)")
     p.add_argument("--verbose", action="store_true",
                    help="show Tune's trial tables and every Ray worker's log lines on the console (default: "
                         "only the suite's progress lines and the report; the rest is in Ray's log files)")
@@ -150,7 +150,7 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, Python's ``True``,
     ``False`` and ``None`` as such, anything else as text)."""
     allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters
-               if k not in ("self", "attention", "contrastive")]
+               if k not in ("self", "attention", "contrastive", "augmentation")]
     settings = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

@@ -35,6 +35,9 @@ GAZE_TARGET_DISTANCE_KEY = "gaze_target_distance"
 GAZE_TARGET_DISTANCE_CENTRE_KEY = "gaze_target_distance_centre"
 GAZE_WEIGHT_MEAN_KEY = "gaze_weight_mean"
 GAZE_WEIGHT_STD_KEY = "gaze_weight_std"
+# DrAC's regularisers (the drac arms; GazePPOLearner._drac_loss), before aug_coef.
+DRAC_POLICY_LOSS_KEY = "drac_policy_loss"
+DRAC_VALUE_LOSS_KEY = "drac_value_loss"
 
 
 def gaze_param_key(param: str, stat: str) -> str:
