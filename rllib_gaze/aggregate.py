@@ -42,6 +42,17 @@ class Estimate:
         return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
 
 
+def unavailable() -> str | None:
+    """None when rliable imports here; else why not, for the report to say in place of its statistics
+    (rliable 1.2's arch < 8 raises a TypeError on import with pandas 3, which the project excludes)."""
+    try:
+        import rliable.library  # noqa: F401
+        import rliable.plot_utils  # noqa: F401
+    except Exception as error:  # an ImportError, or whatever a broken dependency raises on import
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _interval_estimates(scores: dict, func, reps: int) -> tuple[dict, dict]:
     """rliable's ``get_interval_estimates`` (percentile intervals, runs resampled within each task) from
     a fixed seed. rliable draws its resamples from numpy's global generator whatever ``random_state`` it

@@ -490,12 +490,18 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
              "steps to the level; its 95% "
              "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
     series = learner_series(experiment_dir, until, seeds)
+    missing = aggregate.unavailable()
+    if missing:   # the rest of the report still matters (and the suite's next experiment must still run)
+        lines += [f"**rliable's statistics are not in this report: rliable does not import here ({missing}). "
+                  "Install the project's dependencies (`pip install -e .`, which keeps pandas < 3) and re-make "
+                  "the report with `python -m rllib_gaze.report`.**", ""]
     for task in sorted({c.task for c in curves}):
         task_curves = [c for c in curves if c.task == task]
         image = f"success_{task}.png"
         plot(task_curves, os.path.join(out_dir, image))
         lines += [f"## {task}", "", f"![{task}]({image})", "", table(task_curves, levels), ""]
-        lines += _rliable_lines(curves_by_metric, [task], f"iqm_{task}.png", out_dir, reps)
+        if not missing:
+            lines += _rliable_lines(curves_by_metric, [task], f"iqm_{task}.png", out_dir, reps)
         diagnosis = diagnosis_table(series, task)
         if diagnosis:
             lines += ["What the gaze objective did (learner metrics at the last iteration, mean over seeds; "
@@ -503,9 +509,9 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
         if plot_gaze_distance(series, task, os.path.join(out_dir, f"gaze_{task}.png")):
             lines += [f"![{task} gaze-to-target distance](gaze_{task}.png)", ""]
     tasks = sorted({c.task for c in curves})
-    if len(tasks) > 1:
+    if len(tasks) > 1 and not missing:
         lines += ["## All tasks", ""] + _rliable_lines(curves_by_metric, tasks, "iqm_all.png", out_dir, reps)
-    if curves:
+    if curves and not missing:
         scores_by_metric = {metric: {arm: final_scores(metric_curves, arm, tasks) for arm in
                                      sorted({c.arm for c in metric_curves}, key=_arm_order)}
                             for metric, metric_curves in curves_by_metric.items()}
@@ -514,7 +520,7 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
         aggregate.plot_profiles(scores_by_metric, os.path.join(out_dir, "profiles.png"), reps)
         lines += ["Performance profiles (rliable): the fraction of runs, over every task, whose final success "
                   "exceeds each threshold, with 95% stratified-bootstrap bands:", "", "![profiles](profiles.png)", ""]
-    else:
+    elif not curves:
         lines += ["No trial has been evaluated yet.", ""]
     failures = trial_failures(experiment_dir)
     if failures:

@@ -92,3 +92,14 @@ def test_score_matrices_keep_the_seeds_every_task_has(tmp_path):
     steps, scores = evaluation_scores(curves, ["a", "b"])
     assert steps.tolist() == [1000, 2000, 3000] and scores["ppo"].shape == (2, 2, 3)
     assert scores["ppo"][1, 1].tolist() == pytest.approx([0.5 / 3, 1.0 / 3, 0.5])
+
+
+def test_without_rliable_the_report_says_so_and_keeps_the_rest(tmp_path, monkeypatch):
+    _experiment(tmp_path, {("fovea", "ppo"): [0.1, 0.2], ("fovea", "gaze"): [0.3, 0.4]})
+    assert aggregate.unavailable() is None   # here it imports
+    # as on a machine whose pandas breaks rliable's arch at import
+    monkeypatch.setattr(aggregate, "unavailable", lambda: "TypeError: deprecate_kwarg() missing 1 argument")
+    markdown = write_report(str(tmp_path), reps=REPS)
+    assert "rliable does not import here (TypeError: deprecate_kwarg()" in markdown and "pandas < 3" in markdown
+    assert "| gaze | 2 | 3,000 |" in markdown and "Final success by rliable" not in markdown
+    assert not (tmp_path / "profiles.png").exists() and (tmp_path / "success_fovea.png").exists()
