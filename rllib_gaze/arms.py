@@ -51,6 +51,12 @@ VARIANTS = {
                      "gaze_centre": "soft_argmax"},
 }
 ARMS.update(VARIANTS)
+# The augmentation baselines (issue 30): DrAC for PPO (Raileanu et al. 2021), and the gaze with it.
+AUGMENTED = {
+    "drac": {**ARMS["ppo"], "augmentation": "shift"},                              # plain CNN + DrAC
+    "gaze-drac": {**ARMS["gaze"], "augmentation": "shift"},                        # the full method + DrAC
+}
+ARMS.update(AUGMENTED)
 
 # GazeSAC's arms (docs/method.md, "GazeSAC"): the same switches on RLlib's SAC. An arm's name says
 # its algorithm; one suite experiment runs the arms of one algorithm (``--algo``).
@@ -59,6 +65,9 @@ SAC_ARMS = {
     "gaze-sac": dict(ARMS["gaze"]),                                                # the full method on SAC
     # Ours (issue 21): the head reads the map minus the memory's mean map (docs/results.md, GazeSAC probes)
     "gaze-sac-centred": {**ARMS["gaze"], "gaze_input": "centred"},
+    # The augmentation baseline for SAC (issue 30): DrQ-v2's random shift (Yarats et al. 2021), and the gaze with it.
+    "drq-sac": {**ARMS["ppo"], "augmentation": "shift"},
+    "gaze-drq-sac": {**ARMS["gaze"], "augmentation": "shift"},
 }
 ARMS.update(SAC_ARMS)
 # Algorithm -> its arms; and the arm every other arm of that algorithm is compared with.

@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", help=f"override the preset's arms; any of {list(ARMS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     p.add_argument("--budget", type=int, help="env steps per trial for every task (default: each task's own)")
+    p.add_argument("--no-state", action="store_true",
+                   help="pixel-only observations: every task's env leaves out its state vector (env_config "
+                        "include_state=False), so the policy sees the camera image alone. Default: each task's own "
+                        "(ManiSkill tasks, as ppo_rgb: image + proprioceptive state; fovea: image + agent position)")
     p.add_argument("--num-env-runners", type=int, help="env runners per trial (0: sample in the trial's process)")
     p.add_argument("--gpus-per-env-runner", type=float, help="GPUs per env runner (fractions share a GPU)")
     p.add_argument("--gpus-per-learner", type=float, help="GPUs for each trial's learner")
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=10, help="iterations between trial checkpoints")
     p.add_argument("--gaze", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a .gaze() setting for every arm, e.g. contrastive_coeff=10 label_rule=relative "
-                        "(the arms' own attention/contrastive switches excluded)")
+                        "(the arms' own attention/contrastive/augmentation switches excluded)")
     p.add_argument("--verbose", action="store_true",
                    help="show Tune's trial tables and every Ray worker's log lines on the console (default: "
                         "only the suite's progress lines and the report; the rest is in Ray's log files)")
@@ -150,7 +154,7 @@ def _gaze_settings(p: argparse.ArgumentParser, pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> .gaze() keyword arguments (values read as JSON, Python's ``True``,
     ``False`` and ``None`` as such, anything else as text)."""
     allowed = [k for k in inspect.signature(GazePPOConfig.gaze).parameters
-               if k not in ("self", "attention", "contrastive")]
+               if k not in ("self", "attention", "contrastive", "augmentation")]
     settings = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -250,6 +254,8 @@ def preset_with_flags(args: argparse.Namespace, name: str, algo: str | None = No
     tasks = [own.get(t, TASKS[t]) for t in args.tasks] if args.tasks else list(preset_tasks)
     if args.budget:
         tasks = [dataclasses.replace(t, budget=args.budget) for t in tasks]
+    if args.no_state:
+        tasks = [dataclasses.replace(t, env_config={**t.env_config, "include_state": False}) for t in tasks]
     tasks = [dataclasses.replace(t, gaze={**t.gaze, **args.gaze}) for t in tasks]
     if args.arms:
         arms = [arm for arm in args.arms if algorithm(arm) == algo]
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> str:
             param_space=param_space(preset) if preset is not None else None))]
     else:
         name, presets = chosen_preset(args, ray.cluster_resources().get("GPU", 0))
-        base = args.name or f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = args.name or f"suite-{name}{'-no-state' if args.no_state else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
         runs = []
         for algo, preset in presets.items():
             experiment = base if algo == next(iter(presets)) else f"{base}-{algo}"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Self
 
+import gymnasium as gym
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
+from rllib_gaze.augmentation import AUGMENTATIONS
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
 from rllib_gaze.contrastive import LABEL_RULES, MININGS, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.env_runner import BatchedEnvRunner
@@ -72,6 +74,9 @@ class GazeConfigMixin:
         # TensorBoard drawings of the gaze (off by default).
         self.gaze_image_interval = 0
         self.gaze_image_count = 4
+        # Image augmentation (learner side): the DrAC / DrQ baselines' arms.
+        self.augmentation = "none"
+        self.aug_coef = 0.1
 
     @override(AlgorithmConfig)
     def training(self, *, adam_eps: float = NotProvided, **kwargs) -> Self:
@@ -128,9 +133,13 @@ class GazeConfigMixin:
         contrastive_memory_checkpoint_mb: float = NotProvided,
         gaze_image_interval: int = NotProvided,
         gaze_image_count: int = NotProvided,
+        augmentation: str = NotProvided,
+        aug_coef: float = NotProvided,
     ) -> Self:
-        """Sets the attention and contrastive-loss settings (defaults: ``GazePPOConfig()``; the
-        module-side ones in ``rllib_gaze.gaze.GAZE_DEFAULTS``).
+        """Sets the attention and contrastive-loss settings, and the image augmentation of the
+        augmentation baselines (defaults: ``GazePPOConfig()``; the module-side ones in
+        ``rllib_gaze.gaze.GAZE_DEFAULTS``). Every setting that differs between the suite's arms is
+        here (``rllib_gaze.arms``).
 
         Args:
             attention: ``"foveal"`` (one Gaussian), ``"patch"`` (one free weight per cell),
@@ -222,6 +231,18 @@ class GazeConfigMixin:
                 observations with the gaze drawn on them to TensorBoard (``ray/tune/gaze_images``);
                 0 = never.
             gaze_image_count: observations in that drawing (1 to 16).
+            augmentation: ``"none"`` (default) or ``"shift"``: DrQ-v2's random shift of the image
+                observations (``rllib_gaze.augmentation``), drawn anew for every minibatch on the
+                learner. GazePPO uses it as DrAC does: PPO's clipped policy loss and value loss stay on
+                the clean observations the rollout was sampled with, and the augmentation enters only
+                through DrAC's two regularisers, ``-log pi(a'|f(s))`` with ``a' ~ pi(.|s)`` and
+                ``0.5 (V(s) - V(f(s)))^2`` (``V(s)`` detached), weighted by ``aug_coef``. GazeSAC uses it
+                as DrQ-v2 does: the replayed ``obs`` and ``next_obs`` are shifted (one draw each, no
+                averaging over several) and the critic, the actor (on the encoder's detached output)
+                and the temperature are trained on them. The gaze's metrics and its contrastive
+                objective read the clean observations. Needs image observations.
+            aug_coef: weight of DrAC's regularisers (>= 0; DrAC's default 0.1). GazePPO only: GazeSAC
+                trains on the augmented observations themselves and ignores it.
         """
         for name, value in list(locals().items()):
             if name != "self" and value is not NotProvided:
@@ -396,7 +417,31 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"contrastive_memory_checkpoint_mb={c.contrastive_memory_checkpoint_mb!r} must be >= 0")
     if c.adam_eps <= 0:
         errors.append(f"adam_eps={c.adam_eps!r} must be > 0")
+    errors += augmentation_errors(c)
     return errors
+
+
+def augmentation_errors(c: GazeConfigMixin) -> list[str]:
+    """Problems with ``augmentation`` and ``aug_coef``, and an augmentation on observations without an
+    image, where the config knows its observation space (``.environment(observation_space=...)``);
+    otherwise the module refuses such observations when it is built, before any sampling."""
+    errors = []
+    if c.augmentation not in AUGMENTATIONS:
+        errors.append(f"augmentation={c.augmentation!r} is not known; allowed values are {AUGMENTATIONS}")
+    if not c.aug_coef >= 0:
+        errors.append(f"aug_coef={c.aug_coef!r} must be >= 0")
+    space = c.observation_space
+    if c.augmentation != "none" and space is not None and not _has_image(space):
+        errors.append(f"augmentation={c.augmentation!r} shifts images, and the observations ({space}) hold none; "
+                      "use augmentation='none' (an arm without augmentation) or an env with camera images")
+    return errors
+
+
+def _has_image(space) -> bool:
+    """Whether an observation space is, or holds, an image: a Box of shape (H, W, C)."""
+    if isinstance(space, gym.spaces.Dict):
+        return any(_has_image(sub) for sub in space.spaces.values())
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3
 
 
 class GazePPO(PPO):

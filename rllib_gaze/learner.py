@@ -9,7 +9,8 @@ Per training iteration:
   3. after the last minibatch, this iteration's maps and returns (each row once, from the first
      epoch) enter the memory.
 The memory, mining, loss and checkpointing are ``ContrastiveGazeLearnerMixin``'s (shared with
-GazeSACLearner); this module adds PPO's labels, optimizers and the gaze-predict objective.
+GazeSACLearner); this module adds PPO's labels, optimizers, the gaze-predict objective and DrAC's
+regularisers (``.gaze(augmentation=...)``, the ``drac`` arms).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
+from rllib_gaze.augmentation import augment_observations
 from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import discounted_return_to_go, episode_chunks
 from rllib_gaze.contrastive_learner import EPISODE_CHUNK, EPISODE_STEP, ContrastiveGazeLearnerMixin
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
-from rllib_gaze.results import GAZE_GRAD_NORM_PPO_KEY, GAZE_PREDICT_LOSS_KEY
+from rllib_gaze.results import (
+    DRAC_POLICY_LOSS_KEY,
+    DRAC_VALUE_LOSS_KEY,
+    GAZE_GRAD_NORM_PPO_KEY,
+    GAZE_PREDICT_LOSS_KEY,
+)
 
 # Train-batch column of the discounted return-to-go (contrastive_return="return_to_go").
 CONTRASTIVE_RETURNS = "contrastive_returns"
@@ -88,12 +95,35 @@ class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
             loss = loss + 0.0 * fwd_out[GAZE_PARAMS].sum()
         if config.gaze_predict_coeff > 0:
             loss = loss + config.gaze_predict_coeff * self._predict_loss(module_id, batch, fwd_out)
+        if config.augmentation != "none":
+            loss = loss + config.aug_coef * self._drac_loss(module_id, config, batch, fwd_out)
         if not config.contrastive:
             return loss
         returns = self._returns(module_id, config, batch, fwd_out)
         contrastive = self._contrastive_term(module_id, config, batch, fwd_out, returns,
                                              rl_losses={GAZE_GRAD_NORM_PPO_KEY: loss})
         return loss + config.contrastive_coeff * contrastive
+
+    def _drac_loss(self, module_id: ModuleID, config: GazePPOConfig, batch: dict, fwd_out: dict) -> torch.Tensor:
+        """DrAC's regularisers (Raileanu et al. 2021) on this minibatch: ``-log pi(a'|f(s))`` with
+        ``a' ~ pi(.|s)`` and ``0.5 (V(s) - V(f(s)))^2``, ``a'`` and ``V(s)`` from the clean forward pass
+        (``fwd_out``) and detached, means over the unmasked rows. ``f`` is a fresh augmentation of the
+        minibatch's observations (drawn first, then ``a'``); the batch itself stays clean, so PPO's
+        ratio and value loss read the observations the rollout was sampled with."""
+        module = self._gaze_module(module_id)
+        augmented = {Columns.OBS: augment_observations(batch[Columns.OBS], config.augmentation)}
+        dist_cls = module.get_train_action_dist_cls()
+        with torch.no_grad():
+            actions = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS]).sample()
+            values = module.compute_values(batch, embeddings=fwd_out[Columns.EMBEDDINGS])
+        out = module.forward_train(augmented)
+        policy = -dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS]).logp(actions)
+        value = 0.5 * (values - module.compute_values(augmented, embeddings=out[Columns.EMBEDDINGS])) ** 2
+        mask = batch.get(Columns.LOSS_MASK)
+        keep = mask.bool() if mask is not None else torch.ones_like(value, dtype=torch.bool)
+        policy, value = policy[keep].mean(), value[keep].mean()
+        self._log_gaze_metrics(module_id, {DRAC_POLICY_LOSS_KEY: policy.detach(), DRAC_VALUE_LOSS_KEY: value.detach()})
+        return policy + value
 
     def _predict_loss(self, module_id: ModuleID, batch: dict, fwd_out: dict) -> torch.Tensor:
         """The "gaze-predict" objective (ours): mean squared error of the gaze's return predictor

@@ -1,6 +1,6 @@
 """Sample-efficiency report of a suite experiment: success curves (PNG) and a Markdown table.
 
-    python -m rllib_gaze.report EXPERIMENT_DIR [--levels 0.5 0.8] [--out DIR]
+    python -m rllib_gaze.report EXPERIMENT_DIR [--levels 0.5 0.8] [--out DIR] [--reps 2000]
 
 Reads every trial's ``params.json`` and ``result.json`` (Tune's files), keeps its evaluation
 points ``(env steps, evaluation success rate)``, and per task and arm averages them over seeds:
@@ -19,6 +19,12 @@ points ``(env steps, evaluation success rate)``, and per task and arm averages t
   "win" only when the interval lies above 1, "loss" when it lies below 1, "-" otherwise (also
   when neither reached the level).
 
+Beside them, the field's statistics by rliable (``rllib_gaze.aggregate``), per task and over all tasks,
+on each seed's final ``success_once`` and ``success_at_end``: IQM with stratified-bootstrap 95% intervals,
+the probability of improvement over the baseline arm with its interval and the call "better" / "worse" /
+"no call" from it, IQM sample-efficiency curves (``iqm_<task>.png``, ``iqm_all.png``) and performance
+profiles (``profiles.png``).
+
 Works on partial results: running or failed trials count with the points they have.
 """
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rllib_gaze import aggregate
 from rllib_gaze.arms import ARMS, BASELINES, algorithm
 from rllib_gaze.results import (
     CONTRASTIVE_COS_GAP_KEY,
@@ -45,6 +52,8 @@ from rllib_gaze.results import (
     GAZE_TARGET_DISTANCE_KEY,
     LEARNER,
     STEPS,
+    SUCCESS_AT_END,
+    SUCCESS_ONCE,
     evaluation_success,
     gaze_param_key,
     result_rows,
@@ -140,10 +149,11 @@ def _t95(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1))
 
 
-def load_curves(experiment_dir: str, until: float | None = None,
-                seeds: tuple[int, ...] | None = None) -> tuple[list[Curve], list[str]]:
+def load_curves(experiment_dir: str, until: float | None = None, seeds: tuple[int, ...] | None = None,
+                metric: str = SUCCESS_ONCE) -> tuple[list[Curve], list[str]]:
     """Every task x arm with at least one evaluation (up to ``until`` env steps, if given; of the
-    given ``seeds`` only, if given), and notes on trials without any."""
+    given ``seeds`` only, if given) of ``metric`` (``SUCCESS_ONCE`` or ``SUCCESS_AT_END``), and notes on
+    trials without any."""
     if not os.path.isdir(experiment_dir):
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
@@ -158,7 +168,7 @@ def load_curves(experiment_dir: str, until: float | None = None,
         if seeds is not None and int(params["seed"]) not in seeds:
             continue
         points = [p for p in _evaluation_points(os.path.join(experiment_dir, name, "result.json"),
-                                                int(params.get("evaluation_interval") or 1))
+                                                int(params.get("evaluation_interval") or 1), metric)
                   if until is None or p[1] <= until]
         if not points:
             notes.append(f"{name}: no evaluation yet")
@@ -206,10 +216,10 @@ def trial_failures(experiment_dir: str) -> list[str]:
     return lines
 
 
-def _evaluation_points(result_file: str, interval: int) -> list[tuple[int, int, float]]:
+def _evaluation_points(result_file: str, interval: int, metric: str) -> list[tuple[int, int, float]]:
     points: dict[int, tuple[int, float]] = {}
     for row in result_rows(result_file):
-        value = evaluation_success(row, interval)
+        value = evaluation_success(row, interval, metric)
         if value is not None:  # a resumed trial repeats iterations after its checkpoint: keep the last
             points[int(row["training_iteration"])] = (int(row[STEPS]), value)
     return [(iteration, step, value) for iteration, (step, value) in sorted(points.items())]
@@ -220,10 +230,15 @@ def _arm_order(arm: str) -> tuple[int, str]:
     return (names.index(arm) if arm in names else len(names), arm)
 
 
+def baseline_arm(curves: list[Curve]) -> str:
+    """The arm the others are compared with: plain ``sac`` for an experiment of SAC arms, else ``ppo``."""
+    algorithms = {algorithm(c.arm) for c in curves}
+    return BASELINES[algorithms.pop() if len(algorithms) == 1 else "ppo"]
+
+
 def table(curves: list[Curve], levels: tuple[float, ...]) -> str:
     """The Markdown sample-efficiency table of one task's curves."""
-    algorithms = {algorithm(c.arm) for c in curves}
-    name = BASELINES[algorithms.pop() if len(algorithms) == 1 else "ppo"]
+    name = baseline_arm(curves)
     baseline = next((c for c in curves if c.arm == name), None)
     head = ["arm", "seeds", "env steps"] + [f"steps to {level:.0%}" for level in levels]
     if baseline is not None:
@@ -263,6 +278,74 @@ def _interval(baseline: Curve, curve: Curve, level: float) -> str:
         return "needs >= 2 seeds"
     low, high = bootstrap_ratio(baseline, curve, level)
     return f"[{low:.2f}, {high:.2f}] {verdict((low, high))}"
+
+
+def final_scores(curves: list[Curve], arm: str, tasks: list[str]) -> np.ndarray | None:
+    """``(runs, tasks)``: each seed's last evaluation of ``arm`` on each of ``tasks``, for the seeds every
+    one of those tasks has (rliable's score matrix); None where the arm misses a task or a common seed."""
+    by_task = {c.task: c for c in curves if c.arm == arm}
+    if not all(task in by_task for task in tasks):
+        return None
+    seeds = sorted(set.intersection(*(set(by_task[task].runs) for task in tasks)))
+    if not seeds:
+        return None
+    return np.asarray([[by_task[task].runs[seed][-1][2] for task in tasks] for seed in seeds], dtype=float)
+
+
+def rliable_table(curves_by_metric: dict[str, list[Curve]], tasks: list[str], reps: int = aggregate.REPS) -> str:
+    """Markdown, per arm: the IQM of final success over ``tasks`` and the probability of improvement over
+    the baseline arm, each with its 95% stratified-bootstrap interval, and the call from that interval,
+    for each success metric of ``curves_by_metric`` (metric -> curves)."""
+    first = next(iter(curves_by_metric.values()))
+    name = baseline_arm(first)
+    arms = sorted({c.arm for c in first if final_scores(first, c.arm, tasks) is not None}, key=_arm_order)
+    head = ["arm", "seeds"] + [f"IQM {metric}" for metric in curves_by_metric]
+    for metric in curves_by_metric:
+        head += [f"P(> {name}), {metric}", "call"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        cells = [arm, str(len(final_scores(first, arm, tasks)))]
+        pairs = {metric: (final_scores(curves, arm, tasks), final_scores(curves, name, tasks))
+                 for metric, curves in curves_by_metric.items()}
+        cells += [str(aggregate.iqm(scores, reps)) if scores is not None else "-" for scores, _ in pairs.values()]
+        for scores, base in pairs.values():
+            if arm == name or scores is None or base is None:
+                cells += ["-", "-"]
+            elif min(len(scores), len(base)) < 2:
+                cells += ["needs >= 2 seeds", "no call"]
+            else:
+                improvement = aggregate.probability_of_improvement(scores, base, reps)
+                cells += [str(improvement), aggregate.call(improvement)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def evaluation_scores(curves: list[Curve], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """``(env steps (E,), arm -> (runs, tasks, E))``: every seed's evaluations of ``tasks`` at the training
+    iterations that every seed of every arm and task evaluated, for rliable's IQM curves; the steps are
+    the mean over those runs. None where they share no evaluation, or the tasks evaluate at different
+    env steps."""
+    chosen = [c for c in curves if c.task in tasks]
+    arms = [arm for arm in dict.fromkeys(c.arm for c in chosen) if final_scores(chosen, arm, tasks) is not None]
+    runs = [points for c in chosen if c.arm in arms for points in c.runs.values()]
+    if not runs:
+        return None
+    iterations = sorted(set.intersection(*({i for i, _, _ in points} for points in runs)))
+    if not iterations:
+        return None
+    by_task = [[np.mean([step for c in chosen if c.task == task and c.arm in arms for points in c.runs.values()
+                         for i, step, _ in points if i == it]) for it in iterations] for task in tasks]
+    steps = np.mean(by_task, axis=0)
+    if not np.allclose(by_task, steps, rtol=0.01):
+        return None   # the tasks evaluate at different env steps: no common x axis
+    scores = {}
+    for arm in sorted(arms, key=_arm_order):
+        by_task = {c.task: c for c in chosen if c.arm == arm}
+        seeds = sorted(set.intersection(*(set(by_task[task].runs) for task in tasks)))
+        values = {(task, seed): {i: v for i, _, v in by_task[task].runs[seed]} for task in tasks for seed in seeds}
+        scores[arm] = np.asarray([[[values[(task, seed)][it] for it in iterations] for task in tasks]
+                                  for seed in seeds], dtype=float)
+    return steps, scores
 
 
 def plot(curves: list[Curve], path: str) -> None:
@@ -384,15 +467,21 @@ def plot_gaze_distance(series: dict[tuple[str, str], dict[int, list[tuple[int, d
 
 
 def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[float, ...] = (0.5, 0.8),
-                 until: float | None = None, seeds: tuple[int, ...] | None = None) -> str:
-    """Writes ``report.md`` and ``success_<task>.png`` into ``out_dir`` (default: the experiment
-    dir) and returns the Markdown; ``until``: only evaluations up to that many env steps."""
+                 until: float | None = None, seeds: tuple[int, ...] | None = None, reps: int = aggregate.REPS) -> str:
+    """Writes ``report.md``, ``success_<task>.png``, and rliable's ``iqm_<task>.png``, ``iqm_all.png``
+    (tasks with a common evaluation grid) and ``profiles.png`` into ``out_dir`` (default: the experiment
+    dir) and returns the Markdown; ``until``: only evaluations up to that many env steps; ``reps``: the
+    bootstrap resamples of rliable's intervals."""
     bad = [level for level in levels if not 0.0 < level <= 1.0]
     if bad:
         raise ValueError(f"levels {bad}: each level must be in (0, 1]")
     if until is not None and until <= 0:
         raise ValueError(f"until={until}: must be > 0 env steps")
     curves, notes = load_curves(experiment_dir, until, seeds)
+    curves_by_metric = {SUCCESS_ONCE: curves}
+    at_end = load_curves(experiment_dir, until, seeds, SUCCESS_AT_END)[0]
+    if at_end:
+        curves_by_metric[SUCCESS_AT_END] = at_end
     out_dir = out_dir or experiment_dir
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# Sample efficiency: {os.path.basename(os.path.normpath(experiment_dir))}", "",
@@ -401,18 +490,37 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
              "steps to the level; its 95% "
              "interval is a bootstrap over seeds, and a win is called only when the interval lies above 1.", ""]
     series = learner_series(experiment_dir, until, seeds)
+    missing = aggregate.unavailable()
+    if missing:   # the rest of the report still matters (and the suite's next experiment must still run)
+        lines += [f"**rliable's statistics are not in this report: rliable does not import here ({missing}). "
+                  "Install the project's dependencies (`pip install -e .`, which keeps pandas < 3) and re-make "
+                  "the report with `python -m rllib_gaze.report`.**", ""]
     for task in sorted({c.task for c in curves}):
         task_curves = [c for c in curves if c.task == task]
         image = f"success_{task}.png"
         plot(task_curves, os.path.join(out_dir, image))
         lines += [f"## {task}", "", f"![{task}]({image})", "", table(task_curves, levels), ""]
+        if not missing:
+            lines += _rliable_lines(curves_by_metric, [task], f"iqm_{task}.png", out_dir, reps)
         diagnosis = diagnosis_table(series, task)
         if diagnosis:
             lines += ["What the gaze objective did (learner metrics at the last iteration, mean over seeds; "
                       "docs/method.md says what each means):", "", diagnosis, ""]
         if plot_gaze_distance(series, task, os.path.join(out_dir, f"gaze_{task}.png")):
             lines += [f"![{task} gaze-to-target distance](gaze_{task}.png)", ""]
-    if not curves:
+    tasks = sorted({c.task for c in curves})
+    if len(tasks) > 1 and not missing:
+        lines += ["## All tasks", ""] + _rliable_lines(curves_by_metric, tasks, "iqm_all.png", out_dir, reps)
+    if curves and not missing:
+        scores_by_metric = {metric: {arm: final_scores(metric_curves, arm, tasks) for arm in
+                                     sorted({c.arm for c in metric_curves}, key=_arm_order)}
+                            for metric, metric_curves in curves_by_metric.items()}
+        scores_by_metric = {metric: {arm: s for arm, s in scores.items() if s is not None}
+                            for metric, scores in scores_by_metric.items()}
+        aggregate.plot_profiles(scores_by_metric, os.path.join(out_dir, "profiles.png"), reps)
+        lines += ["Performance profiles (rliable): the fraction of runs, over every task, whose final success "
+                  "exceeds each threshold, with 95% stratified-bootstrap bands:", "", "![profiles](profiles.png)", ""]
+    elif not curves:
         lines += ["No trial has been evaluated yet.", ""]
     failures = trial_failures(experiment_dir)
     if failures:
@@ -426,19 +534,37 @@ def write_report(experiment_dir: str, out_dir: str | None = None, levels: tuple[
     return markdown
 
 
+def _rliable_lines(curves_by_metric: dict[str, list[Curve]], tasks: list[str], image: str, out_dir: str,
+                   reps: int) -> list[str]:
+    """The report's rliable part for ``tasks``: the table of ``rliable_table`` and the IQM curves PNG
+    (where the runs share evaluations)."""
+    lines = [f"Final success by rliable ({'this task' if len(tasks) == 1 else 'all tasks'}; each seed's last "
+             "evaluation): IQM and the probability that a run of the arm beats a run of the baseline, each with "
+             "its 95% stratified-bootstrap interval; better / worse when that interval lies above / below 0.5:", "",
+             rliable_table(curves_by_metric, tasks, reps), ""]
+    evaluations = evaluation_scores(curves_by_metric[SUCCESS_ONCE], tasks)
+    if evaluations is not None:
+        title = tasks[0] if len(tasks) == 1 else "all tasks"
+        aggregate.plot_iqm_curves(*evaluations, f"{title}: IQM {SUCCESS_ONCE}", os.path.join(out_dir, image), reps)
+        lines += [f"![{title} IQM curves]({image})", ""]
+    return lines
+
+
 def export_runs(experiment_dir: str, path: str) -> int:
     """Writes the evaluation points and diagnosis metrics of every suite trial as gzipped JSON lines
-    (one per trial: task, arm, seed, ``[[iteration, env steps, success]]`` and
-    ``[[env steps, {metric: value}]]``): the numbers behind a report, small enough to keep in the
-    repository. Returns the number of trials written."""
+    (one per trial: task, arm, seed, ``[[iteration, env steps, success]]`` of ``success_once`` and of
+    ``success_at_end``, and ``[[env steps, {metric: value}]]``): the numbers behind a report, small
+    enough to keep in the repository. Returns the number of trials written."""
     import gzip
 
     curves, _ = load_curves(experiment_dir)
+    at_end = {(c.task, c.arm): c.runs for c in load_curves(experiment_dir, metric=SUCCESS_AT_END)[0]}
     series = learner_series(experiment_dir)
     with gzip.open(path, "wt") as f:
         for c in curves:
             for seed, points in sorted(c.runs.items()):
                 f.write(json.dumps({"task": c.task, "arm": c.arm, "seed": seed, "evaluations": points,
+                                    "evaluations_at_end": at_end.get((c.task, c.arm), {}).get(seed, []),
                                     "learner": series.get((c.task, c.arm), {}).get(seed, [])}) + "\n")
     return sum(len(c.runs) for c in curves)
 
@@ -452,10 +578,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. leave out an interrupted one)")
     p.add_argument("--export", metavar="FILE.jsonl.gz", help="also write every trial's evaluations and diagnosis "
                                                              "metrics to this file (gzipped JSON lines)")
+    p.add_argument("--reps", type=int, default=aggregate.REPS,
+                   help=f"bootstrap resamples of rliable's intervals (default {aggregate.REPS})")
     args = p.parse_args(argv)
+    if args.reps < 10:
+        p.error(f"--reps={args.reps}: must be >= 10")
     try:
         seeds = tuple(args.seeds) if args.seeds else None
-        print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until, seeds))
+        print(write_report(args.experiment_dir, args.out, tuple(args.levels), args.until, seeds, args.reps))
         if args.export:
             print(f"exported {export_runs(args.experiment_dir, args.export)} trials to {args.export}")
     except (FileNotFoundError, ValueError) as e:

@@ -10,8 +10,11 @@ import math
 import os
 
 STEPS = "num_env_steps_sampled_lifetime"
+# ManiSkill's two success metrics (rllib_gaze.callbacks.SuccessMetrics): success at any step of an
+# episode, and at its last step.
+SUCCESS_ONCE, SUCCESS_AT_END = "success_once", "success_at_end"
 # The sample-efficiency metric: ppo_rgb's evaluation success rate (deterministic policy).
-METRIC_PATH = ("evaluation", "env_runners", "success_once")
+METRIC_PATH = ("evaluation", "env_runners", SUCCESS_ONCE)
 # Where a single-agent trial's learner metrics are in a result row.
 LEARNER = ("learners", "default_policy")
 
@@ -35,6 +38,9 @@ GAZE_TARGET_DISTANCE_KEY = "gaze_target_distance"
 GAZE_TARGET_DISTANCE_CENTRE_KEY = "gaze_target_distance_centre"
 GAZE_WEIGHT_MEAN_KEY = "gaze_weight_mean"
 GAZE_WEIGHT_STD_KEY = "gaze_weight_std"
+# DrAC's regularisers (the drac arms; GazePPOLearner._drac_loss), before aug_coef.
+DRAC_POLICY_LOSS_KEY = "drac_policy_loss"
+DRAC_VALUE_LOSS_KEY = "drac_value_loss"
 
 
 def gaze_param_key(param: str, stat: str) -> str:
@@ -55,14 +61,15 @@ def result_rows(result_file: str) -> list[dict]:
     return rows
 
 
-def evaluation_success(row: dict, interval: int) -> float | None:
-    """The evaluation success rate of one result row, or None if that iteration did not evaluate.
+def evaluation_success(row: dict, interval: int, metric: str = SUCCESS_ONCE) -> float | None:
+    """The evaluation success rate (``metric``: ``SUCCESS_ONCE`` or ``SUCCESS_AT_END``) of one result
+    row, or None if that iteration did not evaluate.
 
     RLlib repeats the previous evaluation's metrics in the iteration after it (then NaN), so an
     iteration counts only when it is a multiple of ``evaluation_interval``."""
     if row.get("training_iteration", 0) % max(1, interval):
         return None
     value = row
-    for key in METRIC_PATH:
+    for key in (*METRIC_PATH[:-1], metric):
         value = value.get(key) if isinstance(value, dict) else None
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

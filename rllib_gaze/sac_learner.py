@@ -9,6 +9,13 @@ Per gradient step (one replayed train batch, ``Learner.update`` of ``SAC.trainin
      ``gaze_lr``, else the critic's);
   3. after the step, the batch's maps and labels enter the memory (``ContrastiveGazeLearnerMixin``).
 
+Augmentation (``.gaze(augmentation="shift")``, the ``drq-sac`` arms): DrQ-v2's variant (Yarats et al.
+2021), one random shift of the replayed ``obs`` and one of ``next_obs`` per gradient step, drawn on the
+learner's device before the forward pass (DrQ's average over K augmented targets and M augmented
+Q-values is not used). The critic's loss, its target, the actor (on the encoder's detached features, as
+the module always does) and the temperature all read the shifted observations; the gaze's metrics and
+its contrastive objective read the clean ones, from a no-grad pass of the encoder's conv layers.
+
 Labels (``contrastive_return``): ``"value_target"`` (default) is the critic's Bellman target
 ``r + gamma^n (1 - terminated) (min Q_target(s', a') - alpha log pi(a'|s'))`` that SAC regresses on,
 the analogue of PPO's GAE value target; ``"value"`` is the detached twin-min ``Q(s, a)``. Both are
@@ -23,15 +30,20 @@ import torch
 from ray.rllib.algorithms.sac.sac_learner import QF_LOSS_KEY, QF_PREDS, QF_TWIN_LOSS_KEY, QF_TWIN_PREDS
 from ray.rllib.algorithms.sac.torch.sac_torch_learner import SACTorchLearner
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import ALL_MODULES
 from ray.rllib.utils.typing import ModuleID, ParamDict, StateDict, TensorType
 
+from rllib_gaze.augmentation import augment_observations
 from rllib_gaze.contrastive_learner import GAZE_OPTIMIZER, ContrastiveGazeLearnerMixin
-from rllib_gaze.module import GAZE_PARAMS
+from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
 from rllib_gaze.results import GAZE_GRAD_NORM_CRITIC_KEY
 from rllib_gaze.sac_config import GazeSACConfig
 
+# Train-batch column of the clean observations when the batch's OBS and NEXT_OBS are augmented (the
+# same tensors as before: no copy).
+CLEAN_OBS = "clean_obs"
 # Learner state component of the entropy temperature, which RLlib's SACLearner leaves out of its
 # checkpoints (a restored run would restart from initial_alpha with the old Adam moments).
 LOG_ALPHA = "log_alpha"
@@ -67,6 +79,34 @@ class GazeSACLearner(ContrastiveGazeLearnerMixin, SACTorchLearner):
         names = {name for name, _ in self.get_optimizers_for_module(module_id)}
         return (module_id, (GAZE_OPTIMIZER if GAZE_OPTIMIZER in names else "qf") + "_loss")
 
+    @override(TorchLearner)
+    def _update(self, batch: dict[ModuleID, Any], **kwargs) -> tuple[Any, Any, Any]:
+        # DrQ: the forward pass and every loss read augmented observations (module docstring)
+        return super()._update({module_id: self._augmented(module_id, module_batch)
+                                for module_id, module_batch in batch.items()}, **kwargs)
+
+    def _augmented(self, module_id: ModuleID, batch: Any) -> Any:
+        """``batch`` itself without augmentation; else a new dict of its columns with ``OBS`` and
+        ``NEXT_OBS`` augmented (one draw each) and the clean observations under ``CLEAN_OBS``."""
+        augmentation = self.config.get_config_for_module(module_id).augmentation
+        if augmentation == "none":
+            return batch
+        return {**batch, Columns.OBS: augment_observations(batch[Columns.OBS], augmentation),
+                Columns.NEXT_OBS: augment_observations(batch[Columns.NEXT_OBS], augmentation),
+                CLEAN_OBS: batch[Columns.OBS]}
+
+    def _clean_gaze(self, module_id: ModuleID, batch: dict, fwd_out: dict) -> tuple[dict, Any]:
+        """``(fwd_out, obs)`` for the gaze's metrics and objective: as they are for a clean batch; for an
+        augmented one, ``fwd_out`` with the clean observations' map and gaze (a no-grad pass) and the
+        clean observations."""
+        if CLEAN_OBS not in batch:
+            return fwd_out, batch[Columns.OBS]
+        module, obs = self._gaze_module(module_id), batch[CLEAN_OBS]
+        with torch.no_grad():
+            features = module.feature_map(obs)
+            _, params = module.gaze_weights(features, obs)
+        return {**fwd_out, PRE_ATTENTION_FEATURES: features, GAZE_PARAMS: params}, obs
+
     @override(SACTorchLearner)
     def compute_loss_for_module(self, *, module_id: ModuleID, config: GazeSACConfig, batch: dict[str, Any],
                                 fwd_out: dict[str, TensorType]) -> TensorType:
@@ -81,7 +121,8 @@ class GazeSACLearner(ContrastiveGazeLearnerMixin, SACTorchLearner):
         if GAZE_PARAMS not in fwd_out:
             return loss
 
-        self._log_gaze_stats(module_id, fwd_out[GAZE_PARAMS].detach(), batch[Columns.OBS])
+        clean_out, clean_obs = self._clean_gaze(module_id, batch, fwd_out)
+        self._log_gaze_stats(module_id, clean_out[GAZE_PARAMS].detach(), clean_obs)
         key = self._gaze_loss_key(module_id)
         # Zero that ties every gaze parameter to its optimizer's loss: that loss then always has a
         # graph, and DDP sees no unused parameter, with RL's gradient stopped and no triplet yet.
@@ -90,7 +131,7 @@ class GazeSACLearner(ContrastiveGazeLearnerMixin, SACTorchLearner):
             gaze_loss = gaze_loss + critic
         if config.contrastive:
             returns = self._returns(module_id, config, batch, fwd_out)
-            contrastive = self._contrastive_term(module_id, config, batch, fwd_out, returns,
+            contrastive = self._contrastive_term(module_id, config, batch, clean_out, returns,
                                                  rl_losses={GAZE_GRAD_NORM_CRITIC_KEY: critic})
             gaze_loss = gaze_loss + config.contrastive_coeff * contrastive
             loss = loss + config.contrastive_coeff * contrastive

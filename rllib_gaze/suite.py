@@ -65,8 +65,10 @@ class Task:
 
 def _maniskill(env_id: str, budget: int, clutter: int = 0, **shape) -> Task:
     name = env_id + ("-Clutter" if clutter else "")
-    return Task(name, MANISKILL, {"env_id": env_id, "camera_size": 128, "clutter": clutter}, budget,
-                gaze={"gaze_image_interval": 50}, **shape)
+    # ppo_rgb's observation: the 128 px camera image and the proprioceptive state vector (include_state;
+    # the suite's --no-state leaves the state out for a pixel-only comparison)
+    return Task(name, MANISKILL, {"env_id": env_id, "camera_size": 128, "clutter": clutter, "include_state": True},
+                budget, gaze={"gaze_image_interval": 50}, **shape)
 
 
 # ppo_rgb's tuned RGB commands (examples/baselines/ppo/examples.sh): PushCube-v1 1M steps, 256 envs x

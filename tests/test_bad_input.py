@@ -3,10 +3,12 @@ starts, with a message naming the bad value and what is allowed."""
 
 from __future__ import annotations
 
+import gymnasium as gym
 import pytest
 
 import rllib_gaze.cli as suite_cli
-from rllib_gaze import GazePPOConfig
+from rllib_gaze import ARMS, GazePPOConfig, GazeSACConfig
+from rllib_gaze.arms import SAC_ARMS
 from rllib_gaze.envs import make_clutter, make_maniskill_env
 from rllib_gaze.report import main as report_main
 from rllib_gaze.visualize import main as visualize_main
@@ -23,6 +25,13 @@ def _config(**gaze):
     GazePPOConfig().environment("clutter").gaze(**gaze).validate()
 
 
+def _state_only_config(arm):
+    """A config of ``arm`` on an env whose observations are a state vector, no image."""
+    (GazeSACConfig() if arm in SAC_ARMS else GazePPOConfig()).environment(
+        "clutter", observation_space=gym.spaces.Box(0.0, 1.0, (4,)), action_space=gym.spaces.Box(-1.0, 1.0, (2,))
+    ).gaze(**ARMS[arm]).validate()
+
+
 BAD_INPUTS = [
     # (entry point, call, texts the message must contain)
     ("config", lambda tmp: _config(attention="spotlight"),
@@ -34,6 +43,13 @@ BAD_INPUTS = [
      ["arm 'oracle'", "'PushCube-v1'", "expose_target"]),
     ("env_config", lambda tmp: make_clutter({"num_envs": 2, "reward": "sparse"}), ["reward='sparse'", "'closeness'"]),
     ("config", lambda tmp: _config(return_quantile=1.0), ["return_quantile=1.0", "(0, 1)"]),
+    ("config", lambda tmp: _config(augmentation="flip"), ["augmentation='flip'", "'none', 'shift'"]),
+    ("config", lambda tmp: _config(augmentation="shift", aug_coef=-0.1), ["aug_coef=-0.1", ">= 0"]),
+    ("config", lambda tmp: _state_only_config("drac"), ["augmentation='shift'", "hold none", "camera images"]),
+    ("config", lambda tmp: _state_only_config("gaze-drq-sac"), ["augmentation='shift'", "hold none"]),
+    ("suite", lambda tmp: suite.main(["--arms", "drac", "--gaze", "augmentation=crop"]),
+     ["'augmentation=crop'", "aug_coef"]),
+    ("suite", lambda tmp: suite.main(["--arms", "drac", "--gaze", "aug_coef=-1"]), ["'drac'", "aug_coef=-1", ">= 0"]),
     ("config", lambda tmp: _config(gaze_image_count=0), ["gaze_image_count=0", "[1, 16]"]),
     ("config", lambda tmp: _config(contrastive_memory_checkpoint_mb=-1), ["contrastive_memory_checkpoint_mb=-1"]),
     ("env_config", lambda tmp: make_clutter({"num_envs": 2, "imagesize": 64}), ["'imagesize'", "image_size"]),

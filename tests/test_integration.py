@@ -16,6 +16,7 @@ from rllib_gaze.results import (
     CONTRASTIVE_LOSS_KEY,
     CONTRASTIVE_MEMORY_FILL_KEY,
     CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
+    DRAC_VALUE_LOSS_KEY,
     GAZE_TARGET_DISTANCE_KEY,
     GAZE_WEIGHT_MEAN_KEY,
 )
@@ -28,7 +29,7 @@ def finite(value) -> bool:
 
 
 @pytest.mark.parametrize("arm", ["ppo", "gaze", "gaze-rl", "patch", "oracle", "gaze-soft-argmax", "gaze-first",
-                                 "gaze-predict"])
+                                 "gaze-predict", "gaze-drac"])
 def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
     attention, contrastive = ARMS[arm]["attention"], ARMS[arm]["contrastive"]
     config = (tiny_config().gaze(**ARMS[arm]).env_runners(num_env_runners=1)
@@ -44,6 +45,7 @@ def test_each_arm_trains_with_a_remote_env_runner(ray_session, arm):
         assert (GAZE_TARGET_DISTANCE_KEY in learner) == (attention in ("foveal", "oracle"))
         assert (GAZE_WEIGHT_MEAN_KEY in learner) == (attention == "patch")
         assert (CONTRASTIVE_LOSS_KEY in learner) == contrastive
+        assert (DRAC_VALUE_LOSS_KEY in learner) == (ARMS[arm].get("augmentation", "none") != "none")
         if contrastive:  # the second iteration mines against the first one's memory
             assert learner[CONTRASTIVE_MEMORY_FILL_KEY] > 0
             assert finite(learner[CONTRASTIVE_LOSS_KEY])

@@ -15,6 +15,7 @@ from rllib_gaze.results import (
 )
 
 STEPS = [1000, 2000, 3000, 4000]
+REPS = 50   # rliable's bootstrap resamples in these tests (the report's own default is 2000)
 # (task, arm, seed) -> evaluation success at STEPS (fewer values: the trial stopped early)
 CURVES = {
     ("clutter", "ppo", 0): [0.0, 0.4, 0.6, 0.9],
@@ -123,13 +124,20 @@ def test_band_is_a_student_t_interval_clipped_to_zero_one(experiment):
 
 def test_write_report_makes_markdown_and_one_png_per_task(experiment, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    markdown = write_report(str(experiment), str(out))
+    markdown = write_report(str(experiment), str(out), reps=REPS)
     assert (out / "report.md").read_text() == markdown
     for task in ("clutter", "PushCube-v1"):
         png = out / f"success_{task}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"![{task}](success_{task}.png)" in markdown
     assert "never reached" in markdown and "> 1.50" in markdown
+    # rliable's part: a table per task and over both tasks, their IQM curves and the profiles
+    for image in ("iqm_clutter.png", "iqm_PushCube-v1.png", "iqm_all.png", "profiles.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({image})" in markdown
+    assert "## All tasks" in markdown
+    clutter = _rows(markdown.split("## clutter")[1].split("Final success by rliable")[1].split("\n\n")[1])
+    assert clutter["patch"][-2:] == ["needs >= 2 seeds", "no call"]      # one seed: no interval, no call
+    assert clutter["ppo"][0] == "2" and clutter["ppo"][-2:] == ["-", "-"]  # the baseline itself
 
 
 def test_seeds_keeps_only_those_seeds(experiment):
@@ -173,7 +181,7 @@ def test_diagnosis_table_and_gaze_distance_plot_from_the_learner_metrics(tmp_pat
     _trial(tmp_path, "fovea_ppo_seed0", {"task": "fovea", "arm": "ppo", "seed": 0, "evaluation_interval": 1},
            [{"training_iteration": 1, "num_env_steps_sampled_lifetime": 1000,
              "evaluation": {"env_runners": {"success_once": 0.0}}, "learners": {"default_policy": {}}}])
-    markdown = write_report(str(tmp_path))
+    markdown = write_report(str(tmp_path), reps=REPS)
     # last iteration, mean over seeds: distance (0.2 + 0.4) / 2, agreement (0.5 + 0.6) / 2; ppo logs none
     assert "| gaze | 0.300 | 0.800 | 0.550 |" in markdown   # the gaze's centre is not a column
     series = learner_series(str(tmp_path))   # but it is in the series that exports keep
@@ -191,7 +199,7 @@ def test_export_writes_every_trials_numbers_as_gzipped_json_lines(experiment, tm
     path = tmp_path_factory.mktemp("export") / "runs.jsonl.gz"
     from rllib_gaze.report import main
 
-    main([str(experiment), "--out", str(path.parent), "--export", str(path)])
+    main([str(experiment), "--out", str(path.parent), "--export", str(path), "--reps", str(REPS)])
     trials = [json.loads(line) for line in gzip.open(path, "rt")]
     assert len(trials) == len(CURVES)
     gaze0 = next(t for t in trials if (t["task"], t["arm"], t["seed"]) == ("clutter", "gaze", 0))

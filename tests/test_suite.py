@@ -9,7 +9,7 @@ from ray.tune.search.variant_generator import generate_variants
 
 import rllib_gaze.cli as suite_cli
 from rllib_gaze import ARMS, GazePPOConfig
-from rllib_gaze.suite import DIAGNOSTIC, PRESETS, TASKS, param_space, pick_preset, planned_steps
+from rllib_gaze.suite import DIAGNOSTIC, FOVEA, PRESETS, TASKS, param_space, pick_preset, planned_steps
 
 suite_script = suite_cli
 
@@ -185,3 +185,40 @@ def test_resume_takes_the_algorithm_of_the_experiments_trials(tmp_path):
     (trial / "params.json").write_text('{"arm": "gaze-sac"}')
     args = suite_script.parse_args(["--resume", "exp", "--storage-path", str(tmp_path)])
     assert args.algo == "sac"  # GazeSAC restores it, without --algo
+
+
+def test_paper_gives_the_policy_image_and_state_and_no_state_gives_the_image_alone():
+    from rllib_gaze.envs import make_env
+
+    with_state = suite_script.experiments(suite_script.parse_args(["--preset", "paper"]), "paper")
+    pixels = suite_script.experiments(suite_script.parse_args(["--preset", "paper", "--no-state"]), "paper")
+    for algo in ("ppo", "sac"):
+        assert all(t.env_config["include_state"] is True for t in with_state[algo].tasks)   # ppo_rgb's default
+        assert all(t.env_config["include_state"] is False for t in pixels[algo].tasks)
+        task = pixels[algo].tasks[0]
+        config = suite_script.trial_config(task, pixels[algo].arms[0], 0, pixels[algo])
+        assert config.env_config["include_state"] is False
+        assert config.evaluation_config["env_config"]["include_state"] is False
+    # on the fovea diagnostic the switch leaves the policy an image and no state vector
+    (fovea,) = suite_script.experiments(suite_script.parse_args(["--preset", "local", "--no-state"]), "local")[
+        "ppo"].tasks
+    env = make_env(fovea.env, {key: value for key, value in fovea.env_config.items() if key != "expose_target"}, 2)
+    assert env.single_observation_space.shape == (96, 96, 3)
+    default = make_env(FOVEA.env, {**FOVEA.env_config, "expose_target": False}, 2)
+    assert set(default.single_observation_space.spaces) == {"rgb", "state"}
+
+
+def test_paper_evaluates_by_maniskills_protocol():
+    preset = PRESETS["paper"]
+    config = next(c for c in _trials(preset) if c["task"] == "PickCube-v1-Clutter" and c["arm"] == "gaze")
+    task = TASKS["PickCube-v1-Clutter"]
+    # training: partial resets, the scene kept between episodes (ppo_rgb's reconfiguration_freq=None)
+    assert not config.env_config.get("ignore_terminations") and config.env_config.get("reconfiguration_freq") is None
+    # evaluation: a fixed number of envs, one episode each run to the time limit (no partial resets),
+    # every scene rebuilt at its reset, the deterministic policy
+    evaluation = config.evaluation_config
+    assert evaluation["env_config"]["ignore_terminations"] is True and evaluation["env_config"][
+        "reconfiguration_freq"] == 1
+    assert evaluation["num_envs_per_env_runner"] == config.evaluation_duration == task.eval_episodes == 16
+    assert config.evaluation_duration_unit == "episodes" and evaluation["explore"] is False
+    assert config.evaluation_num_env_runners == 1
