@@ -289,6 +289,10 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         # GAE from the values of the sampling pass (rllib_gaze.gae): no critic pass over the whole batch
         # in the learner connector, no appended loss-masked rows.
         self.values_from_sampling = True
+        # GazePPOLearner checks each gradient step once, on the norms its gradient clip computes, and
+        # skips a step with a NaN/inf gradient (rllib_gaze.gradients). True turns RLlib's own checks off
+        # (two per parameter tensor per step; with True RLlib 2.60 checks nothing).
+        self.torch_skip_nan_gradients = True
         # RLlib's default lets each env runner be restarted 1000 times, 60 s apart, and then samples
         # nothing, iteration after iteration: an env that raises at every step would loop for ~17 hours.
         # 20 restarts per runner covers sporadic crashes; once every runner has used them up the

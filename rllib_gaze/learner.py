@@ -11,7 +11,8 @@ Per training iteration:
   3. after the last minibatch, this iteration's maps and returns (each row once, from the first
      epoch) enter the memory.
 The memory, mining, loss and checkpointing are ``ContrastiveGazeLearnerMixin``'s (shared with
-GazeSACLearner); this module adds PPO's labels, optimizers and the gaze-predict objective.
+GazeSACLearner); this module adds PPO's labels, optimizers and the gaze-predict objective. A
+gradient step with a NaN/inf gradient is skipped after one check (``FiniteGradientsMixin``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import chunk_return_to_go, chunk_steps, discounted_return_to_go
 from rllib_gaze.contrastive_learner import EPISODE_CHUNK, EPISODE_STEP, ContrastiveGazeLearnerMixin
 from rllib_gaze.gae import BOOTSTRAP_VALUES, SampledValuesGAE
+from rllib_gaze.gradients import FiniteGradientsMixin
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
 from rllib_gaze.results import GAZE_GRAD_NORM_PPO_KEY, GAZE_PREDICT_LOSS_KEY
 
@@ -36,7 +38,7 @@ from rllib_gaze.results import GAZE_GRAD_NORM_PPO_KEY, GAZE_PREDICT_LOSS_KEY
 CONTRASTIVE_RETURNS = "contrastive_returns"
 
 
-class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
+class GazePPOLearner(FiniteGradientsMixin, ContrastiveGazeLearnerMixin, PPOTorchLearner):
     """PPOTorchLearner + a per-module feature/return memory and the triplet loss on the gaze
     (``ContrastiveGazeLearnerMixin``), labelled by PPO's returns (``contrastive_return``).
 

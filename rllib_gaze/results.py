@@ -35,6 +35,8 @@ GAZE_TARGET_DISTANCE_KEY = "gaze_target_distance"
 GAZE_TARGET_DISTANCE_CENTRE_KEY = "gaze_target_distance_centre"
 GAZE_WEIGHT_MEAN_KEY = "gaze_weight_mean"
 GAZE_WEIGHT_STD_KEY = "gaze_weight_std"
+# Under ("learners", "__all_modules__"): gradient steps skipped for a NaN/inf gradient, over the run.
+NONFINITE_GRADIENT_STEPS_KEY = "nonfinite_gradient_steps_lifetime"
 
 
 def gaze_param_key(param: str, stat: str) -> str:
