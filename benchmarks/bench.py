@@ -61,7 +61,8 @@ def _sync(device: str) -> None:
 
 
 def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int, device: str) -> SampleBatch:
-    """A post-GAE train batch of ppo_rgb's shape on ``device``: rgb uint8 (n, image, image, 3) + state (n, S)."""
+    """A post-GAE train batch of ppo_rgb's shape on ``device``: rgb uint8 (n, image, image, 3) + state (n, S);
+    no loss mask, as the learner connector builds it with ``values_from_sampling`` (GazePPOConfig's default)."""
     rng = np.random.default_rng(seed)
     mean = rng.normal(0, 0.1, (n, act_dim)).astype(np.float32)
     log_std = np.full((n, act_dim), -0.5, np.float32)
@@ -75,7 +76,6 @@ def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int
         Columns.ACTION_DIST_INPUTS: np.concatenate([mean, log_std], -1),
         Columns.ADVANTAGES: rng.normal(size=n).astype(np.float32),
         Columns.VALUE_TARGETS: rng.normal(size=n).astype(np.float32),
-        Columns.LOSS_MASK: np.ones(n, dtype=bool),
     }, device=device))
 
 
@@ -572,7 +572,8 @@ def evaluation(args: argparse.Namespace) -> None:
 def learner_split(args: argparse.Namespace) -> None:
     """Time of the learner connector (GAE, batching) against the whole ``Learner.update`` (which runs
     it), GazePPO's defaults (the full method), on fragments of the zero-cost env; and the connector's
-    parts: each piece of the pipeline, and inside GAE the critic's forward pass over the batch."""
+    parts: each piece of the pipeline, and inside GAE the critic's forward pass (over the batch with
+    ``values_from_sampling=False``, over the chunks' last observations with the default)."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from rllib_gaze.env_runner import BatchedEnvRunner
@@ -620,8 +621,10 @@ def learner_split(args: argparse.Namespace) -> None:
         print(f"  learner connector {connector:7.2f} s   whole update (connector included) {update:7.2f} s   "
               f"connector share {connector / update:.2f}", flush=True)
         slow = ", ".join(f"{name} {t:.2f} s" for name, t in sorted(parts.items(), key=lambda p: -p[1]) if t >= 0.01)
-        print(f"    of the connector: {slow}; the critic's forward pass inside GAE {critic:.2f} s, the rest of "
-              f"GAE {parts.get('GeneralAdvantageEstimation', 0.0) - critic:.2f} s", flush=True)
+        gae = sum(t for name, t in parts.items() if name in ("GeneralAdvantageEstimation", "SampledValuesGAE"))
+        print(f"    of the connector: {slow}; the critic's forward pass inside GAE {critic:.2f} s (with "
+              f"values_from_sampling only over the chunks' last observations), the rest of GAE {gae - critic:.2f} s",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,10 @@ Two ways of training the clutter env on one device, side by side in one process:
   ``clutter`` diagnostic by default) and arm, built into an Algorithm here; the env runners and GPU
   shares are the suite's ``local`` preset's on CPU (sampling in this process) and its ``paper``
   preset's with ``--device cuda`` (one env runner with a GPU share, the learner on the GPU). Timed:
-  ``algo.train()``, which samples a batch (env -> numpy -> runner -> module -> episodes), runs the
-  learner connector (GAE, with the critic over the batch) and the PPO epochs, and syncs weights.
+  ``algo.train()``, which samples a batch (env -> numpy -> runner -> module, the value with the action
+  -> episodes), runs the learner connector (GAE from the sampled values, the critic only over each
+  chunk's last observation; with ``values_from_sampling=False`` RLlib's, the critic over the whole
+  batch) and the PPO epochs, and syncs weights.
 - ``single``: a single-process PPO loop written here in ManiSkill ``ppo_rgb.py``'s design (which
   is CleanRL's): the env's tensors stay on the device, the rollout buffer is tensors, the value
   comes from the same forward pass as the action, GAE and the clipped PPO epochs run on those

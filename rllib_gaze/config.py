@@ -307,6 +307,13 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         self.train_batch_size_per_learner = 512 * 50
         self.minibatch_size = 512 * 50 // 32
         self.adam_eps = 1e-5             # ppo_rgb's Adam(eps=1e-5); RLlib's default is 1e-8
+        # GAE from the values of the sampling pass (rllib_gaze.gae): no critic pass over the whole batch
+        # in the learner connector, no appended loss-masked rows.
+        self.values_from_sampling = True
+        # GazePPOLearner checks each gradient step once, on the norms its gradient clip computes, and
+        # skips a step with a NaN/inf gradient (rllib_gaze.gradients). True turns RLlib's own checks off
+        # (two per parameter tensor per step; with True RLlib 2.60 checks nothing).
+        self.torch_skip_nan_gradients = True
         # RLlib's default lets each env runner be restarted 1000 times, 60 s apart, and then samples
         # nothing, iteration after iteration: an env that raises at every step would loop for ~17 hours.
         # 20 restarts per runner covers sporadic crashes; once every runner has used them up the
@@ -321,6 +328,44 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         # _fail_after_restore, to show Tune restarting a failed trial.
         self._fail_at_iteration = 0
         self._fail_after_restore = False
+
+    @override(PPOConfig)
+    def training(self, *, values_from_sampling: bool = NotProvided, **kwargs) -> Self:
+        """Sets the training settings: ``PPOConfig.training``'s and ``adam_eps`` (``GazeConfigMixin``), plus
+
+        Args:
+            values_from_sampling: True (default): GAE reads the critic's values from the env runner's
+                forward pass (the module emits them with the action, as ppo_rgb does), the bootstrap
+                values come from one critic pass over the chunks' last observations, and the train
+                batch has no appended loss-masked rows (``rllib_gaze.gae``): the same advantages and
+                value targets as RLlib's connector, without its critic pass over the whole batch.
+                Works with RLlib's stock ``SingleAgentEnvRunner`` and with ``BatchedEnvRunner``, for
+                single-agent episodes of a stateless module that emits ``vf_preds`` (GazePPOModule
+                does). False: RLlib's ``AddOneTsToEpisodesAndTruncate`` + ``GeneralAdvantageEstimation``.
+        """
+        super().training(**kwargs)
+        if values_from_sampling is not NotProvided:
+            self.values_from_sampling = values_from_sampling
+        return self
+
+    @property
+    @override(GazeConfigMixin)
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        return super()._model_config_auto_includes | {"values_from_sampling": self.values_from_sampling}
+
+    @override(GazeConfigMixin)
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.values_from_sampling, bool):
+            self._value_error(f"values_from_sampling={self.values_from_sampling!r} must be True or False")
+        user_model_config = self._model_config if isinstance(self._model_config, dict) else {}
+        if user_model_config.get("values_from_sampling", self.values_from_sampling) != self.values_from_sampling:
+            self._value_error(f"model_config['values_from_sampling']={user_model_config['values_from_sampling']!r} "
+                              f"disagrees with .training(values_from_sampling={self.values_from_sampling!r}); set it "
+                              "only through .training(values_from_sampling=...) so the module and the learner agree")
+        if self.values_from_sampling and self.is_multi_agent:
+            self._value_error("values_from_sampling=True supports single-agent training only; set "
+                              ".training(values_from_sampling=False) for RLlib's GAE connector")
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rllib_gaze.gae import backward_discounted_sum
 from rllib_gaze.gaze import cell_centres, glimpse
 
 LABEL_RULES = ("threshold", "above", "relative")
@@ -122,10 +123,17 @@ def episode_chunks(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Each row's episode chunk and its step within it, ``(N,)`` int64 each, in a train batch laid out
     as RLlib's learner connector lays it (each chunk's rows in order, then one extra row with
     ``loss_mask (N,)`` False, which counts as its chunk's last row)."""
-    ends = ~loss_mask.bool()
-    chunk = torch.cumsum(ends.long(), 0) - ends.long()                  # extra rows close their chunk
+    return chunk_steps(~loss_mask.bool())
+
+
+def chunk_steps(ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's episode chunk and its step within it, ``(N,)`` int64 each, in a train batch of chunks
+    laid end to end, ``ends (N,)`` bool marking each chunk's last row (in RLlib's layout the extra row:
+    ``episode_chunks``; with ``values_from_sampling`` the terminated or truncated row)."""
+    ends = ends.bool()
+    chunk = torch.cumsum(ends.long(), 0) - ends.long()                  # an end row closes its chunk
     starts = torch.cat([ends.new_zeros(1, dtype=torch.long), ends.nonzero().squeeze(1) + 1])
-    return chunk, torch.arange(loss_mask.shape[0], device=loss_mask.device) - starts[chunk]
+    return chunk, torch.arange(ends.shape[0], device=ends.device) - starts[chunk]
 
 
 @torch.no_grad()
@@ -138,21 +146,26 @@ def discounted_return_to_go(rewards: torch.Tensor, terminateds: torch.Tensor, lo
     ``G_t = r_t + gamma * G_{t+1}`` within a chunk, 0 after a termination, and at each extra row
     ``G = bootstrap`` (``(N,)``; only its values at the extra rows are read: the critic's V there).
 
-    Computed where the rows are, without reading them on the host: the recurrence
-    ``G_t = a_t G_{t+1} + b_t`` (``a_t`` = 0 at extra rows and terminations, else ``gamma``) is
-    solved by an associative scan in ``ceil(log2 N)`` vector steps, in float64; ``a`` only shrinks,
-    so nothing can overflow whatever the chunk lengths.
+    Computed where the rows are, without reading them on the host (``backward_discounted_sum``).
     """
     mask = loss_mask.bool()
-    coeff = torch.where(mask & ~terminateds.bool(), gamma, 0.0).to(torch.float64)
+    coeff = torch.where(mask & ~terminateds.bool(), gamma, 0.0)
     value = torch.where(mask, rewards.to(torch.float64), bootstrap.to(torch.float64))
-    offset = 1
-    while offset < value.shape[0]:
-        # (coeff, value)[t] now says G_t = coeff_t * G_{t+offset} + value_t; G past the last row is 0
-        value = torch.cat([value[:-offset] + coeff[:-offset] * value[offset:], value[-offset:]])
-        coeff = torch.cat([coeff[:-offset] * coeff[offset:], coeff[-offset:]])
-        offset *= 2
-    return value.float()
+    return backward_discounted_sum(value, coeff).float()
+
+
+@torch.no_grad()
+def chunk_return_to_go(rewards: torch.Tensor, ends: torch.Tensor, next_values: torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """Discounted return-to-go ``(N,)`` of each row of a train batch of episode chunks laid end to end
+    without extra rows (``values_from_sampling``): ``G_t = r_t + gamma * G_{t+1}`` within a chunk and
+    ``G_t = r_t + gamma * next_values_t`` at its last row (``ends (N,)``), where ``next_values (N,)``
+    holds the critic's V of the observation after that step (0 after a termination; only its values
+    at the ends are read). Reads nothing on the host."""
+    ends = ends.bool()
+    coeff = torch.where(ends, 0.0, gamma)
+    value = rewards.to(torch.float64) + gamma * torch.where(ends, next_values.to(torch.float64), 0.0)
+    return backward_discounted_sum(value, coeff).float()
 
 
 @dataclass

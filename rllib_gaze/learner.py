@@ -1,7 +1,9 @@
 """GazePPOLearner: RLlib's PPO loss, unchanged, plus the return-guided contrastive loss on the gaze.
 
 Per training iteration:
-  1. the learner connector builds the train batch (GAE value targets included);
+  1. the learner connector builds the train batch (GAE value targets included; with
+     ``values_from_sampling``, the default, from the env runner's values, ``rllib_gaze.gae``, and
+     without RLlib's appended loss-masked row per episode chunk);
   2. every minibatch: PPO loss on the module's forward pass; anchors from the minibatch's
      pre-attention maps are mined against the memory of *earlier* iterations, and the triplet
      loss on gaze-attended maps is added. Its inputs are detached, so its gradient reaches only
@@ -10,7 +12,8 @@ Per training iteration:
      epoch) enter the memory.
 The memory, mining, loss and checkpointing are ``ContrastiveGazeLearnerMixin``'s (shared with
 GazeSACLearner); this module adds PPO's labels, optimizers, the gaze-predict objective and DrAC's
-regularisers (``.gaze(augmentation=...)``, the ``drac`` arms).
+regularisers (``.gaze(augmentation=...)``, the ``drac`` arms). A gradient step with a NaN/inf
+gradient is skipped after one check (``FiniteGradientsMixin``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from typing import Any
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.learner import AddOneTsToEpisodesAndTruncate, GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
 from rllib_gaze.augmentation import augment_observations
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import discounted_return_to_go, episode_chunks
+from rllib_gaze.contrastive import chunk_return_to_go, chunk_steps, discounted_return_to_go
 from rllib_gaze.contrastive_learner import EPISODE_CHUNK, EPISODE_STEP, ContrastiveGazeLearnerMixin
+from rllib_gaze.gae import BOOTSTRAP_VALUES, SampledValuesGAE
+from rllib_gaze.gradients import FiniteGradientsMixin
 from rllib_gaze.module import GAZE_PARAMS, PRE_ATTENTION_FEATURES
 from rllib_gaze.results import (
     DRAC_POLICY_LOSS_KEY,
@@ -39,12 +45,25 @@ from rllib_gaze.results import (
 CONTRASTIVE_RETURNS = "contrastive_returns"
 
 
-class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
+class GazePPOLearner(FiniteGradientsMixin, ContrastiveGazeLearnerMixin, PPOTorchLearner):
     """PPOTorchLearner + a per-module feature/return memory and the triplet loss on the gaze
     (``ContrastiveGazeLearnerMixin``), labelled by PPO's returns (``contrastive_return``).
 
-    Reads its settings from ``GazePPOConfig`` (``config.contrastive_*``, ``config.return_*``).
+    Reads its settings from ``GazePPOConfig`` (``config.contrastive_*``, ``config.return_*``,
+    ``config.values_from_sampling``).
     """
+
+    @override(PPOTorchLearner)
+    def build(self) -> None:
+        super().build()
+        # PPOLearner.build put RLlib's GAE pair around the default pipeline (only when the defaults are
+        # in it); values_from_sampling puts one piece in their place.
+        pipeline = self._learner_connector
+        if (self.config.values_from_sampling and pipeline is not None
+                and self.config.add_default_connectors_to_learner_pipeline):
+            pipeline.remove(AddOneTsToEpisodesAndTruncate)
+            pipeline.remove(GeneralAdvantageEstimation)
+            pipeline.prepend(SampledValuesGAE(gamma=self.config.gamma, lambda_=self.config.lambda_))
 
     @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config: GazePPOConfig) -> None:
@@ -65,14 +84,18 @@ class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
                 module_batch[CONTRASTIVE_RETURNS] = self._return_to_go(module_id, config, module_batch)
             if config.contrastive and config.mining == "episode":
                 # columns, so they follow the rows into shuffled minibatches
-                mask = torch.as_tensor(module_batch[Columns.LOSS_MASK])
-                module_batch[EPISODE_CHUNK], module_batch[EPISODE_STEP] = episode_chunks(mask)
+                module_batch[EPISODE_CHUNK], module_batch[EPISODE_STEP] = chunk_steps(_chunk_ends(module_batch))
         return batch
 
     def _return_to_go(self, module_id: ModuleID, config: GazePPOConfig, batch: dict[str, Any]) -> torch.Tensor:
         """``(N,)`` discounted return-to-go with ``contrastive_gamma``, bootstrapped from the critic's
-        V at the extra row that ends each episode chunk (``discounted_return_to_go``)."""
+        V after each episode chunk's last step: the learner connector's ``BOOTSTRAP_VALUES``
+        (``chunk_return_to_go``), or, in RLlib's layout, V at the extra row that ends each chunk
+        (``discounted_return_to_go``)."""
         rewards = torch.as_tensor(batch[Columns.REWARDS])
+        if Columns.LOSS_MASK not in batch:
+            return chunk_return_to_go(rewards, _chunk_ends(batch), torch.as_tensor(batch[BOOTSTRAP_VALUES]),
+                                      config.contrastive_gamma).to(rewards.device)
         mask = torch.as_tensor(batch[Columns.LOSS_MASK]).bool()
         ends = (~mask).nonzero().squeeze(1)
         bootstrap = torch.zeros(rewards.shape[0], device=rewards.device)
@@ -150,3 +173,12 @@ class GazePPOLearner(ContrastiveGazeLearnerMixin, PPOTorchLearner):
         if config.contrastive_return == "return_to_go":
             return batch[CONTRASTIVE_RETURNS].detach()
         return batch[Columns.VALUE_TARGETS].detach()
+
+
+def _chunk_ends(batch: dict[str, Any]) -> torch.Tensor:
+    """``(N,)`` bool: the rows that close an episode chunk of a train batch: RLlib's appended rows (loss
+    mask False) where it has them, else each chunk's last row (terminated or truncated, as
+    ``rllib_gaze.gae`` marks them)."""
+    if Columns.LOSS_MASK in batch:
+        return ~torch.as_tensor(batch[Columns.LOSS_MASK]).bool()
+    return torch.as_tensor(batch[Columns.TERMINATEDS]).bool() | torch.as_tensor(batch[Columns.TRUNCATEDS]).bool()

@@ -36,6 +36,9 @@ DEFAULT_MODEL_CONFIG = {
     "state_feature_dim": 256,
     "head_hidden": 512,
     "init_log_std": -0.5,
+    # Emit the critic's value with every action (Columns.VF_PREDS) and keep the critic on the env
+    # runners: what GazePPOConfig's .training(values_from_sampling=...) sets (rllib_gaze.gae).
+    "values_from_sampling": False,
 }
 
 
@@ -186,6 +189,9 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModul
 
     ``forward_train`` adds ``pre_attention_features (B, C, h, w)`` and, with attention,
     ``gaze_params`` (``(B, 5)`` foveal and oracle, ``(B, h, w)`` patch) for the learner's losses.
+    With model_config ``values_from_sampling`` the exploration and inference passes also return the
+    critic's value ``vf_preds (B,)`` (as ppo_rgb's sampling pass does; ``rllib_gaze.gae`` reads it), and
+    the critic stays in the env runners' inference-only copies.
 
     The learner, the drawings and the benchmarks use its ``GazeAPI`` (and ``predict_return``,
     the ``gaze-predict`` head), not its attributes.
@@ -233,6 +239,7 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModul
             _layer_init(nn.Linear(feature_dim, hidden)), nn.ReLU(),
             _layer_init(nn.Linear(hidden, 1)),
         )
+        self._values_from_sampling = bool(cfg["values_from_sampling"])
 
     @override(GazeAPI)
     def feature_map(self, obs: Observations) -> torch.Tensor:
@@ -265,7 +272,10 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModul
     @override(TorchRLModule)
     def _forward(self, batch: dict, **kwargs) -> dict:
         features = self.encode(batch[Columns.OBS])["features"]
-        return {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(features)}
+        out = {Columns.ACTION_DIST_INPUTS: self._action_dist_inputs(features)}
+        if self._values_from_sampling:
+            out[Columns.VF_PREDS] = self.vf(features).squeeze(-1)
+        return out
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict, **kwargs) -> dict:
@@ -290,4 +300,6 @@ class GazePPOModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, GazeModul
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["vf", "gaze_predictor"] if self.gaze_predictor is not None else ["vf"]
+        # RLlib deletes these from the env runners' copies (and leaves them out of the weight sync)
+        learner_only = [] if self._values_from_sampling else ["vf"]
+        return learner_only + (["gaze_predictor"] if self.gaze_predictor is not None else [])

@@ -41,6 +41,8 @@ GAZE_WEIGHT_STD_KEY = "gaze_weight_std"
 # DrAC's regularisers (the drac arms; GazePPOLearner._drac_loss), before aug_coef.
 DRAC_POLICY_LOSS_KEY = "drac_policy_loss"
 DRAC_VALUE_LOSS_KEY = "drac_value_loss"
+# Under ("learners", "__all_modules__"): gradient steps skipped for a NaN/inf gradient, over the run.
+NONFINITE_GRADIENT_STEPS_KEY = "nonfinite_gradient_steps_lifetime"
 
 
 def gaze_param_key(param: str, stat: str) -> str:

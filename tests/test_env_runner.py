@@ -152,7 +152,8 @@ def test_torch_observations_give_the_same_episodes_as_numpy_ones(monkeypatch, ex
     assert torch_metrics == numpy_metrics
     assert grown == numpy_grown and bool(grown) == bool(env)
     assert (False, True) in {(c[0][2], c[0][3]) for f in chunks for c in f}
-    assert device == (set() if staging == "host" else {"obs/", "actions", "action_logp", "action_dist_inputs"})
+    assert device == (set() if staging == "host"
+                      else {"obs/", "actions", "action_logp", "action_dist_inputs", "vf_preds"})
 
 
 def test_continuing_chunks_keep_their_episode_for_gae():

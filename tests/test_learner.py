@@ -10,7 +10,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.policy.sample_batch import SampleBatch
 
 from rllib_gaze import ARMS
-from rllib_gaze.contrastive import episode_chunks, mine_rows, search_keys
+from rllib_gaze.contrastive import chunk_return_to_go, chunk_steps, discounted_return_to_go, mine_rows, search_keys
 from rllib_gaze.results import (
     CONTRASTIVE_ACTIVE_TRIPLET_FRAC_KEY,
     CONTRASTIVE_COS_AN_KEY,
@@ -40,6 +40,17 @@ def train_batch(learner, episodes):
     return batch[MID]
 
 
+def layout(batch):
+    """``(rows that count (N,), rows that close an episode chunk (N,))``, bool, of a train batch: with
+    ``values_from_sampling`` (the default) every row counts and each chunk's terminated or truncated row
+    closes it; in RLlib's layout (False) the appended loss-masked row after each chunk closes it."""
+    if Columns.LOSS_MASK in batch:
+        mask = batch[Columns.LOSS_MASK].bool()
+        return mask, ~mask
+    ends = batch[Columns.TERMINATEDS].bool() | batch[Columns.TRUNCATEDS].bool()
+    return torch.ones_like(ends), ends
+
+
 def one_update(config, num_epochs):
     """Runner, learner, the first iteration's train batch, after one update on that iteration."""
     runner = SingleAgentEnvRunner(config=config)
@@ -62,9 +73,9 @@ def trained():
 def test_memory_takes_each_row_once_per_iteration_not_once_per_epoch(trained):
     _, learner, first, _ = trained
     memory = learner.contrastive_memory(MID)
-    # every unmasked row of the iteration's batch once (the loss-masked row of each chunk stays out),
-    # with its GAE value target as the return
-    targets = first[Columns.VALUE_TARGETS][first[Columns.LOSS_MASK]]
+    # every sampled row of the iteration's batch once (no appended row of a chunk enters), with its GAE
+    # value target as the return
+    targets = first[Columns.VALUE_TARGETS][layout(first)[0]]
     assert len(memory) == targets.numel() == 128
     assert sorted(memory.filled()[2].tolist()) == pytest.approx(sorted(targets.tolist()), abs=1e-5)
 
@@ -90,7 +101,7 @@ def test_contrastive_gradient_reaches_only_the_gaze(trained):
     config, learner, _, batch = trained
     module = learner.module[MID]
     features = module.forward_train(batch)["pre_attention_features"].detach()
-    mask = batch[Columns.LOSS_MASK]
+    mask = layout(batch)[0]
     module.zero_grad()
     loss = learner._contrastive_loss(MID, config, features[mask], batch[Columns.VALUE_TARGETS][mask])
     assert loss.item() > 0
@@ -156,7 +167,7 @@ def test_memory_subsamples_an_iteration_larger_than_its_capacity():
                                    num_epochs=2)
     memory = learner.contrastive_memory(MID)
     stored = memory.filled()[2].tolist()
-    targets = batch[Columns.VALUE_TARGETS][batch[Columns.LOSS_MASK]].tolist()
+    targets = batch[Columns.VALUE_TARGETS][layout(batch)[0]].tolist()
     assert 44 <= len(memory) <= 48   # about capacity / rows of each minibatch, rounded up
     # a uniform draw from the whole epoch, not just its first minibatch's rows
     first_minibatch = set(round(t, 5) for t in batch[Columns.VALUE_TARGETS][:64].tolist())
@@ -279,7 +290,7 @@ def test_one_gaze_per_triplet_applies_the_anchors_weights_to_all_three(trained):
     config, learner, _, batch = trained
     module = learner.module[MID]
     features = module.forward_train(batch)["pre_attention_features"].detach()
-    mask = batch[Columns.LOSS_MASK]
+    mask = layout(batch)[0]
     seen = []
     original = module.gaze_weights
 
@@ -320,19 +331,20 @@ def test_gaze_predict_objective_trains_only_the_gaze_and_its_predictor():
     assert logged[GAZE_PREDICT_LOSS_KEY].peek() > 0
 
 
-def test_return_to_go_labels_reach_the_memory():
-    from rllib_gaze.contrastive import discounted_return_to_go
-
-    config = tiny_config(contrastive_return="return_to_go", contrastive_gamma=0.9)
+@pytest.mark.parametrize("values_from_sampling", [True, False])
+def test_return_to_go_labels_reach_the_memory(values_from_sampling):
+    config = tiny_config(contrastive_return="return_to_go", contrastive_gamma=0.9).training(
+        values_from_sampling=values_from_sampling)
     runner, learner, first = one_update(config, num_epochs=1)
-    mask = first[Columns.LOSS_MASK].bool()
+    mask, ends = layout(first)
     stored = learner.contrastive_memory(MID).filled()[2]
-    assert stored.numel() == int(mask.sum())
+    assert stored.numel() == int(mask.sum()) == 128
     # without the bootstrap term: at a chunk's first row (16 steps from its end) the bootstrap
     # counts 0.9^16 x V, a few hundredths for this barely trained critic
-    no_bootstrap = discounted_return_to_go(first[Columns.REWARDS], first[Columns.TERMINATEDS], mask,
-                                           torch.zeros(mask.shape[0]), 0.9)
-    chunk_starts = torch.cat([torch.tensor([0]), (~mask).nonzero().squeeze(1)[:-1] + 1])
+    zeros = torch.zeros(mask.shape[0])
+    no_bootstrap = (chunk_return_to_go(first[Columns.REWARDS], ends, zeros, 0.9) if values_from_sampling else
+                    discounted_return_to_go(first[Columns.REWARDS], first[Columns.TERMINATEDS], mask, zeros, 0.9))
+    chunk_starts = torch.cat([torch.tensor([0]), ends.nonzero().squeeze(1)[:-1] + 1])
     for value in no_bootstrap[chunk_starts]:
         assert (stored - value).abs().min() < 0.05, (float(value), stored.tolist())
     assert not torch.allclose(stored.sort().values, first[Columns.VALUE_TARGETS][mask].sort().values)
@@ -344,7 +356,7 @@ def test_fixation_objective_trains_only_the_gaze_and_logs_its_loss(objective):
     runner, learner, _ = one_update(config, num_epochs=1)
     batch = train_batch(learner, runner.sample(num_timesteps=128))
     module = learner.module[MID]
-    mask = batch[Columns.LOSS_MASK]
+    mask = layout(batch)[0]
     features = module.forward_train(batch)["pre_attention_features"].detach()
     module.zero_grad()
     head_inputs, gaze_weights = [], module.gaze_weights
@@ -365,13 +377,16 @@ def test_fixation_objective_trains_only_the_gaze_and_logs_its_loss(objective):
     assert triplet_logged == (objective == "fixation+triplet")
 
 
-def test_episode_mining_mines_each_anchor_in_its_own_chunk_of_this_update():
-    config = tiny_config(contrastive_objective="fixation", mining="episode", mining_gap=2)
+@pytest.mark.parametrize("values_from_sampling", [True, False])
+def test_episode_mining_mines_each_anchor_in_its_own_chunk_of_this_update(values_from_sampling):
+    config = tiny_config(contrastive_objective="fixation", mining="episode", mining_gap=2).training(
+        values_from_sampling=values_from_sampling)
     runner, learner, _ = one_update(config, num_epochs=1)     # the memory now holds a threshold
     episodes = runner.sample(num_timesteps=128)
     batch = train_batch(learner, episodes)
-    mask = batch[Columns.LOSS_MASK].bool()
-    chunk, step = episode_chunks(mask)
+    mask, ends = layout(batch)
+    chunk, step = chunk_steps(ends)
+    assert chunk.max() + 1 == len(episodes)
     # the update stages every row with its chunk, step and key; its own-chunk mining finds triplets
     results = learner.update(episodes=episodes, num_epochs=2, minibatch_size=64,
                              timesteps={"num_env_steps_sampled_lifetime": 256})
