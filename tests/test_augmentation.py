@@ -78,7 +78,9 @@ def peek(learner, key: str) -> float:
 
 
 def masked_mean(values, batch):
-    return values[batch[Columns.LOSS_MASK]].mean()
+    """Mean over the rows the loss counts (all rows: GAE from the sampling pass adds no masked ones)."""
+    mask = batch.get(Columns.LOSS_MASK)
+    return values.mean() if mask is None else values[mask].mean()
 
 
 def test_drac_keeps_ppo_on_the_clean_observations_and_regularises_on_shifted_ones():
