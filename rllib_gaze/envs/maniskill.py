@@ -28,23 +28,23 @@ SIM_BACKENDS = ("auto", "physx_cuda", "physx_cpu")
 
 
 def enable_physx_gpu() -> None:
-    """Loads SAPIEN's PhysX GPU library, which ``physx_cuda`` needs; raises naming the file and how
-    to provide it when that fails. SAPIEN downloads the library from GitHub on first use, which
-    fails on nodes without internet access (a fresh GPU node behind a firewall, say)."""
+    """Loads SAPIEN's PhysX GPU library, which ``physx_cuda`` needs. The library must be in place already
+    (``physx_gpu.check``: the cluster files fetch it before Ray starts), so no env runner downloads it;
+    raises naming the file and the fix when it is missing, cut short or will not load."""
     import sapien.physx
+
+    from rllib_gaze.envs import physx_gpu
 
     if sapien.physx.is_gpu_enabled():
         return
-    folder = f"~/.sapien/physx/{sapien.physx.version()}"
+    physx_gpu.check()
     try:
         sapien.physx.enable_gpu()
-    except Exception as error:  # a failed download, a corrupt zip, a library that will not load
+    except Exception as error:  # a library that will not load (wrong platform, no CUDA driver)
         raise RuntimeError(
-            f"sim_backend='physx_cuda' needs SAPIEN's PhysX GPU library in {folder} (libPhysXGpu_64.so), "
-            f"which SAPIEN downloads from GitHub (sapien-sim/physx-precompiled, release "
-            f"{sapien.physx.version()}, linux-so.zip) on first use; that failed: {type(error).__name__}: "
-            f"{str(error)[:300]}. On a node without internet access, unzip that file into {folder} "
-            "(cluster/*.yaml's node check does it at set-up where the node can download), or use "
+            f"sim_backend='physx_cuda' needs SAPIEN's PhysX GPU library {physx_gpu.folder() / physx_gpu.LIBRARY}, "
+            f"which is there but did not load: {type(error).__name__}: {str(error)[:300]}. Fetch it again "
+            f"(`python -m rllib_gaze.envs.physx_gpu fetch`, from {physx_gpu.url()}) or use "
             "sim_backend='physx_cpu'."
         ) from error
 
