@@ -42,7 +42,8 @@ main() {
   fi
   [ -x "$HOME/venv/bin/python" ] || python3 -m venv "$HOME/venv"
   "$HOME/venv/bin/pip" install -q --upgrade pip
-  "$HOME/venv/bin/pip" install -q -e "$REPO${PROVIDER:+[$PROVIDER]}"
+  # torch pinned to a CUDA build the node's driver runs (the file says why)
+  "$HOME/venv/bin/pip" install -q -c "$REPO/cluster/gpu-constraints.txt" -e "$REPO${PROVIDER:+[$PROVIDER]}"
   # SAPIEN's PhysX GPU library, before Ray starts: an env runner never downloads it (two at once would race)
   if has_nvidia_gpu; then "$HOME/venv/bin/python" -m rllib_gaze.envs.physx_gpu fetch; fi
   grep -qs 'rllib-gaze: venv' "$HOME/.bashrc" || echo 'export PATH="$HOME/venv/bin:$PATH"  # rllib-gaze: venv' >> "$HOME/.bashrc"
