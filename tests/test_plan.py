@@ -67,6 +67,12 @@ def test_the_figure_is_the_one_docs_benchmarks_md_measured():
         assert re.search(rf"^\| {re.escape(arm)}( \(.*\))? \| {seconds:.3f} s \|", section, re.M), arm
 
 
+def test_docs_cluster_md_lists_the_kinds_as_the_plan_counts_them():
+    doc = open(os.path.join(ROOT, "docs", "cluster.md")).read()
+    for kind, node in NODE_KINDS.items():
+        assert re.search(rf"^\| `{re.escape(kind)}` \| .* \| {node.cpus:g} \| {node.gpus:g} \|$", doc, re.M), kind
+
+
 def test_a_trial_the_cluster_cannot_hold_is_refused_naming_the_resource(capsys):
     code, out, _ = _plan(capsys, "--preset", "paper", "--algo", "ppo", "--plan-cluster", "2xL4",
                          "--gpus-per-learner", "1.5")
