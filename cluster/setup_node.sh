@@ -14,10 +14,12 @@ case "$PROVIDER" in aws|gcp|"") ;; *) echo "setup_node.sh: provider '$PROVIDER' 
 # The Vulkan ICD files present in the given folders (none: the driver's ICD is not registered).
 nvidia_icds() { local d; for d in "$@"; do ls "$d"/nvidia_icd*.json 2>/dev/null || true; done; }
 
+has_nvidia_gpu() { lspci 2>/dev/null | grep -qi nvidia || [ -e /dev/nvidia0 ]; }
+
 # Deep Learning VM images install the NVIDIA driver at first boot, after Ray may start set-up:
 # wait for it (up to 10 minutes) on nodes that have an NVIDIA device.
 wait_for_driver() {
-  if lspci 2>/dev/null | grep -qi nvidia || [ -e /dev/nvidia0 ]; then
+  if has_nvidia_gpu; then
     for _ in $(seq 120); do nvidia-smi -L >/dev/null 2>&1 && return 0; sleep 5; done
     echo "setup_node.sh: the node has an NVIDIA GPU but nvidia-smi did not answer within 10 minutes" >&2
     return 1
@@ -40,7 +42,10 @@ main() {
   fi
   [ -x "$HOME/venv/bin/python" ] || python3 -m venv "$HOME/venv"
   "$HOME/venv/bin/pip" install -q --upgrade pip
-  "$HOME/venv/bin/pip" install -q -e "$REPO${PROVIDER:+[$PROVIDER]}"
+  # torch pinned to a CUDA build the node's driver runs (the file says why)
+  "$HOME/venv/bin/pip" install -q -c "$REPO/cluster/gpu-constraints.txt" -e "$REPO${PROVIDER:+[$PROVIDER]}"
+  # SAPIEN's PhysX GPU library, before Ray starts: an env runner never downloads it (two at once would race)
+  if has_nvidia_gpu; then "$HOME/venv/bin/python" -m rllib_gaze.envs.physx_gpu fetch; fi
   grep -qs 'rllib-gaze: venv' "$HOME/.bashrc" || echo 'export PATH="$HOME/venv/bin:$PATH"  # rllib-gaze: venv' >> "$HOME/.bashrc"
 }
 

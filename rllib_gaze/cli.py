@@ -2,6 +2,7 @@
 
     python tune_configs/maniskill_suite.py [--preset smoke|local|paper] [flags]   (or python -m rllib_gaze.cli)
     ray job submit -- python tune_configs/maniskill_suite.py [flags]
+    python tune_configs/maniskill_suite.py --preset paper --plan [--plan-cluster 4xL4]   (what it would cost)
 
 Starts a local Ray, or joins the cluster it runs in (``ray job submit``). Without ``--preset`` it
 runs ``paper`` when that cluster has GPUs and ``local`` otherwise, and says which and why. Every
@@ -26,6 +27,7 @@ import time
 
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.arms import ALGORITHMS, ARMS, TARGET_ARMS, algorithm
+from rllib_gaze.plan import NODE_KINDS, cluster_nodes, parse_cluster, plan_lines
 from rllib_gaze.suite import (
     PRESETS,
     SAC_PRESET_ARMS,
@@ -85,6 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also log every trial to this Weights & Biases project (needs `pip install "
                         "\"rllib-gaze[wandb]\"`; WANDB_MODE=offline logs without network)")
     p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of the trials (default: the experiment name)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the run would ask for and cost and start nothing: its trials (tasks x arms x "
+                        "seeds), each trial's CPUs, GPUs, env runners and envs, the env steps in all, how many trials "
+                        "run at once on the cluster it would join (RAY_ADDRESS, as `ray job submit` sets it; else "
+                        "this machine), a time estimate from the project's measured GPU figure, and the largest trial "
+                        "that cluster cannot hold (then the exit status is 1)")
+    p.add_argument("--plan-cluster", metavar="NxKIND",
+                   help=f"--plan for N nodes of KIND instead, KIND one of {list(NODE_KINDS)}, e.g. 4xL4 (implies "
+                        "--plan)")
     args = p.parse_args(argv)
     if not args.verbose:
         # RLlib's notice that the new API stack is on (its default, and ours), logged when the trial
@@ -97,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag}: {', '.join(map(repr, wrong))} not allowed; allowed values are {list(allowed)}")
 
     bad("--preset", [args.preset] if args.preset else [], PRESETS)
+    if args.plan_cluster:
+        try:
+            parse_cluster(args.plan_cluster)
+        except ValueError as e:
+            p.error(str(e))
+        args.plan = True
     if args.wandb and importlib.util.find_spec("wandb") is None:
         p.error(f"--wandb {args.wandb}: the wandb package is not installed; pip install \"rllib-gaze[wandb]\"")
     bad("--tasks", args.tasks or [], TASKS)
@@ -274,6 +291,9 @@ def preset_with_flags(args: argparse.Namespace, name: str, algo: str | None = No
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    if args.plan:
+        print_plan(args)
+        return ""
     import ray
     from ray import tune
 
@@ -312,6 +332,21 @@ def main(argv: list[str] | None = None) -> str:
               f"{' / '.join(path for path, _ in runs)}", flush=True)
         sys.exit(1)
     return runs[0][0]
+
+
+def print_plan(args: argparse.Namespace) -> None:
+    """``--plan``: the plan of each experiment the run would start (``rllib_gaze.plan``), on the cluster it would
+    join or the one ``--plan-cluster`` describes; exits with status 1 where a trial cannot be placed."""
+    nodes, where = cluster_nodes(args.plan_cluster)
+    print(f"[plan] cluster: {where}", flush=True)
+    name, presets = chosen_preset(args, sum(node.gpus for node in nodes))
+    refused = False
+    for algo, preset in presets.items():
+        lines, refused_here = plan_lines(name, algo, preset, nodes, args.max_concurrent_trials)
+        print("\n".join(lines), flush=True)
+        refused |= refused_here
+    if refused:
+        sys.exit(1)
 
 
 def _tuner(args: argparse.Namespace, algo: str, preset: Preset, name: str, experiment: str, path: str):

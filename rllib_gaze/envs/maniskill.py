@@ -12,6 +12,8 @@ Observations are ppo_rgb's: ``{"rgb": (N, S, S, 3) uint8, "state": (N, D) float3
 from __future__ import annotations
 
 import difflib
+import re
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -25,26 +27,62 @@ VULKAN_HELP = (
     "libvulkan1 and the NVIDIA driver's Vulkan ICD. Check with `vulkaninfo --summary`."
 )
 SIM_BACKENDS = ("auto", "physx_cuda", "physx_cpu")
+# The lowest NVIDIA driver branch that runs each CUDA major (NVIDIA's "CUDA Compatibility", minor version
+# compatibility: CUDA 12.x from 525, CUDA 13.x from 580). torch's pip wheels bring their own CUDA runtime,
+# so the node's driver is the only CUDA piece that the image decides.
+MIN_DRIVER = {12: 525, 13: 580}
+GPU_CONSTRAINTS = "cluster/gpu-constraints.txt"
+
+
+def nvidia_driver() -> str | None:
+    """The version of the NVIDIA kernel driver loaded on this machine (in a container: the node's), or None."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
+    return found.group(1) if found else None
+
+
+def no_cuda_reason(driver: str | None, torch_version: str, torch_cuda: str | None) -> str:
+    """Why torch sees no GPU, from the node's NVIDIA driver and torch's CUDA build, and what to do. Said by the
+    GPU workers' set-up check (cluster/*.yaml), whose failure makes Ray's autoscaler replace the node with one
+    of the same image, which fails the same way: the fix is the image or the pin, not another node."""
+    if torch_cuda is None:
+        why = f"torch {torch_version} is a CPU build; install its CUDA build ({GPU_CONSTRAINTS} pins one)"
+    elif driver is None:
+        why = (f"torch {torch_version} is built for CUDA {torch_cuda}, but no NVIDIA driver is loaded "
+               "(/proc/driver/nvidia/version is absent): a node without a GPU, or a driver not installed yet")
+    else:
+        need = MIN_DRIVER.get(int(torch_cuda.split(".")[0]))
+        if need is not None and int(driver.split(".")[0]) < need:
+            why = (f"torch {torch_version} is built for CUDA {torch_cuda}, which needs NVIDIA driver >= {need}, and "
+                   f"this node's driver is {driver}: install the torch {GPU_CONSTRAINTS} pins, or use an image "
+                   f"whose driver is >= {need}")
+        else:
+            why = (f"torch {torch_version} (CUDA {torch_cuda}) should run on this node's NVIDIA driver {driver}, "
+                   "yet sees no GPU: check CUDA_VISIBLE_DEVICES and `nvidia-smi`")
+    return why + ". A new node of the same image fails the same way: stop the cluster and fix the image or the pin"
 
 
 def enable_physx_gpu() -> None:
-    """Loads SAPIEN's PhysX GPU library, which ``physx_cuda`` needs; raises naming the file and how
-    to provide it when that fails. SAPIEN downloads the library from GitHub on first use, which
-    fails on nodes without internet access (a fresh GPU node behind a firewall, say)."""
+    """Loads SAPIEN's PhysX GPU library, which ``physx_cuda`` needs. The library must be in place already
+    (``physx_gpu.check``: the cluster files fetch it before Ray starts), so no env runner downloads it;
+    raises naming the file and the fix when it is missing, cut short or will not load."""
     import sapien.physx
+
+    from rllib_gaze.envs import physx_gpu
 
     if sapien.physx.is_gpu_enabled():
         return
-    folder = f"~/.sapien/physx/{sapien.physx.version()}"
+    physx_gpu.check()
     try:
         sapien.physx.enable_gpu()
-    except Exception as error:  # a failed download, a corrupt zip, a library that will not load
+    except Exception as error:  # a library that will not load (wrong platform, no CUDA driver)
         raise RuntimeError(
-            f"sim_backend='physx_cuda' needs SAPIEN's PhysX GPU library in {folder} (libPhysXGpu_64.so), "
-            f"which SAPIEN downloads from GitHub (sapien-sim/physx-precompiled, release "
-            f"{sapien.physx.version()}, linux-so.zip) on first use; that failed: {type(error).__name__}: "
-            f"{str(error)[:300]}. On a node without internet access, unzip that file into {folder} "
-            "(cluster/*.yaml's node check does it at set-up where the node can download), or use "
+            f"sim_backend='physx_cuda' needs SAPIEN's PhysX GPU library {physx_gpu.folder() / physx_gpu.LIBRARY}, "
+            f"which is there but did not load: {type(error).__name__}: {str(error)[:300]}. Fetch it again "
+            f"(`python -m rllib_gaze.envs.physx_gpu fetch`, from {physx_gpu.url()}) or use "
             "sim_backend='physx_cpu'."
         ) from error
 
@@ -157,7 +195,8 @@ def make_maniskill(num_envs: int, env_id: str = "PushCube-v1", *, sim_backend: s
     if sim_backend == "auto":
         sim_backend = "physx_cuda" if torch.cuda.is_available() else "physx_cpu"
     if sim_backend == "physx_cuda" and not torch.cuda.is_available():
-        raise ValueError("sim_backend='physx_cuda' needs a CUDA GPU and torch sees none; use 'physx_cpu' or 'auto'")
+        raise ValueError(f"sim_backend='physx_cuda' needs a CUDA GPU and torch sees none: "
+                         f"{no_cuda_reason(nvidia_driver(), torch.__version__, torch.version.cuda)}")
     args = (sim_backend, camera_size, include_state, control_mode, reconfiguration_freq, max_episode_steps, extra)
     if sim_backend == "physx_cuda":
         enable_physx_gpu()

@@ -55,13 +55,35 @@ def test_kuberay_job_runs_the_suite_on_gpu_workers():
     job = _load("kuberay-rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert "tune_configs/maniskill_suite.py --preset paper" in job["spec"]["entrypoint"]
-    assert "--storage-path s3://" in job["spec"]["entrypoint"] or "--storage-path gs://" in job["spec"]["entrypoint"]
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60") and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     (group,) = cluster["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1
+
+
+def test_kuberay_storage_is_a_fill_in_for_either_clouds_bucket():
+    # The entrypoint (Tune's driver, in the head pod) writes there first; GKE needs gs://, EKS s3://.
+    text = open(os.path.join(ROOT, "cluster", "kuberay-rayjob.yaml")).read()
+    assert _load("kuberay-rayjob.yaml")["spec"]["entrypoint"].endswith("--storage-path <FILL_STORAGE_URL>")
+    assert "s3://BUCKET/rllib-gaze on EKS" in text and "gs://BUCKET/rllib-gaze on GKE" in " ".join(text.split())
+
+
+def test_kuberay_head_and_workers_run_as_the_account_bound_to_the_bucket_as_the_operator_builds_them():
+    from kuberay import RAYJOB_CLUSTER, head_pod, worker_pods
+
+    cluster = _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]
+    account = cluster["headGroupSpec"]["template"]["spec"]["serviceAccountName"]
+    assert head_pod(cluster)["serviceAccountName"] == account  # the operator's override keeps a named account
+    assert {pod.get("serviceAccountName") for pod in worker_pods(cluster).values()} == {account}
+    # without it, the head (the Tune driver) would run as the RayCluster's own account, named at random
+    unnamed = copy.deepcopy(cluster)
+    del unnamed["headGroupSpec"]["template"]["spec"]["serviceAccountName"]
+    assert head_pod(unnamed)["serviceAccountName"] == RAYJOB_CLUSTER != account
+    text = " ".join(open(os.path.join(ROOT, "cluster", "kuberay-rayjob.yaml")).read().split())
+    assert f"kubectl create serviceaccount {account}" in text and f"iamserviceaccount --name {account}" in text
+    assert f"/sa/{account}" in text  # the GKE principal of that account
 
 
 @pytest.mark.parametrize("arm", ["gaze", "gaze-sac"])

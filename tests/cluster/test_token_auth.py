@@ -18,6 +18,16 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
+from kuberay import (
+    RAYJOB_CLUSTER,
+    duplicates,
+    effective,
+    head_pod,
+    operator_secret,
+    submitter,
+    with_token_env,
+    worker_pods,
+)
 from loopback import RAY, free_ports, node_ports, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,28 +102,10 @@ def _rayjob() -> dict:
         return yaml.safe_load(f)
 
 
-# What the KubeRay operator (v1.6.0-v1.7.0) does with a RayJob's rayClusterSpec; the RayCluster a RayJob makes
-# is named after the RayJob plus a random suffix.
-GENERATED_CLUSTER = "rllib-gaze-suite-x7k2p"
-
-
-def _operator_secret(cluster: dict) -> str | None:
-    """The Secret whose token the operator's dashboard client sends, None for none (utils/util.go,
-    GetRayDashboardClientFunc: only under authOptions.mode token; authOptions.secretName, else a Secret of
-    its own named after the RayCluster, which it creates: raycluster_controller.go, reconcileAuthSecret)."""
-    auth = cluster.get("authOptions") or {}
-    if auth.get("mode") != "token":
-        return None
-    return auth.get("secretName") or GENERATED_CLUSTER
-
-
-def _container_secret(container: dict, cluster: dict) -> str | None:
-    """The Secret a Ray container's RAY_AUTH_TOKEN comes from: the container's own entry, else the one the
-    operator adds under authOptions (common/pod.go, SetContainerTokenAuthEnvVars: only where none is)."""
-    env = {e["name"]: e for e in container.get("env", [])}
-    if "RAY_AUTH_TOKEN" in env:
-        return env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
-    return _operator_secret(cluster)
+def _container_secret(container: dict, cluster: dict) -> str:
+    """The Secret a Ray container's RAY_AUTH_TOKEN comes from once the operator has added its entries."""
+    return effective(with_token_env(container.get("env", []), cluster))["RAY_AUTH_TOKEN"]["valueFrom"][
+        "secretKeyRef"]["name"]
 
 
 def _operator_get_job_info(address: str, submission_id: str, token: str | None) -> tuple[int, dict | str]:
@@ -136,7 +128,7 @@ def test_the_operator_reads_the_jobs_status_with_the_token_the_rayjob_gives_it(t
     cluster = _rayjob()["spec"]["rayClusterSpec"]
     head_container = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert _container_secret(head_container, cluster) == "rllib-gaze-ray-token"
-    namespace = {"rllib-gaze-ray-token": token_head.token, GENERATED_CLUSTER: secrets.token_hex(16)}
+    namespace = {"rllib-gaze-ray-token": token_head.token, RAYJOB_CLUSTER: secrets.token_hex(16)}
 
     # The submitter pod's `ray job submit --submission-id $RAY_JOB_SUBMISSION_ID`, with the token.
     submission_id = f"rllib-gaze-suite-{secrets.token_hex(4)}"
@@ -144,7 +136,7 @@ def test_the_operator_reads_the_jobs_status_with_the_token_the_rayjob_gives_it(t
                              "--no-wait").returncode == 0, 180, "a job submitted with the token")
 
     # The operator's polls, with what the file gives it, until the job is terminal (IsJobTerminal).
-    secret = _operator_secret(cluster)
+    secret = operator_secret(cluster)
     token = namespace.get(secret) if secret else None
 
     def terminal():
@@ -157,7 +149,7 @@ def test_the_operator_reads_the_jobs_status_with_the_token_the_rayjob_gives_it(t
 
     # What Ray answers an operator without the token (no authOptions) or with its own Secret's (no secretName).
     assert _operator_get_job_info(token_head.address, submission_id, None)[0] == 401
-    assert _operator_get_job_info(token_head.address, submission_id, namespace[GENERATED_CLUSTER])[0] == 403
+    assert _operator_get_job_info(token_head.address, submission_id, namespace[RAYJOB_CLUSTER])[0] == 403
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
@@ -179,17 +171,43 @@ def test_kuberay_gives_every_ray_process_the_submitter_and_the_operator_the_toke
     # The operator sends a token on its own job-status polls only under authOptions.mode token, and the one of
     # our Secret only where secretName names it (the loopback test above tries both).
     assert cluster["authOptions"] == {"mode": "token", "secretName": "rllib-gaze-ray-token"}
-    submitter = job["submitterPodTemplate"]["spec"]
-    envs = {"autoscaler": cluster["autoscalerOptions"]["env"],
-            "submitter": submitter["containers"][0]["env"],
-            "head": cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
-    for group in cluster["workerGroupSpecs"]:
-        envs[group["groupName"]] = group["template"]["spec"]["containers"][0]["env"]
+    head = head_pod(cluster)
+    envs = {"submitter": submitter(job)["env"]}
+    envs.update({c["name"]: c["env"] for c in head["containers"]})  # ray-head and the autoscaler sidecar
+    envs.update({group: pod["containers"][0]["env"] for group, pod in worker_pods(cluster).items()})
+    assert "autoscaler" in envs and len(envs) == 4
     secret = {"name": "rllib-gaze-ray-token", "key": "auth_token"}
     for who, env in envs.items():
-        by_name = {e["name"]: e for e in env}
+        assert not duplicates(env), (who, duplicates(env))  # the API server warns about each one
+        by_name = effective(env)
         assert by_name["RAY_AUTH_MODE"]["value"] == "token", who
         assert by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret, who
     # KubeRay fills in `ray job submit` only where the template gives no command; a Job's pod must not restart
-    assert "command" not in submitter["containers"][0] and submitter["restartPolicy"] == "Never"
+    assert "command" not in job["submitterPodTemplate"]["spec"]["containers"][0]
+    assert job["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
     assert "kubectl create secret generic rllib-gaze-ray-token --from-literal=auth_token=" in text
+
+
+def test_an_autoscaler_env_block_would_repeat_the_operators_entries():
+    # why the file has no autoscalerOptions.env: the operator appends it after its own entries
+    cluster = yaml.safe_load(open(os.path.join(ROOT, "cluster", "kuberay-rayjob.yaml")))["spec"]["rayClusterSpec"]
+    with_block = {**cluster, "autoscalerOptions": {"env": with_token_env([], cluster)}}
+    (sidecar,) = [c for c in head_pod(with_block)["containers"] if c["name"] == "autoscaler"]
+    assert duplicates(sidecar["env"]) == ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN"]
+
+
+def test_on_operator_1_5_1_every_pod_and_the_poll_share_the_operators_own_token():
+    # what docs/cluster.md says of 1.5.1-1.5.2 (where the CRD drops secretName): the appended entries come last
+    cluster = yaml.safe_load(open(os.path.join(ROOT, "cluster", "kuberay-rayjob.yaml")))["spec"]["rayClusterSpec"]
+    old = {**cluster, "authOptions": {"mode": "token"}}
+    head = head_pod(old, version=(1, 5, 1))
+    tokens = {c["name"]: effective(c["env"])["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+              for c in head["containers"]}
+    assert set(tokens.values()) == {operator_secret(old)} == {RAYJOB_CLUSTER}
+    # with the autoscaler env block this file had before, the autoscaler alone held our Secret's token
+    old["autoscalerOptions"] = {"env": [{"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "rllib-gaze-ray-token", "key": "auth_token"}}}]}
+    (sidecar,) = [c for c in head_pod(old, version=(1, 5, 1))["containers"] if c["name"] == "autoscaler"]
+    assert effective(sidecar["env"])["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "rllib-gaze-ray-token"
+    doc = " ".join(open(os.path.join(ROOT, "docs", "cluster.md")).read().split())
+    assert "| 1.5.1 - 1.5.2 |" in doc and "so the poll succeeds" in doc and "What breaks there is the autoscaler" in doc

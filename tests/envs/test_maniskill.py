@@ -78,23 +78,6 @@ def test_missing_vulkan_fails_the_node_check_saying_how_to_install_it():
     assert "Mesa >= 24.3 lavapipe" in proc.stderr and "NVIDIA" in proc.stderr
 
 
-def test_a_physx_gpu_library_that_will_not_load_is_named_with_the_way_to_provide_it(tmp_path):
-    # SAPIEN looks for its PhysX GPU library under ~/.sapien and downloads it when absent; an empty
-    # file there fails to load (with or without a GPU) and needs no network. In a subprocess, since
-    # a loaded library stays loaded.
-    import sapien.physx
-
-    folder = tmp_path / ".sapien" / "physx" / sapien.physx.version()
-    folder.mkdir(parents=True)
-    (folder / "libPhysXGpu_64.so").write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-c", "from rllib_gaze.envs.maniskill import enable_physx_gpu; "
-                                                 "enable_physx_gpu()"],
-                          env={**os.environ, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert f"PhysX GPU library in ~/.sapien/physx/{sapien.physx.version()}" in proc.stderr
-    assert "linux-so.zip" in proc.stderr and "sim_backend='physx_cpu'" in proc.stderr
-
-
 def test_node_check_renders_here():
     assert check_rendering("physx_cpu") == "ManiSkill renders PushCube-v1 here with physx_cpu"
 
