@@ -92,17 +92,19 @@ def call(improvement: Estimate) -> str:
 
 def performance_profiles(scores: dict[str, np.ndarray], reps: int = REPS) -> tuple[dict, dict]:
     """Per arm, the fraction of runs (all tasks) scoring above each of ``TAUS``, and its 95% band."""
-    from rliable import library
-
-    return _interval_estimates(scores, lambda s: library.score_distributions(s, TAUS), reps)
+    # rliable's score_distributions (the share of all runs above each tau) as one comparison per
+    # resample rather than its np.vectorize loop over the taus: the same values
+    return _interval_estimates(scores, lambda s: (s.reshape(-1, 1) > TAUS).mean(0), reps)
 
 
 def iqm_curves(scores: dict[str, np.ndarray], reps: int = REPS) -> tuple[dict, dict]:
     """Per arm, the IQM at each evaluation of ``scores (runs, tasks, evaluations)`` and its 95% band."""
-    from rliable import metrics
+    from scipy import stats
 
+    # rliable's aggregate_iqm (scipy's trim_mean of 25% over all runs and tasks) at every evaluation in
+    # one call per resample: the same values as one call per evaluation, at a fraction of the cost
     return _interval_estimates(
-        scores, lambda s: np.array([metrics.aggregate_iqm(s[..., i]) for i in range(s.shape[-1])]), reps)
+        scores, lambda s: stats.trim_mean(s.reshape(-1, s.shape[-1]), proportiontocut=0.25, axis=0), reps)
 
 
 def plot_profiles(scores_by_metric: dict[str, dict[str, np.ndarray]], path: str, reps: int = REPS) -> None:

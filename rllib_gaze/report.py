@@ -31,6 +31,7 @@ Works on partial results: running or failed trials count with the points they ha
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -143,6 +144,7 @@ def verdict(interval: tuple[float, float]) -> str:
     return "win" if low > 1.0 else "loss" if high < 1.0 else "-"
 
 
+@functools.lru_cache(maxsize=None)   # the bootstrap asks for the same few n tens of thousands of times
 def _t95(n: int) -> float:
     from scipy import stats
 

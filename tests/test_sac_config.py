@@ -10,6 +10,7 @@ from ray.rllib.algorithms.sac import SACConfig
 from ray.tune.registry import get_trainable_cls
 
 from rllib_gaze import ARMS, GazePPOConfig, GazeSAC, GazeSACConfig
+from rllib_gaze.config import GazeConfigMixin
 from rllib_gaze.gaze import GAZE_DEFAULTS
 from rllib_gaze.sac_config import REPLAY_CAPACITY
 from rllib_gaze.sac_learner import GazeSACLearner
@@ -28,7 +29,9 @@ def test_defaults_mirror_sac_rgbd():
 
 
 def test_the_gaze_section_is_shared_with_ppo_not_copied():
-    assert GazeSACConfig.gaze is GazePPOConfig.gaze and GazeSACConfig.training is GazePPOConfig.training
+    # one .gaze() and one adam_eps for both; PPO's training() adds only its own values_from_sampling
+    assert GazeSACConfig.gaze is GazePPOConfig.gaze and GazeSACConfig.training is GazeConfigMixin.training
+    assert GazePPOConfig().training(adam_eps=3e-5).adam_eps == 3e-5 and GazeConfigMixin in GazePPOConfig.__mro__
     c = GazeSACConfig()
     assert {key: getattr(c, key) for key in GAZE_DEFAULTS} == GAZE_DEFAULTS
     assert {key: c.model_config[key] for key in GAZE_DEFAULTS} == {**GAZE_DEFAULTS, "gaze_rl_gradient": False}
