@@ -119,17 +119,10 @@ class RowBank:
         return self.maps, self.keys, self.returns
 
 
-def episode_chunks(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's episode chunk and its step within it, ``(N,)`` int64 each, in a train batch laid out
-    as RLlib's learner connector lays it (each chunk's rows in order, then one extra row with
-    ``loss_mask (N,)`` False, which counts as its chunk's last row)."""
-    return chunk_steps(~loss_mask.bool())
-
-
 def chunk_steps(ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's episode chunk and its step within it, ``(N,)`` int64 each, in a train batch of chunks
-    laid end to end, ``ends (N,)`` bool marking each chunk's last row (in RLlib's layout the extra row:
-    ``episode_chunks``; with ``values_from_sampling`` the terminated or truncated row)."""
+    laid end to end, ``ends (N,)`` bool marking each chunk's last row (in RLlib's layout the extra row,
+    loss mask False; with ``values_from_sampling`` the terminated or truncated row)."""
     ends = ends.bool()
     chunk = torch.cumsum(ends.long(), 0) - ends.long()                  # an end row closes its chunk
     starts = torch.cat([ends.new_zeros(1, dtype=torch.long), ends.nonzero().squeeze(1) + 1])

@@ -61,7 +61,7 @@ CONTRASTIVE_MEMORY = "contrastive_memory"
 # Name of the gaze's own optimizer (when .gaze(gaze_lr=...) is set).
 GAZE_OPTIMIZER = "gaze"
 # Train-batch columns of each row's episode chunk and step within it (mining="episode"; the
-# algorithm's learner adds them, ``rllib_gaze.contrastive.episode_chunks``).
+# algorithm's learner adds them, ``rllib_gaze.contrastive.chunk_steps``).
 EPISODE_CHUNK = "contrastive_episode_chunk"
 EPISODE_STEP = "contrastive_episode_step"
 

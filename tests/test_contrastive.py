@@ -4,7 +4,7 @@ import torch
 from rllib_gaze.contrastive import (
     FeatureReturnMemory,
     attended_cosine,
-    episode_chunks,
+    chunk_steps,
     gaze_similarity,
     gaze_triplet_loss,
     glimpse_cosine,
@@ -478,10 +478,10 @@ def test_label_agreement_counts_only_anchors_that_have_a_neighbour():
     assert torch.isnan(none.label_agreement)
 
 
-def test_episode_chunks_number_the_chunks_and_their_steps():
+def test_chunk_steps_number_the_chunks_and_their_steps_in_rllibs_layout():
     # two chunks of 3 and 2 steps, each closed by RLlib's extra (loss-masked) row
     mask = torch.tensor([True, True, True, False, True, True, False])
-    chunk, step = episode_chunks(mask)
+    chunk, step = chunk_steps(~mask)
     assert chunk.tolist() == [0, 0, 0, 0, 1, 1, 1] and step.tolist() == [0, 1, 2, 3, 0, 1, 2]
 
 
