@@ -51,8 +51,10 @@ from rllib_gaze.config import GazePPOConfig
 from rllib_gaze.contrastive import (
     NEIGHBOURS,
     FeatureReturnMemory,
+    MinedRows,
     discounted_return_to_go,
     gaze_triplet_loss,
+    mine_rows,
     mine_triplets,
 )
 from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze
@@ -385,25 +387,40 @@ def parts(args: argparse.Namespace) -> None:
                                      margin=config.contrastive_margin, mean_map=mean_map)
         loss.backward()
 
+    # mining_neighbours="per_update": a later epoch reads its anchors' rows of the update's cache
+    rows = torch.randperm(args.minibatch, generator=gen, device=args.device)[:args.anchors]
+    mined = mine_rows(anchors, anchor_returns, memory, k=args.k, threshold=0.0)
+    cache = {name: getattr(mined, name).repeat(args.minibatch // args.anchors + 1)[:args.minibatch]
+             for name in ("positive", "negative", "valid", "agrees", "has_neighbour")}
+    searched = torch.ones(args.anchors, dtype=torch.bool, device=args.device)
+
     steps = {
         "neighbour search + triplet selection": lambda: mine_triplets(anchors, anchor_returns, memory, k=args.k,
                                                                       threshold=0.0),
+        "the same, fixed-size (the learner's mine_rows)": lambda: mine_rows(anchors, anchor_returns, memory,
+                                                                            k=args.k, threshold=0.0),
+        "cached neighbours (mining_neighbours='per_update', later epochs)": lambda: MinedRows.of_rows(
+            *(cache[name][rows] for name in ("positive", "negative", "valid")), searched,
+            *(cache[name][rows] for name in ("agrees", "has_neighbour"))),
         "gaze + triplet loss, forward and backward": loss_forward_backward,
         f"memory push of {args.minibatch} rows (once per iteration per {args.minibatch} rows)":
             lambda: memory.push(minibatch, returns),
     }
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"contrastive path per minibatch, arm {args.arm} ({config.contrastive_similarity} similarity, "
           f"{config.contrastive_triplet_gaze} gaze): {args.anchors} anchors ({triplets.anchor.numel()} triplets), "
-          f"memory {args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, median of {args.repeats}")
-    for name, step in steps.items():
-        times = []
-        for _ in range(args.repeats + 1):
+          f"memory {args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, {args.clock} clock, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats} (steps interleaved round by round)")
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats + 1):
+        for name, step in steps.items():
             _sync(args.device)
-            start = time.perf_counter()
+            start = clock()
             step()
             _sync(args.device)
-            times.append(time.perf_counter() - start)
-        print(f"  {name:60s} {1e3 * statistics.median(times[1:]):8.2f} ms", flush=True)
+            times[name].append(clock() - start)
+    for name, taken in times.items():
+        print(f"  {name:66s} {1e3 * statistics.median(taken[1:]):8.2f} ms", flush=True)
 
 
 class ZeroCostEnv:
@@ -763,6 +780,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anchors", type=int, default=128)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall-clock time, or this process's CPU time (less sensitive to a loaded machine)")
     p.set_defaults(func=parts)
 
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
