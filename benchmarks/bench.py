@@ -19,6 +19,8 @@ memory already full (its steady state). ``sac-overhead`` does the same for the r
 host syncs of each piece (PPO's forward, loss, backward and optimizer step; the gaze's metrics; the
 contrastive path's staging, mining, neighbour search, similarity and loss, gradient norms, the gaze's
 own optimizer step; the end of the update), per minibatch and per update, and times each piece.
+With ``--neighbours per_minibatch per_update`` both run the ``gaze`` arm once per setting of
+``mining_neighbours``, side by side (``gaze@per_update``: the first epoch's neighbours reused).
 ``mining`` times the exact neighbour search + triplet selection against memories of growing size;
 ``parts`` times each step of the contrastive path alone, with an arm's gaze and triplet loss.
 ``envs`` compares env-steps/s of a bare loop, RLlib's stock ``SingleAgentEnvRunner`` and our
@@ -46,7 +48,15 @@ from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.arms import ARMS, SAC_ARMS
 from rllib_gaze.config import GazePPOConfig
-from rllib_gaze.contrastive import FeatureReturnMemory, discounted_return_to_go, gaze_triplet_loss, mine_triplets
+from rllib_gaze.contrastive import (
+    NEIGHBOURS,
+    FeatureReturnMemory,
+    MinedRows,
+    discounted_return_to_go,
+    gaze_triplet_loss,
+    mine_rows,
+    mine_triplets,
+)
 from rllib_gaze.gaze import GAZE_DEFAULTS, build_gaze
 from rllib_gaze.profiling import OpCounter
 
@@ -79,8 +89,23 @@ def _synthetic_batch(n: int, image: int, state_dim: int, act_dim: int, seed: int
     }, device=device))
 
 
+def _with_neighbours(arms: tuple[str, ...], args: argparse.Namespace) -> tuple[str, ...]:
+    """``arms`` with the ``gaze`` arm once per ``--neighbours`` value (``gaze@per_update``, ...), when given."""
+    values = getattr(args, "neighbours", None)
+    if not values:
+        return arms
+    return tuple(name for arm in arms for name in ([f"{arm}@{v}" for v in values] if arm == "gaze" else [arm]))
+
+
+def _arm_settings(arm: str) -> dict:
+    """``.gaze()`` settings of an arm name, ``arm@neighbours`` setting ``mining_neighbours`` too."""
+    base, _, neighbours = arm.partition("@")
+    return {**ARMS[base], **({"mining_neighbours": neighbours} if neighbours else {})}
+
+
 def _ppo_learners(args: argparse.Namespace, arms) -> tuple[dict, SampleBatch]:
-    """The real GazePPOLearner of each arm and one synthetic train batch, at ``args``' shapes."""
+    """The real GazePPOLearner of each arm (``_arm_settings``) and one synthetic train batch, at
+    ``args``' shapes."""
     obs_space = gym.spaces.Dict({
         "rgb": gym.spaces.Box(0, 255, (args.image, args.image, 3), np.uint8),
         "state": gym.spaces.Box(-np.inf, np.inf, (args.state_dim,), np.float32),
@@ -94,23 +119,26 @@ def _ppo_learners(args: argparse.Namespace, arms) -> tuple[dict, SampleBatch]:
                   .learners(num_gpus_per_learner=1 if args.device.startswith("cuda") else 0)
                   .training(train_batch_size_per_learner=args.batch, minibatch_size=args.minibatch,
                             num_epochs=args.epochs)
-                  .gaze(**ARMS[arm], contrastive_memory_capacity=args.memory)
+                  .gaze(**_arm_settings(arm), contrastive_memory_capacity=args.memory)
                   .debugging(seed=0))
         learners[arm] = config.build_learner()
     return learners, batch
 
 
 def overhead(args: argparse.Namespace) -> None:
-    learners, batch = _ppo_learners(args, BENCH_ARMS)
+    arms = _with_neighbours(BENCH_ARMS, args)
+    learners, batch = _ppo_learners(args, arms)
     timesteps = {"num_env_steps_sampled_lifetime": args.batch}
 
-    def update(arm: str) -> float:
+    def update(arm: str, epochs: int = args.epochs) -> float:
         return _timed(args.device, lambda: learners[arm].update(
-            batch=batch.copy(), num_epochs=args.epochs, minibatch_size=args.minibatch, timesteps=timesteps))
+            batch=batch.copy(), num_epochs=epochs, minibatch_size=args.minibatch, timesteps=timesteps))
 
-    _compare(update, BENCH_ARMS, "ppo", learners["gaze"], args,
-             f"learner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
-             f"rgb {args.image}x{args.image} + state {args.state_dim}")
+    gaze = next(arm for arm in arms if arm.startswith("gaze@")) if args.neighbours else "gaze"
+    heading = (f"learner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, "
+               f"rgb {args.image}x{args.image} + state {args.state_dim}")
+    # the memory takes each row once per update, whatever the epochs: fill it with one-epoch updates
+    _compare(update, arms, "ppo", learners[gaze], args, heading, fill=lambda arm: update(arm, epochs=1))
 
 
 def _timed(device: str, work) -> float:
@@ -122,11 +150,13 @@ def _timed(device: str, work) -> float:
     return time.perf_counter() - start
 
 
-def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace, heading: str) -> None:
+def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace, heading: str,
+             fill=None) -> None:
     """Times ``update(arm)`` per arm, the arms interleaved round by round (noise hits all alike),
-    after warming every arm up until ``gaze_learner``'s contrastive memory is full (its steady
-    state), and prints each arm's median and its ratios to ``baseline``'s."""
-    memory = _fill_memory(update, arms, gaze_learner)
+    after warming every arm up with ``fill(arm)`` (default ``update``) until ``gaze_learner``'s
+    contrastive memory is full (its steady state), and prints each arm's median and its ratios to
+    ``baseline``'s."""
+    memory = _fill_memory(fill or update, arms, gaze_learner)
     times = {arm: [] for arm in arms}
     for round_ in range(args.repeats):
         for arm in arms:
@@ -140,7 +170,7 @@ def _compare(update, arms, baseline: str, gaze_learner, args: argparse.Namespace
     for arm, arm_times in times.items():
         med = statistics.median(arm_times)
         paired = statistics.median(t / b for t, b in zip(arm_times, times[baseline]))
-        print(f"  {arm:8s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
+        print(f"  {arm:18s} {med:8.3f} s   ratio of medians {med / base:.3f}   median of per-round ratios {paired:.3f}")
 
 
 def _fill_memory(update, arms, gaze_learner) -> FeatureReturnMemory:
@@ -166,6 +196,7 @@ PROFILE_SECTIONS = (
     ("rllib_gaze.contrastive_learner", "mine_rows", "contrastive: labels and selection"),
     ("rllib_gaze.contrastive_learner", "mine_triplets", "contrastive: labels and selection"),  # before issue 22
     ("rllib_gaze.contrastive", "nearest_neighbours", "contrastive: neighbour search"),
+    ("learner", "_cached_neighbours", "contrastive: cached neighbours (per_update)"),
     ("rllib_gaze.contrastive_learner", "gaze_triplet_loss", "contrastive: similarity and loss"),
     ("rllib_gaze.contrastive_learner", "fixation_targets", "contrastive: fixation search"),
     ("learner", "_contrastive_loss", "contrastive: metrics"),
@@ -210,15 +241,15 @@ def _profiled(learner, counter: OpCounter):
 
 def profile(args: argparse.Namespace) -> None:
     """Op counts, host syncs and times of each piece of one learner update, per arm."""
-    arms = ("ppo", "gaze-rl", "gaze")
+    arms = _with_neighbours(("ppo", "gaze-rl", "gaze"), args)
     learners, batch = _ppo_learners(args, arms)
     timesteps = {"num_env_steps_sampled_lifetime": args.batch}
 
-    def update(arm: str) -> None:
-        learners[arm].update(batch=batch.copy(), num_epochs=args.epochs, minibatch_size=args.minibatch,
+    def update(arm: str, epochs: int = args.epochs) -> None:
+        learners[arm].update(batch=batch.copy(), num_epochs=epochs, minibatch_size=args.minibatch,
                              timesteps=timesteps)
 
-    _fill_memory(update, arms, learners["gaze"])
+    _fill_memory(lambda arm: update(arm, epochs=1), arms, learners[arms[-1]])   # one epoch fills it as well
     print(f"one learner update, {args.batch} rows x {args.epochs} epoch(s), minibatch {args.minibatch}, rgb "
           f"{args.image}x{args.image} + state {args.state_dim}, memory full, device {args.device}, torch threads "
           f"{torch.get_num_threads()}. ops: aten operations dispatched (forward and backward); syncs: host "
@@ -356,25 +387,40 @@ def parts(args: argparse.Namespace) -> None:
                                      margin=config.contrastive_margin, mean_map=mean_map)
         loss.backward()
 
+    # mining_neighbours="per_update": a later epoch reads its anchors' rows of the update's cache
+    rows = torch.randperm(args.minibatch, generator=gen, device=args.device)[:args.anchors]
+    mined = mine_rows(anchors, anchor_returns, memory, k=args.k, threshold=0.0)
+    cache = {name: getattr(mined, name).repeat(args.minibatch // args.anchors + 1)[:args.minibatch]
+             for name in ("positive", "negative", "valid", "agrees", "has_neighbour")}
+    searched = torch.ones(args.anchors, dtype=torch.bool, device=args.device)
+
     steps = {
         "neighbour search + triplet selection": lambda: mine_triplets(anchors, anchor_returns, memory, k=args.k,
                                                                       threshold=0.0),
+        "the same, fixed-size (the learner's mine_rows)": lambda: mine_rows(anchors, anchor_returns, memory,
+                                                                            k=args.k, threshold=0.0),
+        "cached neighbours (mining_neighbours='per_update', later epochs)": lambda: MinedRows.of_rows(
+            *(cache[name][rows] for name in ("positive", "negative", "valid")), searched,
+            *(cache[name][rows] for name in ("agrees", "has_neighbour"))),
         "gaze + triplet loss, forward and backward": loss_forward_backward,
         f"memory push of {args.minibatch} rows (once per iteration per {args.minibatch} rows)":
             lambda: memory.push(minibatch, returns),
     }
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"contrastive path per minibatch, arm {args.arm} ({config.contrastive_similarity} similarity, "
           f"{config.contrastive_triplet_gaze} gaze): {args.anchors} anchors ({triplets.anchor.numel()} triplets), "
-          f"memory {args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, median of {args.repeats}")
-    for name, step in steps.items():
-        times = []
-        for _ in range(args.repeats + 1):
+          f"memory {args.memory} rows, map {shape}, pool {args.pool}, device {args.device}, {args.clock} clock, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats} (steps interleaved round by round)")
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats + 1):
+        for name, step in steps.items():
             _sync(args.device)
-            start = time.perf_counter()
+            start = clock()
             step()
             _sync(args.device)
-            times.append(time.perf_counter() - start)
-        print(f"  {name:60s} {1e3 * statistics.median(times[1:]):8.2f} ms", flush=True)
+            times[name].append(clock() - start)
+    for name, taken in times.items():
+        print(f"  {name:66s} {1e3 * statistics.median(taken[1:]):8.2f} ms", flush=True)
 
 
 class ZeroCostEnv:
@@ -643,6 +689,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--minibatch", type=int, default=800, help="ppo_rgb: 800")
         p.add_argument("--epochs", type=int, default=1, help="ppo_rgb: 4")
         p.add_argument("--memory", type=int, default=8192, help="contrastive memory rows (GazePPOConfig: 8192)")
+        p.add_argument("--neighbours", nargs="+", choices=NEIGHBOURS,
+                       help="the gaze arm once per mining_neighbours value (e.g. both, side by side); default: "
+                            "GazePPOConfig's")
 
     p = sub.add_parser("overhead", help="learner update time: gaze + contrastive vs plain PPO")
     ppo_update_arguments(p)
@@ -731,6 +780,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anchors", type=int, default=128)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall-clock time, or this process's CPU time (less sensitive to a loaded machine)")
     p.set_defaults(func=parts)
 
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

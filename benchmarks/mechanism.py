@@ -40,6 +40,14 @@ Training runs ``--steps`` gaze updates (default 1,500, what a 98,304-step suite 
 gives the gaze: 96 iterations x 4 epochs x 4 minibatches); ``--triplet-gaze`` sets the paper's loss's
 gaze: ``anchor`` (the anchor's gaze weighs all three maps) or ``each`` (a gaze per member).
 
+By default each step draws its own anchors and the memory takes them after the step. With
+``--epochs E --minibatches M --minibatch-rows R`` steps run as the learner's updates do: an update
+draws ``M x R`` rows, each epoch splits them (shuffled after the first) into ``M`` minibatches, each
+minibatch trains on ``anchors`` of its rows, and the memory takes the update's rows after it;
+``--neighbours per_update`` then searches neighbours only in the first epoch and reuses them in the
+later ones (``.gaze(mining_neighbours=...)``). The maps are fixed (no encoder trains here), so this
+bench sees what reuse changes in which rows serve as anchors, not the encoder's drift within an update.
+
 Objectives (``--objectives``): ``triplet`` (the paper's: triplet loss on glimpses under the
 anchor's gaze), ``fixation`` (ours: the centre regressed onto the fixation search's cell,
 ``rllib_gaze.contrastive.fixation_targets``), ``fixation+triplet`` (both).
@@ -64,6 +72,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rllib_gaze.contrastive import (  # noqa: E402
+    NEIGHBOURS,
     OBJECTIVES,
     TRIPLET_GAZES,
     FeatureReturnMemory,
@@ -357,12 +366,16 @@ def localisation_ratio(centres: torch.Tensor, places: torch.Tensor) -> float:
 def train(source: str, objective: str, *, labels: str = "step", steps: int = STEPS, anchors: int = 256,
           capacity: int = 4096, k: int = 16, margin: float = 0.2, lr: float = 1e-3, seed: int = 0,
           episodes: int = 64, log_every: int = 50, pools: tuple[int, ...] = (1,),
-          checkpoint: str | None = None, mining: str = "all", gap: int = 0, triplet_gaze: str = "anchor") -> Run:
+          checkpoint: str | None = None, mining: str = "all", gap: int = 0, triplet_gaze: str = "anchor",
+          epochs: int = 1, minibatches: int = 1, minibatch_rows: int | None = None,
+          neighbours: str = "per_minibatch") -> Run:
     """Train a fresh foveal gaze (the project's defaults) on ``source`` with ``objective``; a
     recorded source is encoded by ``checkpoint``'s module (default: a freshly initialised one) and
     mined across episodes or, with ``mining="episode"``, within each anchor's own episode, and
     with ``gap`` only from rows at least that many steps from the anchor's. ``triplet_gaze``: the
-    triplet loss's gaze (``TRIPLET_GAZES``)."""
+    triplet loss's gaze (``TRIPLET_GAZES``). ``epochs``, ``minibatches``, ``minibatch_rows``
+    (default ``anchors``) and ``neighbours`` (``NEIGHBOURS``): the learner's updates (module
+    docstring); the defaults give one step per update, all of its rows anchors."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: allowed values are {OBJECTIVES}")
     if triplet_gaze not in TRIPLET_GAZES:
@@ -375,6 +388,12 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = STE
         raise ValueError(f"mining={mining!r}: allowed values are {MINING} ('episode' for recorded sources only)")
     if gap < 0 or (gap and source in SYNTHETIC):
         raise ValueError(f"gap={gap!r}: must be >= 0 (and 0 for synthetic sources, which have no steps)")
+    minibatch_rows = anchors if minibatch_rows is None else minibatch_rows
+    if epochs < 1 or minibatches < 1 or minibatch_rows < anchors:
+        raise ValueError(f"epochs={epochs!r}, minibatches={minibatches!r}: must be >= 1; minibatch_rows="
+                         f"{minibatch_rows!r}: must be >= anchors ({anchors})")
+    if neighbours not in NEIGHBOURS:
+        raise ValueError(f"neighbours={neighbours!r}: allowed values are {NEIGHBOURS}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if source in SYNTHETIC:
@@ -401,33 +420,64 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = STE
 
     threshold, mean_map = label_stats()   # a recorded source's memory never changes
     log_steps, ratios, agreements, valid = [0], [ratio()], [], []
-    for step in range(1, steps + 1):
-        batch = draw(anchors)
-        groups = None if mining == "all" else (batch.groups, bank.groups)
-        apart = (batch.steps, bank.steps, gap) if gap else None
-        triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold, groups=groups,
-                                 apart=apart)
-        agreements.append(triplets.label_agreement)
-        valid.append(triplets.valid_fraction)
-        if triplets.anchor.numel():
-            a = batch.maps[triplets.anchor]
-            p, n = memory.maps[triplets.positive], memory.maps[triplets.negative]
-            loss = a.new_zeros(())
-            if objective != "fixation":
-                loss = loss + gaze_triplet_loss(gaze.attention_map, a, p, n, similarity="glimpse",
-                                                triplet_gaze=triplet_gaze, margin=margin, mean_map=mean_map)[0]
-            if objective != "triplet":
-                centres, _ = fixation_targets(a - mean_map, p - mean_map, n - mean_map, pools)
-                loss = loss + fixation_loss(gaze.attention_map(a)[1], centres)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+
+    def anchors_of(rows: int):
+        """Each step's anchors, rows of an update of ``rows`` rows, and whether they reuse the
+        neighbours found for them earlier in the update (``neighbours="per_update"``, epochs > 1)."""
+        searched = torch.zeros(rows, dtype=torch.bool)
+        for epoch in range(epochs):
+            order = torch.arange(rows) if epoch == 0 else torch.randperm(rows, generator=gen)
+            for m in range(minibatches):
+                idx = order[m * minibatch_rows:(m + 1) * minibatch_rows]
+                if neighbours == "per_update" and epoch > 0:   # the rows searched earlier, a random draw of them
+                    seen = idx[searched[idx]]
+                    yield seen[torch.randperm(len(seen), generator=gen)[:anchors]], True
+                    continue
+                picked = idx if len(idx) <= anchors else idx[torch.randperm(len(idx), generator=gen)[:anchors]]
+                searched[picked] = True
+                yield picked, False
+
+    step = 0
+    while step < steps:
+        update = draw(minibatches * minibatch_rows)
+        found = torch.full((len(update.maps), 2), -1)   # each row's positive and negative (-1: no triplet)
+        for rows, reuse in anchors_of(len(update.maps)):
+            if step == steps:
+                break
+            step += 1
+            batch = update[rows]
+            if reuse:
+                anchor = (found[rows, 0] >= 0).nonzero().squeeze(1)
+                positive, negative = found[rows[anchor]].unbind(1)
+                valid.append(anchor.numel() / max(len(rows), 1))
+            else:
+                groups = None if mining == "all" else (batch.groups, bank.groups)
+                apart = (batch.steps, bank.steps, gap) if gap else None
+                triplets = mine_triplets(batch.maps, batch.returns, memory, k=k, threshold=threshold,
+                                         groups=groups, apart=apart)
+                agreements.append(triplets.label_agreement)
+                valid.append(triplets.valid_fraction)
+                anchor, positive, negative = triplets.anchor, triplets.positive, triplets.negative
+                found[rows[anchor]] = torch.stack([positive, negative], 1)
+            if anchor.numel():
+                a = batch.maps[anchor]
+                p, n = memory.maps[positive], memory.maps[negative]
+                loss = a.new_zeros(())
+                if objective != "fixation":
+                    loss = loss + gaze_triplet_loss(gaze.attention_map, a, p, n, similarity="glimpse",
+                                                    triplet_gaze=triplet_gaze, margin=margin, mean_map=mean_map)[0]
+                if objective != "triplet":
+                    centres, _ = fixation_targets(a - mean_map, p - mean_map, n - mean_map, pools)
+                    loss = loss + fixation_loss(gaze.attention_map(a)[1], centres)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if step % log_every == 0:
+                log_steps.append(step)
+                ratios.append(ratio())
         if source in SYNTHETIC:   # the learner's order: mined against earlier rows, then pushed
-            memory.push(batch.maps, batch.returns)
+            memory.push(update.maps, update.returns)
             threshold, mean_map = label_stats()
-        if step % log_every == 0:
-            log_steps.append(step)
-            ratios.append(ratio())
     with torch.no_grad():
         sigma = float(gaze.attention_map(probe.maps)[1][:, 2:4].mean())
     centre = nearest_place(probe.places.new_zeros(len(probe.places), 2), probe.places)
@@ -435,6 +485,8 @@ def train(source: str, objective: str, *, labels: str = "step", steps: int = STE
     name = f"triplet ({triplet_gaze})" if objective == "triplet" else f"{objective} {pools}"
     if objective == "fixation+triplet":
         name += f" ({triplet_gaze})"
+    if epochs > 1 or minibatches > 1:
+        name += f", {epochs} x {minibatches} x {minibatch_rows} rows, {neighbours}"
     source = (source + (" (trained)" if checkpoint else "") + (", own episode" if mining == "episode" else "")
               + (f", >= {gap} steps apart" if gap else ""))
     return Run(source, name, labels, log_steps, ratios, float(np.nanmean(agreements)), float(np.mean(valid)), sigma,
@@ -519,6 +571,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", action="store_true",
                         help="no training: where the window vote, the fixation search and a random cell would send "
                              "the gaze on each source (ratio / share within 0.3 of a relevant place)")
+    parser.add_argument("--epochs", type=int, default=1, help="steps run as the learner's updates: epochs per update")
+    parser.add_argument("--minibatches", type=int, default=1, help="minibatches per epoch")
+    parser.add_argument("--minibatch-rows", type=int, default=None,
+                        help="rows per minibatch, of which 256 are anchors (default: 256, all of them)")
+    parser.add_argument("--neighbours", nargs="+", default=["per_minibatch"], choices=NEIGHBOURS,
+                        help="with --epochs > 1: search every minibatch's anchors, or only the first epoch's and "
+                             "reuse them (.gaze(mining_neighbours=...))")
     parser.add_argument("--checkpoint", help="recorded sources: encode with this trained algorithm checkpoint's "
                                              "module (a suite trial's checkpoint_0000NN) instead of a fresh one")
     args = parser.parse_args(argv)
@@ -541,11 +600,12 @@ def main(argv: list[str] | None = None) -> None:
                     (o, tuple(p), t) for o in args.objectives
                     for p in ([[1]] if o == "triplet" else args.pools or [[1], [1, 3]])
                     for t in (["anchor"] if o == "fixation" else args.triplet_gaze)]:
-                for seed in args.seeds:
+                for seed, neighbours in [(s, n) for s in args.seeds for n in args.neighbours]:
                     start = time.perf_counter()
                     run = train(source, objective, labels=labels, steps=args.steps, seed=seed,
                                 episodes=args.episodes, pools=pools, checkpoint=args.checkpoint, mining=mining,
-                                gap=gap, triplet_gaze=triplet_gaze)
+                                gap=gap, triplet_gaze=triplet_gaze, epochs=args.epochs, minibatches=args.minibatches,
+                                minibatch_rows=args.minibatch_rows, neighbours=neighbours)
                     print(f"{source:18s} {labels:7s} {run.objective:24s} seed {seed}: ratio "
                           f"{run.ratios[0]:.2f} -> {run.ratios[-1]:.2f}, agreement {run.agreement:.2f}, "
                           f"sigma {run.sigma:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

@@ -17,7 +17,7 @@ from ray.rllib.utils.annotations import override
 
 from rllib_gaze.augmentation import AUGMENTATIONS
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
-from rllib_gaze.contrastive import LABEL_RULES, MININGS, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
+from rllib_gaze.contrastive import LABEL_RULES, MININGS, NEIGHBOURS, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
 
@@ -70,6 +70,7 @@ class GazeConfigMixin:
         self.mining_centred = False
         self.mining = "memory"
         self.mining_gap = 0
+        self.mining_neighbours = "per_minibatch"
         self.contrastive_memory_checkpoint_mb = 64.0
         # TensorBoard drawings of the gaze (off by default).
         self.gaze_image_interval = 0
@@ -130,6 +131,7 @@ class GazeConfigMixin:
         mining_centred: bool = NotProvided,
         mining: str = NotProvided,
         mining_gap: int = NotProvided,
+        mining_neighbours: str = NotProvided,
         contrastive_memory_checkpoint_mb: float = NotProvided,
         gaze_image_interval: int = NotProvided,
         gaze_image_count: int = NotProvided,
@@ -224,6 +226,13 @@ class GazeConfigMixin:
                 still split at the memory's return threshold). PPO only.
             mining_gap: with ``mining="episode"``, neighbours at least this many steps from the
                 anchor (0: any other step).
+            mining_neighbours: how often an anchor's neighbours are searched (``NEIGHBOURS``):
+                ``"per_minibatch"`` (every minibatch draws its anchors and searches their neighbours)
+                or ``"per_update"`` (only the first epoch's minibatches search; the later epochs' anchors
+                are the rows searched then, with the positive and negative found then: the memory
+                changes only between updates, so what changes is the encoder's drift within an
+                update and that fewer distinct rows serve as anchors). docs/benchmarks.md has the
+                cost and the mechanism bench of both.
             contrastive_memory_checkpoint_mb: checkpoints include the contrastive memory when it
                 holds at most this many MB (0: never); a memory left out refills after a restore
                 within ``contrastive_memory_capacity / train batch`` iterations.
@@ -454,6 +463,8 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"mining={c.mining!r} is not allowed with this algorithm; allowed values are {c.ALLOWED_MININGS}")
     if not isinstance(c.mining_gap, int) or c.mining_gap < 0:
         errors.append(f"mining_gap={c.mining_gap!r} must be an integer >= 0")
+    if c.mining_neighbours not in NEIGHBOURS:
+        errors.append(f"mining_neighbours={c.mining_neighbours!r} is not known; allowed values are {NEIGHBOURS}")
     if not isinstance(c.gaze_image_interval, int) or c.gaze_image_interval < 0:
         errors.append(f"gaze_image_interval={c.gaze_image_interval!r} must be an integer >= 0 (0 = off)")
     if not isinstance(c.gaze_image_count, int) or not 1 <= c.gaze_image_count <= 16:

@@ -24,6 +24,10 @@ SIMILARITIES = ("map", "centred_map", "glimpse")
 TRIPLET_GAZES = ("anchor", "each")
 # Where an anchor's neighbours come from: the memory of earlier updates, or its own episode.
 MININGS = ("memory", "episode")
+# How often an anchor's neighbours are searched: in every minibatch it is drawn in, or once per update
+# (the first epoch's positive and negative, reused by the later epochs: the memory only changes
+# between updates).
+NEIGHBOURS = ("per_minibatch", "per_update")
 
 
 def search_keys(maps: torch.Tensor, pool: int = 1) -> torch.Tensor:
@@ -65,16 +69,18 @@ class FeatureReturnMemory:
         return self.size
 
     @torch.no_grad()
-    def push(self, maps: torch.Tensor, returns: torch.Tensor) -> None:
-        """Add ``maps (N, C, H, W)`` and ``returns (N,)``; the oldest rows make room."""
+    def push(self, maps: torch.Tensor, returns: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Add ``maps (N, C, H, W)`` and ``returns (N,)``; the oldest rows make room. ``keys (N, D')``:
+        their ``search_keys`` with this memory's pool when the caller has them already."""
         maps = maps.detach().to(self.maps)
         returns = returns.detach().reshape(-1).to(self.returns)
         if maps.shape[0] > self.capacity:  # only the newest rows would survive anyway
             maps, returns = maps[-self.capacity:], returns[-self.capacity:]
+            keys = None if keys is None else keys[-self.capacity:]
         n = maps.shape[0]
         idx = (self._next + torch.arange(n, device=self.maps.device)) % self.capacity
         self.maps[idx] = maps
-        self.keys[idx] = search_keys(maps, self.pool)
+        self.keys[idx] = search_keys(maps, self.pool) if keys is None else keys.detach().to(self.keys)
         self.returns[idx] = returns
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
@@ -215,16 +221,30 @@ class MinedRows:
     """Mining's result for every searched anchor, fixed-size so that nothing is read on the host:
     ``positive``/``negative`` ``(A,)`` memory indices (arbitrary where not ``valid``), ``valid (A,)``
     whether the anchor has both among its neighbours, ``searched (A,)`` which anchors count (the
-    others are padding), ``label_agreement ()`` the share of searched anchors with a nearest neighbour
-    whose threshold label equals that neighbour's (NaN when none has one), ``valid_fraction ()`` the
-    share of searched anchors that are valid."""
+    others are padding), ``has_neighbour (A,)`` whether a searched anchor has a nearest neighbour and
+    ``agrees (A,)`` whether its threshold label equals that neighbour's; ``label_agreement ()`` the
+    share of those with a neighbour that agree (NaN when none has one), ``valid_fraction ()`` the share
+    of searched anchors that are valid. ``of_rows`` rebuilds the shares from the per-anchor rows (the
+    learner's cached neighbours, ``mining_neighbours="per_update"``)."""
 
     positive: torch.Tensor
     negative: torch.Tensor
     valid: torch.Tensor
     searched: torch.Tensor
+    agrees: torch.Tensor
+    has_neighbour: torch.Tensor
     label_agreement: torch.Tensor
     valid_fraction: torch.Tensor
+
+    @classmethod
+    def of_rows(cls, positive: torch.Tensor, negative: torch.Tensor, valid: torch.Tensor, searched: torch.Tensor,
+                agrees: torch.Tensor, has_neighbour: torch.Tensor) -> MinedRows:
+        """The per-anchor rows ``(A,)`` each and the shares they give (no host read)."""
+        valid, has_neighbour = valid & searched, has_neighbour & searched
+        return cls(positive=positive, negative=negative, valid=valid, searched=searched, agrees=agrees,
+                   has_neighbour=has_neighbour,
+                   label_agreement=(agrees & has_neighbour).sum() / has_neighbour.sum(),
+                   valid_fraction=valid.sum() / searched.sum().clamp_min(1))
 
 
 @torch.no_grad()
@@ -272,15 +292,8 @@ def mine_rows(anchor_maps: torch.Tensor, anchor_returns: torch.Tensor,
     # neighbour count (groups/apart may exclude every row); NaN when none has.
     agrees = (nbr_returns[:, 0] >= threshold) == (anchor_returns[:, 0] >= threshold)
     has_neighbour = searched & (sims[:, 0] > float("-inf")) if sims.shape[1] else torch.zeros_like(searched)
-    count = searched.sum().clamp_min(1)
-    return MinedRows(
-        positive=nbr.gather(1, first_pos).squeeze(1),
-        negative=nbr.gather(1, first_neg).squeeze(1),
-        valid=valid,
-        searched=searched,
-        label_agreement=(agrees & has_neighbour).sum() / has_neighbour.sum(),
-        valid_fraction=valid.sum() / count,
-    )
+    return MinedRows.of_rows(nbr.gather(1, first_pos).squeeze(1), nbr.gather(1, first_neg).squeeze(1), valid,
+                             searched, agrees, has_neighbour)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from ray.rllib.utils.typing import ModuleID, StateDict
 
 from rllib_gaze.contrastive import (
     FeatureReturnMemory,
+    MinedRows,
     RowBank,
     fixation_loss,
     fixation_targets,
@@ -64,6 +65,9 @@ GAZE_OPTIMIZER = "gaze"
 # algorithm's learner adds them, ``rllib_gaze.contrastive.chunk_steps``).
 EPISODE_CHUNK = "contrastive_episode_chunk"
 EPISODE_STEP = "contrastive_episode_step"
+# Train-batch column of each row's index in the update's batch (mining_neighbours="per_update"): it
+# follows the row into shuffled minibatches, so a later epoch finds the row's cached neighbours.
+ROW_INDEX = "contrastive_row"
 
 
 class ContrastiveGazeLearnerMixin:
@@ -90,6 +94,13 @@ class ContrastiveGazeLearnerMixin:
         self._label_stats: dict[ModuleID, tuple[torch.Tensor | float, torch.Tensor]] = {}
         # keys logged as tensors this update, read on the host together at its end
         self._tensor_metrics: dict[ModuleID, set[str]] = {}
+        # mining_neighbours="per_update": each row's mined neighbours this update (MinedRows' per-row
+        # fields, (N,) each, "cached" marking the rows mined so far), and how many rows the update's
+        # minibatches have held so far (a minibatch that starts after the first epoch reuses them)
+        self._neighbours: dict[ModuleID, dict[str, torch.Tensor]] = {}
+        self._rows_seen: dict[ModuleID, int] = {}
+        # mining="episode": the staged rows concatenated into a bank, with how many staged pieces it holds
+        self._bank: dict[ModuleID, tuple[int, RowBank, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def contrastive_memory(self, module_id: ModuleID) -> FeatureReturnMemory | None:
         """The feature/return memory of ``module_id`` (``None`` before its first rows are in)."""
@@ -125,6 +136,13 @@ class ContrastiveGazeLearnerMixin:
                 rows = int(b[Columns.LOSS_MASK].sum()) if Columns.LOSS_MASK in b else len(b)
                 self._stage_fraction[mid] = min(1.0, config.contrastive_memory_capacity / max(rows, 1))
         self._staged = {mid: [] for mid in batch.policy_batches}
+        self._bank = {}
+        self._neighbours, self._rows_seen = {}, {}
+        for mid, b in batch.policy_batches.items():
+            if mid in self._stage_fraction and self.config.get_config_for_module(mid).mining_neighbours == "per_update":
+                b[ROW_INDEX] = torch.arange(len(b), device=self._device)   # a column: it follows shuffles
+                self._neighbours[mid] = _empty_neighbours(len(b), self._device)
+                self._rows_seen[mid] = 0
         self._first_minibatch = set(batch.policy_batches)  # gradient norms are measured on these
         self._label_stats = {}  # the memory may have been changed from outside since the last update
         return batch
@@ -134,15 +152,27 @@ class ContrastiveGazeLearnerMixin:
         """The triplet loss of one gradient step: stage this minibatch's rows ``(B, C, h, w)`` with
         their detached ``returns (B,)`` for the memory, mine up to ``contrastive_num_anchors`` random
         valid rows against it, and on the first minibatch of an update log the norms of the
-        gradients of ``rl_losses`` (metric key -> loss) and of the triplet loss on the gaze."""
+        gradients of ``rl_losses`` (metric key -> loss) and of the triplet loss on the gaze.
+
+        With ``mining_neighbours="per_update"`` a minibatch that starts after the update's first
+        epoch mines nothing: its anchors are the rows mined earlier in the update (up to
+        ``contrastive_num_anchors`` of them, a random draw), with the neighbours found then."""
         features = fwd_out[PRE_ATTENTION_FEATURES].detach()
         mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None
         chunks = (batch[EPISODE_CHUNK], batch[EPISODE_STEP]) if config.mining == "episode" else None
         self._stage(module_id, features, returns, mask, chunks)
+        rows, reuse = None, False
+        if module_id in self._neighbours:
+            rows = batch[ROW_INDEX]
+            reuse = self._rows_seen[module_id] >= self._neighbours[module_id]["cached"].shape[0]
+            self._rows_seen[module_id] += features.shape[0]
+            if reuse:   # the rows mined earlier first, a random draw of them
+                mask = self._neighbours[module_id]["cached"][rows]
         anchors = _random_rows(mask, features.shape[0], config.contrastive_num_anchors, features.device)
         contrastive = self._contrastive_loss(module_id, config, features[anchors], returns[anchors],
                                              None if mask is None else mask[anchors],
-                                             None if chunks is None else (chunks[0][anchors], chunks[1][anchors]))
+                                             None if chunks is None else (chunks[0][anchors], chunks[1][anchors]),
+                                             rows=None if rows is None else rows[anchors], reuse=reuse)
         if module_id in self._first_minibatch:
             self._first_minibatch.discard(module_id)
             self._log_gaze_gradients(module_id, {**rl_losses, GAZE_GRAD_NORM_CONTRASTIVE_KEY: contrastive})
@@ -163,12 +193,15 @@ class ContrastiveGazeLearnerMixin:
 
     def _contrastive_loss(self, module_id: ModuleID, config: Any, features: torch.Tensor,
                           returns: torch.Tensor, searched: torch.Tensor | None = None,
-                          chunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          chunks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          rows: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
         """Triplet loss on the gaze with anchors ``features (A, C, h, w)`` and their ``returns (A,)``;
         ``searched (A,)``: the anchors that count (default all; the others are padding that keeps
         the shapes fixed). With ``mining="episode"``, ``chunks`` holds the anchors' episode chunk
         and step ``(A,)`` each, and neighbours come from the rows of this update staged so far
-        (this minibatch's included) of the same chunk. Reads nothing on the host."""
+        (this minibatch's included) of the same chunk. ``rows (A,)``: the anchors' rows in the
+        update's batch (``mining_neighbours="per_update"``): their neighbours are cached, or with
+        ``reuse`` read from that cache instead of searched. Reads nothing on the host."""
         memory = self._memories.get(module_id)
         zero = features.new_zeros(())
         metrics = {CONTRASTIVE_LOSS_KEY: zero, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY: 0.0,
@@ -190,13 +223,18 @@ class ContrastiveGazeLearnerMixin:
             groups, apart = (chunks[0], bank_chunks[0]), (chunks[1], bank_chunks[1], max(config.mining_gap, 1))
             centred = False   # the centred keys are the memory's
         bank_maps = bank.filled()[0]
-        mined = mine_rows(
-            features, returns, bank, k=config.contrastive_k, label_rule=config.label_rule,
-            threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
-            centre=self._mean_maps[module_id] if centred else None,
-            bank_keys=self._centred_keys.get(module_id) if centred else None, searched=searched,
-            groups=groups, apart=apart,
-        )
+        if reuse:
+            mined = self._cached_neighbours(module_id, rows, searched)
+        else:
+            mined = mine_rows(
+                features, returns, bank, k=config.contrastive_k, label_rule=config.label_rule,
+                threshold=threshold, relative_gap=config.relative_gap * spread, chunk_size=config.mining_chunk_size,
+                centre=self._mean_maps[module_id] if centred else None,
+                bank_keys=self._centred_keys.get(module_id) if centred else None, searched=searched,
+                groups=groups, apart=apart,
+            )
+            if rows is not None:
+                self._cache_neighbours(module_id, rows, mined)
         valid = mined.valid
         metrics[CONTRASTIVE_RETURN_THRESHOLD_KEY] = threshold
         metrics[CONTRASTIVE_RETURN_SPREAD_KEY] = spread
@@ -238,6 +276,20 @@ class ContrastiveGazeLearnerMixin:
         self._log_gaze_metrics(module_id, metrics)
         return loss
 
+    def _cache_neighbours(self, module_id: ModuleID, rows: torch.Tensor, mined: MinedRows) -> None:
+        """Keep ``mined``'s per-anchor rows for the anchors' ``rows (A,)`` of the update's batch: the
+        searched ones become cached, the padding ones not (no host read)."""
+        cache = self._neighbours[module_id]
+        for name in ("positive", "negative", "valid", "agrees", "has_neighbour"):
+            cache[name][rows] = getattr(mined, name)
+        cache["cached"][rows] = mined.searched
+
+    def _cached_neighbours(self, module_id: ModuleID, rows: torch.Tensor, searched: torch.Tensor) -> MinedRows:
+        """The cached neighbours of the anchors' ``rows (A,)``; ``searched (A,)``: those that count."""
+        cache = self._neighbours[module_id]
+        return MinedRows.of_rows(*(cache[name][rows] for name in ("positive", "negative", "valid")), searched,
+                                 *(cache[name][rows] for name in ("agrees", "has_neighbour")))
+
     def _memory_label_stats(self, module_id: ModuleID, config: Any) -> tuple[torch.Tensor | float, torch.Tensor]:
         """``(threshold, spread)`` of the memory's returns as 0-dim tensors (the threshold is
         ``config.return_threshold`` when set), computed once per update: the memory changes only
@@ -271,13 +323,17 @@ class ContrastiveGazeLearnerMixin:
 
     def _staged_bank(self, module_id: ModuleID, pool: int) -> tuple[RowBank, tuple[torch.Tensor, torch.Tensor]]:
         """This update's staged rows as a bank to mine in, and their episode chunk and step ``(N,)``
-        each (``mining="episode"``). Rows outside the loss mask score as no one's neighbour."""
+        each (``mining="episode"``). Rows outside the loss mask score as no one's neighbour. Built
+        again only when rows were staged since (after the first epoch: once per update)."""
         staged = self._staged[module_id]
+        if module_id in self._bank and self._bank[module_id][0] == len(staged):
+            return self._bank[module_id][1:]
         maps, returns = torch.cat([s[0] for s in staged]), torch.cat([s[1] for s in staged])
         chunk, step, keys = (torch.cat([s[3][i] for s in staged]) for i in range(3))
         if staged[0][2] is not None:
             chunk = torch.where(torch.cat([s[2] for s in staged]), chunk, -1)   # never an anchor's chunk
-        return RowBank(maps, keys, returns, pool), (chunk, step)
+        self._bank[module_id] = (len(staged), RowBank(maps, keys, returns, pool), (chunk, step))
+        return self._bank[module_id][1:]
 
     def _stage(self, module_id: ModuleID, features: torch.Tensor, returns: torch.Tensor,
                mask: torch.Tensor | None, chunks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -320,11 +376,11 @@ class ContrastiveGazeLearnerMixin:
             # each chunk's share of the (sorted) rows: host tensors, read as ints once
             starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
             bounds = torch.searchsorted(rows, torch.tensor(starts)).tolist()
-            for i, (features, returns, *_) in enumerate(staged):
+            for i, (features, returns, _, episode) in enumerate(staged):
                 chunk = (rows[bounds[i]:bounds[i + 1]] - starts[i]).to(features.device)
-                if chunk.numel():
-                    memory.push(features[chunk], returns[chunk])
-        self._staged = {}
+                if chunk.numel():   # own-episode mining staged the rows' search keys (the memory's pool)
+                    memory.push(features[chunk], returns[chunk], None if episode is None else episode[2][chunk])
+        self._staged, self._bank, self._neighbours = {}, {}, {}
 
     @override(Learner)
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
@@ -390,6 +446,14 @@ class ContrastiveGazeLearnerMixin:
                 stats[GAZE_TARGET_DISTANCE_KEY] = (params[:, :2] - target).norm(dim=-1).mean()
                 stats[GAZE_TARGET_DISTANCE_CENTRE_KEY] = (target - centre).norm(dim=-1).mean()
         self._log_gaze_metrics(module_id, stats)
+
+
+def _empty_neighbours(rows: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The per-row neighbour cache of an update of ``rows`` rows, nothing cached yet."""
+    index = torch.zeros(rows, dtype=torch.long, device=device)
+    flags = torch.zeros(rows, dtype=torch.bool, device=device)
+    return {"positive": index, "negative": index.clone(), "valid": flags, "agrees": flags.clone(),
+            "has_neighbour": flags.clone(), "cached": flags.clone()}
 
 
 def _random_rows(mask: torch.Tensor | None, rows: int, count: int, device: torch.device) -> torch.Tensor:

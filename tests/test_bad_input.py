@@ -38,6 +38,8 @@ BAD_INPUTS = [
      ["attention='spotlight'", "'foveal', 'patch', 'oracle', 'centre', 'none'"]),
     ("config", lambda tmp: _config(attention="none", contrastive=True), ["contrastive=True", "attention='foveal'"]),
     ("config", lambda tmp: _config(contrastive_margin=-1.0), ["contrastive_margin=-1.0", ">= 0"]),
+    ("config", lambda tmp: _config(mining_neighbours="per_epoch"),
+     ["mining_neighbours='per_epoch'", "('per_minibatch', 'per_update')"]),
     ("config", lambda tmp: _config(contrastive_similarity="dot"), ["contrastive_similarity='dot'", "'glimpse'"]),
     ("suite", lambda tmp: suite.main(["--preset", "smoke", "--arms", "ppo", "oracle"]),
      ["arm 'oracle'", "'PushCube-v1'", "expose_target"]),

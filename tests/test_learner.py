@@ -188,15 +188,19 @@ def test_memory_and_mining_live_on_the_learners_gpu():
     assert results[MID][CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
 
 
-def test_the_contrastive_path_reads_nothing_on_the_host_and_metrics_are_read_once_per_update(trained):
+@pytest.mark.parametrize("neighbours", ["per_minibatch", "per_update"])
+def test_the_contrastive_path_reads_nothing_on_the_host_and_metrics_are_read_once_per_update(trained, neighbours):
     """No host sync in any gradient step's contrastive path (on a GPU each would stall the step);
     what must be read (which staged rows enter the memory, the metrics) is read once per update."""
     from rllib_gaze.profiling import OpCounter
 
     _, learner, _, batch = trained
+    if neighbours == "per_update":   # the same learner and memory, the other setting
+        learner.config = learner.config.copy(copy_frozen=False).gaze(mining_neighbours=neighbours)
     counter = OpCounter()
     pieces = {"contrastive": "_contrastive_term", "gaze metrics": "_log_gaze_stats",
-              "after": "after_gradient_based_update", "batch": "_make_batch_if_necessary"}
+              "after": "after_gradient_based_update", "batch": "_make_batch_if_necessary",
+              "reuse": "_cached_neighbours"}
     for section, name in pieces.items():
         original = getattr(learner, name)
         setattr(learner, name, lambda *a, _o=original, _s=section, **kw: _run_in(counter, _s, _o, *a, **kw))
@@ -209,6 +213,7 @@ def test_the_contrastive_path_reads_nothing_on_the_host_and_metrics_are_read_onc
             delattr(learner, name)
     assert counter.calls["contrastive"] >= 6 and counter.ops["contrastive"] > 0   # 3 epochs of >= 2 minibatches
     assert counter.sync_count("contrastive") == 0, counter.syncs.get("contrastive")
+    assert counter.sync_count("reuse") == 0 and (counter.calls["reuse"] > 0) == (neighbours == "per_update")
     assert counter.sync_count("gaze metrics") == 0, counter.syncs.get("gaze metrics")
     # the staged rows' masks (one read; then nonzero and the chunks' bounds on host tensors, which a
     # CPU run cannot tell from device ones) and the metrics, together
@@ -413,3 +418,84 @@ def test_sac_refuses_episode_mining_naming_the_allowed_values():
     with pytest.raises(ValueError, match=r"mining='episode' is not allowed with this algorithm; allowed values are "
                                          r"\('memory',\)"):
         tiny_sac_config(mining="episode").validate()
+
+
+
+@pytest.mark.parametrize("mining", ["memory", "episode"])
+def test_per_update_neighbours_are_searched_in_the_first_epoch_and_reused_in_the_later_ones(mining, monkeypatch):
+    import rllib_gaze.contrastive_learner as contrastive_learner
+
+    config = tiny_config(mining_neighbours="per_update", mining=mining)
+    runner, learner, _ = one_update(config, num_epochs=1)            # the memory now holds a threshold
+    searches, reuses = [], []
+    search = contrastive_learner.mine_rows
+    monkeypatch.setattr(contrastive_learner, "mine_rows", lambda *a, **kw: searches.append(1) or search(*a, **kw))
+    reuse = learner._cached_neighbours
+
+    def cached(module_id, rows, searched):
+        # a later epoch's anchors are rows searched earlier in this update, with what was found then
+        assert learner._neighbours[module_id]["cached"][rows[searched]].all()
+        reuses.append(int(searched.sum()))
+        return reuse(module_id, rows, searched)
+
+    monkeypatch.setattr(learner, "_cached_neighbours", cached)
+    for update in range(2):
+        searches.clear(), reuses.clear()
+        logged = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=3, minibatch_size=64,
+                                timesteps={"num_env_steps_sampled_lifetime": 256 + 128 * update})[MID]
+        # 128 rows in minibatches of 64: the first epoch's 2 minibatches search, the other 4 reuse
+        assert (len(searches), len(reuses)) == (2, 4)
+        assert sum(reuses) > 0 and logged[CONTRASTIVE_VALID_ANCHOR_FRAC_KEY].peek() > 0
+        assert learner._neighbours == {}   # the cache is the update's: dropped after it, built anew by the next
+    memory = learner.contrastive_memory(MID)   # own-episode mining hands the memory the keys it staged
+    assert torch.allclose(memory.filled()[1], search_keys(memory.filled()[0], config.mining_pool), atol=1e-6)
+
+def test_per_update_neighbours_equal_the_first_epochs_search():
+    """Reused neighbours are the ones a search of the same rows gave in the first epoch."""
+    config = tiny_config(mining_neighbours="per_update")
+    runner, learner, _ = one_update(config, num_epochs=1)
+    found = {}
+    original_cache = learner._cache_neighbours
+
+    def remember(module_id, rows, mined):
+        original_cache(module_id, rows, mined)
+        for row, s, p, n, v in zip(rows.tolist(), mined.searched.tolist(), mined.positive.tolist(),
+                                   mined.negative.tolist(), mined.valid.tolist()):
+            if s:
+                found[row] = (p, n, v)
+
+    reused = []
+    original_cached = learner._cached_neighbours
+
+    def check(module_id, rows, searched):
+        mined = original_cached(module_id, rows, searched)
+        for row, s, p, n, v in zip(rows.tolist(), searched.tolist(), mined.positive.tolist(),
+                                   mined.negative.tolist(), mined.valid.tolist()):
+            if s:
+                reused.append(row)
+                assert found[row] == (p, n, v)
+        return mined
+
+    learner._cache_neighbours, learner._cached_neighbours = remember, check
+    try:
+        learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=2, minibatch_size=64,
+                       timesteps={"num_env_steps_sampled_lifetime": 256})
+    finally:
+        del learner._cache_neighbours, learner._cached_neighbours
+    assert len(reused) > 16 and len(set(reused)) == len(reused)   # each searched row at most once per later epoch
+
+
+def test_with_one_epoch_both_neighbour_settings_give_the_same_losses():
+    def losses(neighbours):
+        config = tiny_config(mining_neighbours=neighbours)
+        runner, learner, _ = one_update(config, num_epochs=1)
+        torch.manual_seed(1)
+        logged = learner.update(episodes=runner.sample(num_timesteps=128), num_epochs=1, minibatch_size=64,
+                                timesteps={"num_env_steps_sampled_lifetime": 256})[MID]
+        weights = torch.cat([p.detach().flatten() for p in learner.module[MID].parameters()])
+        return ([logged[key].peek() for key in (CONTRASTIVE_LOSS_KEY, CONTRASTIVE_VALID_ANCHOR_FRAC_KEY,
+                                                  CONTRASTIVE_LABEL_AGREEMENT_KEY, "total_loss")], weights)
+
+    (per_minibatch, w_minibatch), (per_update, w_update) = losses("per_minibatch"), losses("per_update")
+    assert per_minibatch[0] > 0 and per_minibatch == per_update
+    assert torch.equal(w_minibatch, w_update)

@@ -105,3 +105,29 @@ def test_recordings_run_past_the_horizon_so_return_to_go_is_not_cut_short():
     last = mechanism.HORIZON - 1                   # the horizon's last row counts what follows it
     assert labels[last] == pytest.approx(rec["rewards"][last] + mechanism.GAMMA * labels[last + 1])
     assert labels[last] > rec["rewards"][last] + 0.5 * mechanism.GAMMA * rec["rewards"][last + 1]
+
+
+def test_updates_of_one_epoch_all_anchors_are_the_steps_of_old():
+    """--epochs 1 --minibatches 1 with every row an anchor is the one-step-per-draw loop; and with one
+    epoch both neighbour settings search every step."""
+    plain = mechanism.train("moving", "fixation", steps=6, log_every=3, seed=0)
+    structured = mechanism.train("moving", "fixation", steps=6, log_every=3, seed=0, epochs=1, minibatches=1,
+                                 minibatch_rows=256, neighbours="per_update")
+    assert plain.ratios == structured.ratios and plain.agreement == structured.agreement
+
+
+def test_per_update_neighbours_search_the_first_epoch_only_and_reuse_its_triplets(monkeypatch):
+    searched = []
+    search = mechanism.mine_triplets
+    monkeypatch.setattr(mechanism, "mine_triplets", lambda maps, *a, **kw: searched.append(len(maps)) or
+                        search(maps, *a, **kw))
+    for neighbours, searches in (("per_minibatch", 2 * 3 * 2), ("per_update", 2 * 2)):
+        searched.clear()
+        run = mechanism.train("moving", "fixation", steps=12, log_every=6, anchors=32, epochs=3, minibatches=2,
+                              minibatch_rows=64, neighbours=neighbours)
+        assert len(searched) == searches and set(searched) == {32}   # 2 updates of 3 epochs x 2 minibatches
+        assert 0 < run.valid <= 1 and run.objective.endswith(f"3 x 2 x 64 rows, {neighbours}")
+    with pytest.raises(ValueError, match=r"neighbours='sometimes': allowed values are \('per_minibatch', "):
+        mechanism.train("moving", "fixation", steps=1, epochs=2, neighbours="sometimes")
+    with pytest.raises(ValueError, match=r"minibatch_rows=16: must be >= anchors \(32\)"):
+        mechanism.train("moving", "fixation", steps=1, anchors=32, minibatch_rows=16)
