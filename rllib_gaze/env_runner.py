@@ -13,7 +13,9 @@ weights, ``get_metrics``, evaluation runners, fault tolerance) and replaces only
   unsquash or clip into the action space) on the batch;
 - observations, actions, rewards, terminated/truncated, infos and the module's extra outputs
   (``action_logp``, ``action_dist_inputs``, ...: the stock runner's ``extra_model_outputs``) go into
-  ``(rows, N, ...)`` numpy buffers allocated once per fragment;
+  ``(rows, N, ...)`` numpy buffers allocated once per fragment, laid out sub-env by sub-env in memory,
+  so that an episode chunk's arrays are contiguous views, which Ray's object store takes out of band
+  (a remote runner's episodes are not pickled byte by byte);
 - where the env gives torch tensors (``BatchedEnvBridge`` with ``torch_observations``, its default;
   issue 22), the forward pass reads the env's own observation tensors, actions go back to the env as
   tensors, and the rows of every tensor value (observations, actions, extra outputs) are written into
@@ -419,21 +421,23 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         return done + ongoing
 
     def _buffer(self, name: str, rows: int, shape: tuple, dtype) -> np.ndarray:
-        """A ``(rows, *shape)`` buffer for this fragment. The episodes hold views of it, so a buffer is
-        only reused once no view of it is alive any more (the learner has dropped the episodes): fresh
-        arrays of these sizes come from mmap and fault in every page on first write, which costs more
-        than the writes themselves. Two per name cover a caller that keeps the last fragment while
-        sampling the next."""
+        """A ``(rows, *shape)`` buffer for this fragment (``shape[0]`` the sub-envs), laid out sub-env by
+        sub-env in memory (``_env_major``), so that a sub-env's rows, an episode chunk's arrays, are one
+        contiguous block: the object store then takes them out of band, without pickling their bytes.
+        The episodes hold views of it, so a buffer is only reused once no view of it is alive any more
+        (the learner has dropped the episodes): fresh arrays of these sizes come from mmap and fault in
+        every page on first write, which costs more than the writes themselves. Two per name cover a
+        caller that keeps the last fragment while sampling the next."""
         pool = self._buffers.setdefault(name, [])
-        for buffer in pool:
-            # References: the pool's list, `buffer` here and getrefcount's argument; any more are views.
-            if (sys.getrefcount(buffer) == 3 and len(buffer) >= rows and buffer.shape[1:] == tuple(shape)
-                    and buffer.dtype == dtype):
-                return buffer[:rows]
-        buffer = np.empty((rows, *shape), dtype)
-        pool.insert(0, buffer)
+        for base in pool:   # the (N, rows, ...) arrays that own the memory
+            # References: the pool's list, `base` here and getrefcount's argument; any more are views.
+            if (sys.getrefcount(base) == 3 and base.shape[1] >= rows and base.dtype == dtype
+                    and (base.shape[0], *base.shape[2:]) == tuple(shape)):
+                return base.swapaxes(0, 1)[:rows]
+        buffer = _env_major(rows, shape, dtype)
+        pool.insert(0, buffer.base)
         del pool[2:]   # a buffer dropped here lives on as long as its episodes
-        return buffer[:rows]
+        return buffer
 
     def _staging(self, name: str, host: np.ndarray, device: torch.device, old: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -447,14 +451,17 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         stage = self._device_buffers.get(name)
         if (stage is None or len(stage) < len(host) or stage.shape[1:] != host.shape[1:] or stage.dtype != dtype
                 or stage.device != device):
-            stage = self._device_buffers[name] = torch.empty(host.shape, dtype=dtype, device=device)
+            # the host buffer's layout (sub-env by sub-env), so each sub-env's rows copy in one block
+            stage = self._device_buffers[name] = torch.empty(
+                (host.shape[1], host.shape[0], *host.shape[2:]), dtype=dtype, device=device).transpose(0, 1)
         if old is not None:
             stage[: len(old)] = old
         return stage[: len(host)]
 
     def _grow(self, name: str, buffer: np.ndarray, rows: int) -> np.ndarray:
-        grown = _grown(buffer, rows)
-        self._buffers.setdefault(name, []).insert(0, grown)
+        grown = _env_major(rows, buffer.shape[1:], buffer.dtype)
+        grown[: len(buffer)] = buffer
+        self._buffers.setdefault(name, []).insert(0, grown.base)
         del self._buffers[name][2:]
         return grown
 
@@ -675,8 +682,21 @@ def _shares_host_memory(device: torch.device) -> bool:
 
 
 def _copy_to_host(host: np.ndarray, stage: torch.Tensor) -> None:
-    if not _shares_host_memory(stage.device):
-        torch.from_numpy(host).copy_(stage)
+    """Rows ``stage (rows, N, ...)`` into ``host``, both laid out sub-env by sub-env: one contiguous copy
+    per sub-env, straight into the host buffer (a copy of the strided whole would go through a
+    contiguous temporary on each side)."""
+    if _shares_host_memory(stage.device):
+        return
+    target = torch.from_numpy(host)
+    for i in range(stage.shape[1]):
+        target[:, i].copy_(stage[:, i])
+
+
+def _env_major(rows: int, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised ``(rows, *shape)`` array whose memory is ``(shape[0], rows, *shape[1:])``: row ``p``
+    of sub-env ``i`` is ``a[p, i]`` as in a plain array, and ``a[s:e, i]`` is contiguous. ``a.base``
+    owns the memory."""
+    return np.empty((shape[0], rows, *shape[1:]), dtype).swapaxes(0, 1)
 
 
 def _grown(buffer: np.ndarray, rows: int) -> np.ndarray:
