@@ -92,12 +92,14 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
 from ray.rllib.utils import force_list
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.framework import get_device
 from ray.rllib.utils.metrics import ENV_RESET_TIMER, ENV_STEP_TIMER, RLMODULE_INFERENCE_TIMER, WEIGHTS_SEQ_NO
 from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.envs.bridge import to_numpy
+from rllib_gaze.rollout import Rollout
 
 logger = logging.getLogger("ray.rllib")
 
@@ -152,6 +154,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         self._step_callbacks = [c for c in self._callbacks if _overrides(c, "on_episode_step")]
         self._step_functions = list(force_list(self.config.callbacks_on_episode_step))
         self._replay_steps = bool(self._step_callbacks or self._step_functions)
+        self._keep_rollout = False   # see sample_rollout
+        self._rollout: Rollout | None = None
+        self._chunk_rows: list[tuple[int, int, int, bool]] = []
 
     # ---- which loop ---------------------------------------------------------------------------------------------
 
@@ -178,6 +183,34 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         if [type(c) for c in self._module_to_env.connectors] != list(_DEFAULT_MODULE_TO_ENV):
             return "custom module-to-env connectors"
         return None
+
+    @override(SingleAgentEnvRunner)
+    def make_module(self):
+        if getattr(self.config, "rollout", "episodes") == "device" and not self.worker_index \
+                and not self.config.in_evaluation:
+            # rollout="device": the local runner samples with its module on the learner's device, the env's
+            # (as ppo_rgb, one device for all); RLlib puts a local runner's module on the CPU.
+            self._device = get_device(self.config, self.config.num_gpus_per_learner)
+        super().make_module()
+
+    def sample_rollout(self, *, num_timesteps: int | None = None, explore: bool | None = None,
+                       force_reset: bool = False) -> Rollout:
+        """``sample(num_timesteps=...)``, the fragment returned as its buffers rather than episodes
+        (``rllib_gaze.rollout``, ``.env_runners(rollout="device")``). The episodes are built all the
+        same, for the episode callbacks and the episode metrics (``get_metrics``), and dropped."""
+        reason = self.batched_loop_unsupported()
+        if reason is not None:
+            raise ValueError(f"rollout='device' needs BatchedEnvRunner's batched loop, which this config cannot use "
+                             f"({reason}); use rollout='episodes'")
+        self._keep_rollout = True
+        try:
+            self.sample(num_timesteps=num_timesteps, explore=explore, force_reset=force_reset)
+        finally:
+            self._keep_rollout = False
+        rollout, self._rollout = self._rollout, None
+        if rollout is None:
+            raise RuntimeError("sample_rollout: the fragment sampled no step (num_timesteps=0?)")
+        return rollout
 
     @override(SingleAgentEnvRunner)
     def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None, explore: bool,
@@ -365,6 +398,10 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
 
         pending = carry.pending.copy()
         current = carry.current
+        keep = self._keep_rollout and num_episodes is None   # sample_rollout: the buffers are the result
+        if keep:
+            for k, v in current.items():   # the first step's observation, where the rollout's rows are
+                write(f"obs/{k}", obs[k], lb, v)
         p, ts, seq_no, finished = lb, 0, self._weights_seq_no, 0
         while ts < num_timesteps if num_episodes is None else finished < num_episodes:
             if random_actions:
@@ -404,12 +441,28 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         if p == lb:   # nothing sampled (num_timesteps=0): the carry stays as it is
             return []
         hosts = buffers()
+        # A rollout's observations stay on their device; the episodes (for callbacks and metrics) then
+        # get zero-stride placeholders in their place.
+        on_device = {k for k in obs if keep and not _shares_host_memory(staged.get(f"obs/{k}", _HOST).device)}
         for name, stage in staged.items():   # the fragment's tensor rows to the host, one copy per buffer
-            _copy_to_host(hosts[name][lb + 1: p + 1], stage[lb + 1: p + 1])
+            if not (name.startswith("obs/") and name[len("obs/"):] in on_device):
+                _copy_to_host(hosts[name][lb + 1: p + 1], stage[lb + 1: p + 1])
         if num_episodes is not None:
             self._episodes_rows = max(self._episodes_rows, p - lb)
         self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=p - lb)
-        done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending, num_episodes)
+        episode_obs = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if k in on_device else v
+                       for k, v in obs.items()}
+        done, ongoing = self._episodes(episode_obs, infos, other, flags, times, p, pending, num_episodes)
+        if keep:
+            def rows(name: str, host: np.ndarray) -> torch.Tensor | np.ndarray:
+                stage = staged.get(name)
+                return (stage if stage is not None else torch.from_numpy(host) if name.startswith("obs/")
+                        else host)[: p + 1]
+
+            chunks = np.array([c[:3] for c in self._chunk_rows], np.int64).reshape(-1, 3)
+            self._rollout = Rollout(obs=self._tree({k: rows(f"obs/{k}", v) for k, v in obs.items()}),
+                                    steps={name: rows(name, v) for name, v in other.items()}, chunks=chunks,
+                                    terminated=np.array([c[3] for c in self._chunk_rows], bool))
         if num_episodes is None:
             self._carry.current = current
         # Summaries, not the chunks: those are views that would keep the fragment's buffers from reuse.
@@ -508,6 +561,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             self._replay_callbacks(i, episode)
         if num_episodes is not None:
             return [c[2] for c in done_chunks], []
+        # where each chunk lies in the buffers, in the episodes' order (sample_rollout)
+        self._chunk_rows = [(i, e - len(episode), e, episode.is_terminated)
+                            for e, i, episode in done_chunks + ongoing_chunks]
         # The carry for the next fragment.
         nxt = self._carry = copy.copy(carry)
         nxt.obs = {k: v[last - lb: last + 1].copy() for k, v in obs.items()}
@@ -674,6 +730,9 @@ def _numpy_dtype(value: np.ndarray | torch.Tensor) -> np.dtype:
     if isinstance(value, torch.Tensor):
         return torch.empty(0, dtype=value.dtype).numpy().dtype
     return value.dtype
+
+
+_HOST = torch.empty(0)   # a tensor on the host, for "where is it" defaults
 
 
 def _shares_host_memory(device: torch.device) -> bool:
