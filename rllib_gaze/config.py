@@ -446,6 +446,9 @@ def device_rollout_errors(c: GazePPOConfig) -> list[str]:
     if c._learner_connector is not None or not c.add_default_connectors_to_learner_pipeline:
         errors.append("rollout='device' builds the train batch without the learner connector pipeline, so custom "
                       "learner connector pieces would not run: use rollout='episodes' with them")
+    if c.batch_mode != "truncate_episodes":
+        errors.append(f"rollout='device' samples fragments of env steps: it needs batch_mode='truncate_episodes', "
+                      f"got {c.batch_mode!r}")
     if c.count_steps_by != "env_steps":
         errors.append(f"rollout='device' counts env steps: it needs count_steps_by='env_steps', got "
                       f"{c.count_steps_by!r}")

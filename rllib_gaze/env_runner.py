@@ -453,6 +453,8 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         episode_obs = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if k in on_device else v
                        for k, v in obs.items()}
         done, ongoing = self._episodes(episode_obs, infos, other, flags, times, p, pending, num_episodes)
+        for k in on_device:   # the next fragment's first rows, as the carry keeps them (a few rows per sub-env)
+            self._carry.obs[k] = staged[f"obs/{k}"][p - lb: p + 1].cpu().numpy()
         if keep:
             def rows(name: str, host: np.ndarray) -> torch.Tensor | np.ndarray:
                 stage = staged.get(name)
@@ -733,6 +735,8 @@ def _numpy_dtype(value: np.ndarray | torch.Tensor) -> np.dtype:
 
 
 _HOST = torch.empty(0)   # a tensor on the host, for "where is it" defaults
+# A sub-env's rows of a column at least this large are copied from the device one sub-env at a time.
+_PER_ENV_COPY_BYTES = 1 << 16
 
 
 def _shares_host_memory(device: torch.device) -> bool:
@@ -741,12 +745,15 @@ def _shares_host_memory(device: torch.device) -> bool:
 
 
 def _copy_to_host(host: np.ndarray, stage: torch.Tensor) -> None:
-    """Rows ``stage (rows, N, ...)`` into ``host``, both laid out sub-env by sub-env: one contiguous copy
-    per sub-env, straight into the host buffer (a copy of the strided whole would go through a
-    contiguous temporary on each side)."""
+    """Rows ``stage (rows, N, ...)`` into ``host``, both laid out sub-env by sub-env. Where a sub-env's
+    rows are large (observations), one contiguous copy per sub-env, straight into the host buffer (a copy
+    of the strided whole goes through a contiguous temporary on each side); small columns in one copy."""
     if _shares_host_memory(stage.device):
         return
     target = torch.from_numpy(host)
+    if stage[:, 0].numel() * stage.element_size() < _PER_ENV_COPY_BYTES:
+        target.copy_(stage)
+        return
     for i in range(stage.shape[1]):
         target[:, i].copy_(stage[:, i])
 

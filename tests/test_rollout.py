@@ -15,6 +15,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
 
 from rllib_gaze import GazePPOConfig
+from rllib_gaze import env_runner as env_runner_module
 from rllib_gaze import learner as learner_module
 from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.profiling import HostCopies
@@ -87,10 +88,16 @@ def numpy(x):
     return {k: numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.as_tensor(x).cpu().numpy()
 
 
-def test_a_device_rollout_gives_the_episode_paths_train_batch_row_for_row():
+@pytest.mark.parametrize("staging", ["host", "device"])
+def test_a_device_rollout_gives_the_episode_paths_train_batch_row_for_row(staging, monkeypatch):
     """Two runners of one config and seed, one sampling episodes, the other rollouts, over uneven fragments
     with terminations, truncations and a forced reset: the rollout's train batch is the learner connector's,
-    column by column (GAE included), in the same row order, and its observations are the buffers'."""
+    column by column (GAE included), in the same row order, and its observations are the buffers'. With
+    ``staging="device"`` the runners stage the env's tensors apart from the host buffers as on a GPU: the
+    rollout's observations are then those staging buffers, never copied to the host, and the episodes
+    (metrics, callbacks) get placeholders."""
+    if staging == "device":
+        monkeypatch.setattr(env_runner_module, "_shares_host_memory", lambda device: False)
     c = config()
     episodes_runner, rollout_runner = BatchedEnvRunner(config=c), BatchedEnvRunner(config=c)
     rollout_runner.module.set_state(episodes_runner.module.get_state())
@@ -109,7 +116,9 @@ def test_a_device_rollout_gives_the_episode_paths_train_batch_row_for_row():
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
         assert len(rollout) == len(expected[Columns.REWARDS]) >= num_timesteps
         # the runner's own buffer, not a copy
-        assert any(np.shares_memory(rollout.obs.numpy(), b) for b in rollout_runner._buffers["obs/"])
+        buffers = ([rollout_runner._device_buffers["obs/"].numpy()] if staging == "device"
+                   else rollout_runner._buffers["obs/"])
+        assert any(np.shares_memory(rollout.obs.numpy(), b) for b in buffers)
     assert metrics(rollout_runner) == metrics(episodes_runner)
 
 
@@ -183,6 +192,7 @@ def test_the_device_path_makes_no_host_copy_of_the_observations(rollout):
     (lambda c: c.training(train_batch_size_per_learner=64), "must be >= train_batch_size_per_learner=64"),
     (lambda c: c.learners(learner_connector=lambda *a: []), "custom learner connector pieces"),
     (lambda c: c.env_runners(rollout="gpu"), "rollout='gpu' is not allowed"),
+    (lambda c: c.env_runners(batch_mode="complete_episodes"), "needs batch_mode='truncate_episodes'"),
 ])
 def test_the_device_rollout_is_refused_where_it_cannot_hold(setting, message):
     with pytest.raises(ValueError, match=re.escape(message)):
