@@ -101,6 +101,10 @@ def rollout_batch(rollout: Rollout, module, gamma: float, lambda_: float, device
     as tensors on ``device``; and the ``(B,)`` observation row and sub-env of each row, on the
     observations' device, for ``RolloutMinibatches``. ``module``: the learner's, for the critic's
     values of the chunks' last observations (one pass over ``K`` rows, as ``SampledValuesGAE``)."""
+    if Columns.VF_PREDS not in rollout.steps:
+        raise ValueError(f"rollout='device' computes GAE from the sampling pass's values, and the env runner's "
+                         f"forward pass gave no {Columns.VF_PREDS!r} (GazePPOModule emits it when the config's "
+                         "values_from_sampling reaches its model_config); use rollout='episodes' with this module")
     rows, env = rollout.step_rows()
     lengths = rollout.chunks[:, 2] - rollout.chunks[:, 1]
     columns = {name: _take(column, rows, env, device) for name, column in rollout.steps.items()}
