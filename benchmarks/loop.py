@@ -1,7 +1,8 @@
 """Whole-loop speed: our RLlib path against a single-process torch PPO in ppo_rgb's design (issue 22).
 
     python benchmarks/loop.py [--device cpu|cuda] [--arm ppo|gaze] [--iterations 12] [--warmup 2]
-                              [--num-envs 32] [--rollout-length 32] [--image-size 64] [--threads 1] ...
+                              [--num-envs 32] [--rollout-length 32] [--image-size 64] [--threads 1]
+                              [--rollout episodes|device|both] ...
     python benchmarks/loop.py --device cuda --num-envs 256 --rollout-length 50 --image-size 128 \
                               --num-epochs 8 --num-minibatches 8       # ppo_rgb's tuned RGB shape
 
@@ -15,6 +16,9 @@ Two ways of training the clutter env on one device, side by side in one process:
   -> episodes), runs the learner connector (GAE from the sampled values, the critic only over each
   chunk's last observation; with ``values_from_sampling=False`` RLlib's, the critic over the whole
   batch) and the PPO epochs, and syncs weights.
+- ``rllib-device``: the same with ``.env_runners(rollout="device")`` (``--rollout device`` or ``both``;
+  ``rllib_gaze.rollout``): sampling in this process (no remote env runner, on either device), the
+  fragment handed to the learner as its buffers, GAE on them, minibatches by index.
 - ``single``: a single-process PPO loop written here in ManiSkill ``ppo_rgb.py``'s design (which
   is CleanRL's): the env's tensors stay on the device, the rollout buffer is tensors, the value
   comes from the same forward pass as the action, GAE and the clipped PPO epochs run on those
@@ -92,9 +96,8 @@ def build_config(args: argparse.Namespace):
 class RLlibSide:
     """The suite's path: one ``algo.train()`` per iteration."""
 
-    name = "rllib"
-
     def __init__(self, config, device: str):
+        self.name = "rllib-device" if config.rollout == "device" else "rllib"
         self.algo, self.device, self.steps = config.build_algo(), device, 0
         results = self.algo.learner_group.foreach_learner(lambda learner: _describe(learner.module[DEFAULT_MODULE_ID]))
         self.module = next(iter(results)).get()   # the (first) learner's training module
@@ -224,7 +227,12 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     own_ray = config.num_env_runners > 0 and not ray.is_initialized()
     if own_ray:
         ray.init(include_dashboard=False, log_to_driver=False)
-    sides = [RLlibSide(config, args.device), SingleProcessPPO(config, args.device, args.seed)]
+    rllib = []
+    if args.rollout in ("episodes", "both"):
+        rllib.append(RLlibSide(config, args.device))
+    if args.rollout in ("device", "both"):
+        rllib.append(RLlibSide(config.copy().env_runners(num_env_runners=0, rollout="device"), args.device))
+    sides = [*rllib, SingleProcessPPO(config, args.device, args.seed)]
     print(f"loop: task {args.task}, arm {args.arm}, device {args.device}, {config.num_envs_per_env_runner} envs x "
           f"{config.get_rollout_fragment_length()} steps x {max(1, config.num_env_runners)} runner(s), "
           f"{args.image_size} px, {config.num_epochs} epochs of minibatch {config.minibatch_size}, "
@@ -238,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             for side in sides if i % 2 == 0 else sides[::-1]:
                 it = side.iteration() | {"timed": i >= args.warmup}
                 report[side.name]["iterations"].append(it)
-                print(f"{'warm-up' if i < args.warmup else 'iteration'} {i + 1:3d}  {side.name:6s} {it['steps']:6d} "
+                print(f"{'warm-up' if i < args.warmup else 'iteration'} {i + 1:3d}  {side.name:12s} {it['steps']:6d} "
                       f"steps {it['seconds']:7.2f} s  loss {it['loss']:8.4f}  return {it['return']:7.2f}", flush=True)
     finally:
         for side in sides:
@@ -258,7 +266,7 @@ def _mean(values: list[float]) -> float:
 def _print_table(report: dict[str, dict], iterations: int) -> None:
     rates, per_iteration = {}, {}
     print(f"\nenv steps/s over {iterations} timed iteration(s) each (warm-up excluded):")
-    print(f"  {'side':8s} {'module':16s} {'params':>9s} {'env steps':>10s} {'seconds':>9s} {'steps/s':>9s}  "
+    print(f"  {'side':12s} {'module':16s} {'params':>9s} {'env steps':>10s} {'seconds':>9s} {'steps/s':>9s}  "
           "return: first -> last quarter")
     for name, side in report.items():
         timed = [it for it in side["iterations"] if it["timed"]]
@@ -266,10 +274,13 @@ def _print_table(report: dict[str, dict], iterations: int) -> None:
         rates[name], per_iteration[name] = steps / seconds, [it["steps"] / it["seconds"] for it in timed]
         returns = [it["return"] for it in side["iterations"]]
         quarter = max(1, len(returns) // 4)
-        print(f"  {name:8s} {side['module'][0]:16s} {side['module'][1]:9d} {steps:10d} {seconds:9.2f} "
+        print(f"  {name:12s} {side['module'][0]:16s} {side['module'][1]:9d} {steps:10d} {seconds:9.2f} "
               f"{rates[name]:9.1f}  {_mean(returns[:quarter]):.2f} -> {_mean(returns[-quarter:]):.2f}")
-    paired = statistics.median(s / r for s, r in zip(per_iteration["single"], per_iteration["rllib"]))
-    print(f"  single / rllib: {rates['single'] / rates['rllib']:.2f} (median of per-iteration ratios {paired:.2f})")
+    for name in report:
+        if name != "single":
+            paired = statistics.median(s / r for s, r in zip(per_iteration["single"], per_iteration[name]))
+            print(f"  single / {name}: {rates['single'] / rates[name]:.2f} "
+                  f"(median of per-iteration ratios {paired:.2f})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -288,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--num-epochs", type=int, default=None, help="default: the task's (ppo_rgb's RGB runs: 8)")
     parser.add_argument("--env-runners", type=int, default=None,
                         help="RLlib side's remote env runners (default: the suite preset's, 0 on cpu, 1 on cuda)")
+    parser.add_argument("--rollout", default="episodes", choices=["episodes", "device", "both"],
+                        help="RLlib side(s): episodes (default), rollout='device' (sampling in this process), or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)

@@ -12,14 +12,26 @@ from typing import Any, Self
 import gymnasium as gym
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
+from ray.rllib.core import ALL_MODULES
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    NUM_MODULE_STEPS_TRAINED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
 
 from rllib_gaze.augmentation import AUGMENTATIONS
 from rllib_gaze.callbacks import GazeImages, SuccessMetrics
 from rllib_gaze.contrastive import LABEL_RULES, MININGS, NEIGHBOURS, OBJECTIVES, SIMILARITIES, TRIPLET_GAZES
 from rllib_gaze.env_runner import BatchedEnvRunner
 from rllib_gaze.gaze import GAZE_DEFAULTS, gaze_settings_errors
+from rllib_gaze.rollout import ROLLOUTS
 
 RETURNS = ("value_target", "value", "return_to_go")
 # Restarts per remote env runner before the trial stops (GazePPOConfig's comment says why not RLlib's 1000).
@@ -40,6 +52,8 @@ class GazeConfigMixin:
     # Where mining may look for an anchor's neighbours (``mining``) with this algorithm: own-episode
     # mining needs a train batch of episode chunks (PPO's), not rows drawn from a replay buffer.
     ALLOWED_MININGS: tuple[str, ...] = MININGS
+    # How a fragment may reach the learner (``.env_runners(rollout=...)``) with this algorithm.
+    ALLOWED_ROLLOUTS: tuple[str, ...] = ROLLOUTS
 
     def _init_gaze_settings(self) -> None:
         # Gaze (module side): attention, gaze_floor, ..., gaze_predict_coeff.
@@ -77,7 +91,33 @@ class GazeConfigMixin:
         self.gaze_image_count = 4
         # Image augmentation (learner side): the DrAC / DrQ baselines' arms.
         self.augmentation = "none"
+        # How a fragment reaches the learner (.env_runners(rollout=...)).
+        self.rollout = "episodes"
         self.aug_coef = 0.1
+
+    @override(AlgorithmConfig)
+    def env_runners(self, *, rollout: str = NotProvided, **kwargs) -> Self:
+        """Sets the env runner settings: the algorithm config's ``env_runners``'s, plus
+
+        Args:
+            rollout: how a sampled fragment reaches the learner (``ALLOWED_ROLLOUTS``).
+                ``"episodes"`` (default): RLlib's way, one ``SingleAgentEpisode`` per sub-env and
+                episode chunk, batched by the learner connector; works everywhere (remote env
+                runners, remote learners). ``"device"`` (GazePPO only; ``rllib_gaze.rollout``): the
+                env runner's buffers themselves go to the update as tensors where the env left them
+                (the GPU, for a GPU simulator), GAE computed on them, minibatches drawn by index,
+                observations uint8 until the encoder: no episodes in the train batch, no object
+                store, no host copy. The same train batch and minibatches as ``"episodes"`` (a
+                seeded run trains the same). Needs sampling and learning in one process:
+                ``num_env_runners=0``, ``num_learners=0``, ``BatchedEnvRunner``,
+                ``values_from_sampling=True``, single-agent, no custom learner connector, and one
+                fragment (``rollout_fragment_length`` x ``num_envs_per_env_runner`` env steps) that
+                fills ``train_batch_size_per_learner``.
+        """
+        super().env_runners(**kwargs)
+        if rollout is not NotProvided:
+            self.rollout = rollout
+        return self
 
     @override(AlgorithmConfig)
     def training(self, *, adam_eps: float = NotProvided, **kwargs) -> Self:
@@ -375,6 +415,8 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         if self.values_from_sampling and self.is_multi_agent:
             self._value_error("values_from_sampling=True supports single-agent training only; set "
                               ".training(values_from_sampling=False) for RLlib's GAE connector")
+        for message in device_rollout_errors(self):
+            self._value_error(message)
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -387,6 +429,44 @@ class GazePPOConfig(GazeConfigMixin, PPOConfig):
         from rllib_gaze.learner import GazePPOLearner
 
         return GazePPOLearner
+
+
+def device_rollout_errors(c: GazePPOConfig) -> list[str]:
+    """Why ``rollout="device"`` cannot hold with ``c`` (each naming the value and what it needs), or
+    nothing (also for ``rollout="episodes"``, and for an evaluation config: evaluation samples episodes on
+    its own env runners)."""
+    if c.rollout != "device" or c.in_evaluation:
+        return []
+    errors = []
+    why = "rollout='device' hands the env runner's buffers to the learner in one process"
+    if c.num_env_runners:
+        errors.append(f"{why}: it needs num_env_runners=0 (sampling in the learner's process), got "
+                      f"num_env_runners={c.num_env_runners}; remote env runners send episodes (rollout='episodes')")
+    if c.num_learners:
+        errors.append(f"{why}: it needs num_learners=0 (the local learner), got num_learners={c.num_learners}; "
+                      "remote learners take episodes or batches (rollout='episodes')")
+    if not (isinstance(c.env_runner_cls, type) and issubclass(c.env_runner_cls, BatchedEnvRunner)):
+        errors.append(f"{why}: it needs env_runner_cls=BatchedEnvRunner (or a subclass), got {c.env_runner_cls!r}")
+    if not c.values_from_sampling:
+        errors.append("rollout='device' computes GAE from the sampling pass's values: it needs "
+                      ".training(values_from_sampling=True), got False")
+    if c.is_multi_agent:
+        errors.append("rollout='device' supports single-agent training only; use rollout='episodes'")
+    if c._learner_connector is not None or not c.add_default_connectors_to_learner_pipeline:
+        errors.append("rollout='device' builds the train batch without the learner connector pipeline, so custom "
+                      "learner connector pieces would not run: use rollout='episodes' with them")
+    if c.batch_mode != "truncate_episodes":
+        errors.append(f"rollout='device' samples fragments of env steps: it needs batch_mode='truncate_episodes', "
+                      f"got {c.batch_mode!r}")
+    if c.count_steps_by != "env_steps":
+        errors.append(f"rollout='device' counts env steps: it needs count_steps_by='env_steps', got "
+                      f"{c.count_steps_by!r}")
+    fragment = c.get_rollout_fragment_length() * c.num_envs_per_env_runner
+    if fragment < c.train_batch_size_per_learner:
+        errors.append(f"rollout='device' trains on one fragment per update: rollout_fragment_length x "
+                      f"num_envs_per_env_runner = {fragment} env steps must be >= train_batch_size_per_learner="
+                      f"{c.train_batch_size_per_learner}")
+    return errors
 
 
 def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
@@ -459,6 +539,9 @@ def gaze_config_errors(c: GazeConfigMixin) -> list[str]:
         errors.append(f"mining_centred={c.mining_centred!r} must be True or False")
     if not isinstance(c.mining_pool, int) or c.mining_pool < 1:
         errors.append(f"mining_pool={c.mining_pool!r} must be an integer >= 1")
+    if c.rollout not in c.ALLOWED_ROLLOUTS:
+        errors.append(f"rollout={c.rollout!r} is not allowed with this algorithm; allowed values are "
+                      f"{c.ALLOWED_ROLLOUTS}")
     if c.mining not in c.ALLOWED_MININGS:
         errors.append(f"mining={c.mining!r} is not allowed with this algorithm; allowed values are {c.ALLOWED_MININGS}")
     if not isinstance(c.mining_gap, int) or c.mining_gap < 0:
@@ -514,8 +597,37 @@ class GazePPO(PPO):
         if fail_at and self.iteration + 1 == fail_at and (getattr(self.config, "_fail_after_restore", False)
                                                            or not self._restored):
             raise RuntimeError(f"_fail_at_iteration={fail_at}: a test's injected trial failure")
-        super().training_step()
+        if self.config.rollout == "device":
+            self._training_step_on_device()
+        else:
+            super().training_step()
         stop_without_env_runners(self)
+
+    def _training_step_on_device(self) -> None:
+        """``PPO.training_step`` with the local env runner's fragment handed to the local learner as its
+        buffers (``rollout="device"``, ``rllib_gaze.rollout``): the same metrics, timers, update
+        arguments and weight sync, no episodes in between."""
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            rollout = self.env_runner.sample_rollout()
+            self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=rollout,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek((ENV_RUNNER_RESULTS,
+                                                                       NUM_ENV_STEPS_SAMPLED_LIFETIME)),
+                    NUM_MODULE_STEPS_TRAINED_LIFETIME: self.metrics.peek(
+                        (LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME), default=0),
+                },
+                num_epochs=self.config.num_epochs,
+                minibatch_size=self.config.minibatch_size,
+                shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch,
+            )
+            self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        del rollout   # the runner reuses its buffers once nothing holds them
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                               policies=set(learner_results[0]) - {ALL_MODULES}, inference_only=True)
 
 
 def stop_without_env_runners(algo) -> None:

@@ -13,7 +13,9 @@ weights, ``get_metrics``, evaluation runners, fault tolerance) and replaces only
   unsquash or clip into the action space) on the batch;
 - observations, actions, rewards, terminated/truncated, infos and the module's extra outputs
   (``action_logp``, ``action_dist_inputs``, ...: the stock runner's ``extra_model_outputs``) go into
-  ``(rows, N, ...)`` numpy buffers allocated once per fragment;
+  ``(rows, N, ...)`` numpy buffers allocated once per fragment, laid out sub-env by sub-env in memory,
+  so that an episode chunk's arrays are contiguous views, which Ray's object store takes out of band
+  (a remote runner's episodes are not pickled byte by byte);
 - where the env gives torch tensors (``BatchedEnvBridge`` with ``torch_observations``, its default;
   issue 22), the forward pass reads the env's own observation tensors, actions go back to the env as
   tensors, and the rows of every tensor value (observations, actions, extra outputs) are written into
@@ -90,12 +92,14 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
 from ray.rllib.utils import force_list
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.framework import get_device
 from ray.rllib.utils.metrics import ENV_RESET_TIMER, ENV_STEP_TIMER, RLMODULE_INFERENCE_TIMER, WEIGHTS_SEQ_NO
 from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from rllib_gaze.envs.bridge import to_numpy
+from rllib_gaze.rollout import Rollout
 
 logger = logging.getLogger("ray.rllib")
 
@@ -150,6 +154,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         self._step_callbacks = [c for c in self._callbacks if _overrides(c, "on_episode_step")]
         self._step_functions = list(force_list(self.config.callbacks_on_episode_step))
         self._replay_steps = bool(self._step_callbacks or self._step_functions)
+        self._keep_rollout = False   # see sample_rollout
+        self._rollout: Rollout | None = None
+        self._chunk_rows: list[tuple[int, int, int, bool]] = []
 
     # ---- which loop ---------------------------------------------------------------------------------------------
 
@@ -176,6 +183,34 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         if [type(c) for c in self._module_to_env.connectors] != list(_DEFAULT_MODULE_TO_ENV):
             return "custom module-to-env connectors"
         return None
+
+    @override(SingleAgentEnvRunner)
+    def make_module(self):
+        if getattr(self.config, "rollout", "episodes") == "device" and not self.worker_index \
+                and not self.config.in_evaluation:
+            # rollout="device": the local runner samples with its module on the learner's device, the env's
+            # (as ppo_rgb, one device for all); RLlib puts a local runner's module on the CPU.
+            self._device = get_device(self.config, self.config.num_gpus_per_learner)
+        super().make_module()
+
+    def sample_rollout(self, *, num_timesteps: int | None = None, explore: bool | None = None,
+                       force_reset: bool = False) -> Rollout:
+        """``sample(num_timesteps=...)``, the fragment returned as its buffers rather than episodes
+        (``rllib_gaze.rollout``, ``.env_runners(rollout="device")``). The episodes are built all the
+        same, for the episode callbacks and the episode metrics (``get_metrics``), and dropped."""
+        reason = self.batched_loop_unsupported()
+        if reason is not None:
+            raise ValueError(f"rollout='device' needs BatchedEnvRunner's batched loop, which this config cannot use "
+                             f"({reason}); use rollout='episodes'")
+        self._keep_rollout = True
+        try:
+            self.sample(num_timesteps=num_timesteps, explore=explore, force_reset=force_reset)
+        finally:
+            self._keep_rollout = False
+        rollout, self._rollout = self._rollout, None
+        if rollout is None:
+            raise RuntimeError("sample_rollout: the fragment sampled no step (num_timesteps=0?)")
+        return rollout
 
     @override(SingleAgentEnvRunner)
     def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None, explore: bool,
@@ -363,6 +398,10 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
 
         pending = carry.pending.copy()
         current = carry.current
+        keep = self._keep_rollout and num_episodes is None   # sample_rollout: the buffers are the result
+        if keep:
+            for k, v in current.items():   # the first step's observation, where the rollout's rows are
+                write(f"obs/{k}", obs[k], lb, v)
         p, ts, seq_no, finished = lb, 0, self._weights_seq_no, 0
         while ts < num_timesteps if num_episodes is None else finished < num_episodes:
             if random_actions:
@@ -402,12 +441,30 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         if p == lb:   # nothing sampled (num_timesteps=0): the carry stays as it is
             return []
         hosts = buffers()
+        # A rollout's observations stay on their device; the episodes (for callbacks and metrics) then
+        # get zero-stride placeholders in their place.
+        on_device = {k for k in obs if keep and not _shares_host_memory(staged.get(f"obs/{k}", _HOST).device)}
         for name, stage in staged.items():   # the fragment's tensor rows to the host, one copy per buffer
-            _copy_to_host(hosts[name][lb + 1: p + 1], stage[lb + 1: p + 1])
+            if not (name.startswith("obs/") and name[len("obs/"):] in on_device):
+                _copy_to_host(hosts[name][lb + 1: p + 1], stage[lb + 1: p + 1])
         if num_episodes is not None:
             self._episodes_rows = max(self._episodes_rows, p - lb)
         self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=p - lb)
-        done, ongoing = self._episodes(obs, infos, other, flags, times, p, pending, num_episodes)
+        episode_obs = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if k in on_device else v
+                       for k, v in obs.items()}
+        done, ongoing = self._episodes(episode_obs, infos, other, flags, times, p, pending, num_episodes)
+        for k in on_device:   # the next fragment's first rows, as the carry keeps them (a few rows per sub-env)
+            self._carry.obs[k] = staged[f"obs/{k}"][p - lb: p + 1].cpu().numpy()
+        if keep:
+            def rows(name: str, host: np.ndarray) -> torch.Tensor | np.ndarray:
+                stage = staged.get(name)
+                return (stage if stage is not None else torch.from_numpy(host) if name.startswith("obs/")
+                        else host)[: p + 1]
+
+            chunks = np.array([c[:3] for c in self._chunk_rows], np.int64).reshape(-1, 3)
+            self._rollout = Rollout(obs=self._tree({k: rows(f"obs/{k}", v) for k, v in obs.items()}),
+                                    steps={name: rows(name, v) for name, v in other.items()}, chunks=chunks,
+                                    terminated=np.array([c[3] for c in self._chunk_rows], bool))
         if num_episodes is None:
             self._carry.current = current
         # Summaries, not the chunks: those are views that would keep the fragment's buffers from reuse.
@@ -419,21 +476,23 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         return done + ongoing
 
     def _buffer(self, name: str, rows: int, shape: tuple, dtype) -> np.ndarray:
-        """A ``(rows, *shape)`` buffer for this fragment. The episodes hold views of it, so a buffer is
-        only reused once no view of it is alive any more (the learner has dropped the episodes): fresh
-        arrays of these sizes come from mmap and fault in every page on first write, which costs more
-        than the writes themselves. Two per name cover a caller that keeps the last fragment while
-        sampling the next."""
+        """A ``(rows, *shape)`` buffer for this fragment (``shape[0]`` the sub-envs), laid out sub-env by
+        sub-env in memory (``_env_major``), so that a sub-env's rows, an episode chunk's arrays, are one
+        contiguous block: the object store then takes them out of band, without pickling their bytes.
+        The episodes hold views of it, so a buffer is only reused once no view of it is alive any more
+        (the learner has dropped the episodes): fresh arrays of these sizes come from mmap and fault in
+        every page on first write, which costs more than the writes themselves. Two per name cover a
+        caller that keeps the last fragment while sampling the next."""
         pool = self._buffers.setdefault(name, [])
-        for buffer in pool:
-            # References: the pool's list, `buffer` here and getrefcount's argument; any more are views.
-            if (sys.getrefcount(buffer) == 3 and len(buffer) >= rows and buffer.shape[1:] == tuple(shape)
-                    and buffer.dtype == dtype):
-                return buffer[:rows]
-        buffer = np.empty((rows, *shape), dtype)
-        pool.insert(0, buffer)
+        for base in pool:   # the (N, rows, ...) arrays that own the memory
+            # References: the pool's list, `base` here and getrefcount's argument; any more are views.
+            if (sys.getrefcount(base) == 3 and base.shape[1] >= rows and base.dtype == dtype
+                    and (base.shape[0], *base.shape[2:]) == tuple(shape)):
+                return base.swapaxes(0, 1)[:rows]
+        buffer = _env_major(rows, shape, dtype)
+        pool.insert(0, buffer.base)
         del pool[2:]   # a buffer dropped here lives on as long as its episodes
-        return buffer[:rows]
+        return buffer
 
     def _staging(self, name: str, host: np.ndarray, device: torch.device, old: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -447,14 +506,17 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
         stage = self._device_buffers.get(name)
         if (stage is None or len(stage) < len(host) or stage.shape[1:] != host.shape[1:] or stage.dtype != dtype
                 or stage.device != device):
-            stage = self._device_buffers[name] = torch.empty(host.shape, dtype=dtype, device=device)
+            # the host buffer's layout (sub-env by sub-env), so each sub-env's rows copy in one block
+            stage = self._device_buffers[name] = torch.empty(
+                (host.shape[1], host.shape[0], *host.shape[2:]), dtype=dtype, device=device).transpose(0, 1)
         if old is not None:
             stage[: len(old)] = old
         return stage[: len(host)]
 
     def _grow(self, name: str, buffer: np.ndarray, rows: int) -> np.ndarray:
-        grown = _grown(buffer, rows)
-        self._buffers.setdefault(name, []).insert(0, grown)
+        grown = _env_major(rows, buffer.shape[1:], buffer.dtype)
+        grown[: len(buffer)] = buffer
+        self._buffers.setdefault(name, []).insert(0, grown.base)
         del self._buffers[name][2:]
         return grown
 
@@ -501,6 +563,9 @@ class BatchedEnvRunner(SingleAgentEnvRunner):
             self._replay_callbacks(i, episode)
         if num_episodes is not None:
             return [c[2] for c in done_chunks], []
+        # where each chunk lies in the buffers, in the episodes' order (sample_rollout)
+        self._chunk_rows = [(i, e - len(episode), e, episode.is_terminated)
+                            for e, i, episode in done_chunks + ongoing_chunks]
         # The carry for the next fragment.
         nxt = self._carry = copy.copy(carry)
         nxt.obs = {k: v[last - lb: last + 1].copy() for k, v in obs.items()}
@@ -669,14 +734,35 @@ def _numpy_dtype(value: np.ndarray | torch.Tensor) -> np.dtype:
     return value.dtype
 
 
+_HOST = torch.empty(0)   # a tensor on the host, for "where is it" defaults
+# A sub-env's rows of a column at least this large are copied from the device one sub-env at a time.
+_PER_ENV_COPY_BYTES = 1 << 16
+
+
 def _shares_host_memory(device: torch.device) -> bool:
     """Whether tensor rows on ``device`` are written straight into the host buffers (``_staging``)."""
     return device.type == "cpu"
 
 
 def _copy_to_host(host: np.ndarray, stage: torch.Tensor) -> None:
-    if not _shares_host_memory(stage.device):
-        torch.from_numpy(host).copy_(stage)
+    """Rows ``stage (rows, N, ...)`` into ``host``, both laid out sub-env by sub-env. Where a sub-env's
+    rows are large (observations), one contiguous copy per sub-env, straight into the host buffer (a copy
+    of the strided whole goes through a contiguous temporary on each side); small columns in one copy."""
+    if _shares_host_memory(stage.device):
+        return
+    target = torch.from_numpy(host)
+    if stage[:, 0].numel() * stage.element_size() < _PER_ENV_COPY_BYTES:
+        target.copy_(stage)
+        return
+    for i in range(stage.shape[1]):
+        target[:, i].copy_(stage[:, i])
+
+
+def _env_major(rows: int, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised ``(rows, *shape)`` array whose memory is ``(shape[0], rows, *shape[1:])``: row ``p``
+    of sub-env ``i`` is ``a[p, i]`` as in a plain array, and ``a[s:e, i]`` is contiguous. ``a.base``
+    owns the memory."""
+    return np.empty((shape[0], rows, *shape[1:]), dtype).swapaxes(0, 1)
 
 
 def _grown(buffer: np.ndarray, rows: int) -> np.ndarray:

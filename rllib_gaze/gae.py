@@ -117,6 +117,31 @@ def rllib_advantage_statistics(advantages: np.ndarray, value_targets: np.ndarray
     return every_row.mean(), every_row.std()
 
 
+def gae_columns(rewards: np.ndarray, values: np.ndarray, lengths: np.ndarray, last_values: np.ndarray,
+                terminated: np.ndarray, gamma: float, lambda_: float) -> dict[str, np.ndarray]:
+    """The train-batch columns ``SampledValuesGAE`` writes for ``K`` episode chunks laid end to end
+    (arguments as ``chunk_gae``'s): ``ADVANTAGES`` (standardised with RLlib's statistics),
+    ``VALUE_TARGETS``, the learner-side ``TERMINATEDS``/``TRUNCATEDS`` (a chunk's last row is
+    terminated, or else truncated: a cut counts as a truncation) and ``BOOTSTRAP_VALUES``, ``(N,)``
+    each, in the chunks' order. ``rllib_gaze.rollout`` computes them from a fragment's buffers."""
+    advantages, value_targets = chunk_gae(rewards, values, lengths, last_values, terminated, gamma, lambda_)
+    mean, std = rllib_advantage_statistics(advantages, value_targets, values, lengths, last_values, gamma, lambda_)
+    ends = np.cumsum(lengths) - 1
+    last = np.zeros(len(values), bool)
+    last[ends] = True
+    ends_terminated = np.zeros(len(values), bool)
+    ends_terminated[ends[terminated]] = True
+    bootstrap = np.zeros(len(values), np.float32)
+    bootstrap[ends] = np.where(terminated, 0.0, last_values).astype(np.float32)
+    return {
+        Columns.ADVANTAGES: (value_targets - values - mean) / max(1e-4, std),
+        Columns.VALUE_TARGETS: value_targets,
+        Columns.TERMINATEDS: ends_terminated,
+        Columns.TRUNCATEDS: last & ~ends_terminated,
+        BOOTSTRAP_VALUES: bootstrap,
+    }
+
+
 class SampledValuesGAE(ConnectorV2):
     """Learner connector piece: GAE advantages and value targets from the values the env runner's forward
     pass emitted (``Columns.VF_PREDS``), bootstrapped by one critic pass over the chunks' last
@@ -156,25 +181,10 @@ class SampledValuesGAE(ConnectorV2):
                                  for c in chunks])
         terminated = np.array([c.is_terminated for c in chunks])
         last_values = self._last_values(module, chunks)
-        advantages, value_targets = chunk_gae(rewards, values, lengths, last_values, terminated,
-                                              self.gamma, self.lambda_)
-        mean, std = rllib_advantage_statistics(advantages, value_targets, values, lengths, last_values,
-                                               self.gamma, self.lambda_)
-        standardized = (value_targets - values - mean) / max(1e-4, std)
-        bootstrap = np.where(terminated, 0.0, last_values).astype(np.float32)
-        for chunk, start, length, b in zip(chunks, np.cumsum(lengths) - lengths, lengths, bootstrap):
-            rows = slice(start, start + length)
-            last = np.zeros(length, bool)
-            last[-1] = True
-            columns = {
-                Columns.ADVANTAGES: standardized[rows],
-                Columns.VALUE_TARGETS: value_targets[rows],
-                Columns.TERMINATEDS: last & chunk.is_terminated,
-                Columns.TRUNCATEDS: last & (not chunk.is_terminated),   # a cut counts as a truncation
-                BOOTSTRAP_VALUES: np.where(last, b, np.float32(0.0)),
-            }
+        columns = gae_columns(rewards, values, lengths, last_values, terminated, self.gamma, self.lambda_)
+        for chunk, start, length in zip(chunks, np.cumsum(lengths) - lengths, lengths):
             for column, items in columns.items():
-                self.add_n_batch_items(batch, column, items, length, chunk)
+                self.add_n_batch_items(batch, column, items[start: start + length], length, chunk)
         return batch
 
     @staticmethod

@@ -18,12 +18,15 @@ gradient is skipped after one check (``FiniteGradientsMixin``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.learner import AddOneTsToEpisodesAndTruncate, GeneralAdvantageEstimation
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
@@ -40,6 +43,7 @@ from rllib_gaze.results import (
     GAZE_GRAD_NORM_PPO_KEY,
     GAZE_PREDICT_LOSS_KEY,
 )
+from rllib_gaze.rollout import Rollout, RolloutMinibatches, pin_learner_batches, rollout_batch
 
 # Train-batch column of the discounted return-to-go (contrastive_return="return_to_go").
 CONTRASTIVE_RETURNS = "contrastive_returns"
@@ -64,6 +68,9 @@ class GazePPOLearner(FiniteGradientsMixin, ContrastiveGazeLearnerMixin, PPOTorch
             pipeline.remove(AddOneTsToEpisodesAndTruncate)
             pipeline.remove(GeneralAdvantageEstimation)
             pipeline.prepend(SampledValuesGAE(gamma=self.config.gamma, lambda_=self.config.lambda_))
+        if pipeline is not None and self._device.type == "cuda" and not self.config.is_multi_agent:
+            # episodes from remote env runners: concatenated into pinned memory, copied to the GPU async
+            pin_learner_batches(pipeline)
 
     @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config: GazePPOConfig) -> None:
@@ -76,7 +83,33 @@ class GazePPOLearner(FiniteGradientsMixin, ContrastiveGazeLearnerMixin, PPOTorch
             lr_or_lr_schedule=config.lr,
         )
 
+    @override(PPOTorchLearner)
+    def _create_iterator_if_necessary(self, *, training_data, num_total_minibatches: int = 0, num_epochs: int = 1,
+                                      minibatch_size: int | None = None, shuffle_batch_per_epoch: bool = False,
+                                      **kwargs):
+        rollout = training_data.batch
+        if not isinstance(rollout, Rollout):
+            return super()._create_iterator_if_necessary(
+                training_data=training_data, num_total_minibatches=num_total_minibatches, num_epochs=num_epochs,
+                minibatch_size=minibatch_size, shuffle_batch_per_epoch=shuffle_batch_per_epoch, **kwargs)
+        # rollout="device" (rllib_gaze.rollout): the train batch without its observations, which stay in
+        # the rollout's buffers and are gathered per minibatch.
+        batch = self._make_batch_if_necessary(training_data)
+        (module_id, columns), = batch.policy_batches.items()
+        return RolloutMinibatches(module_id, dict(columns), rollout.obs, self._rollout_obs_rows.pop(module_id),
+                                  num_epochs=num_epochs, minibatch_size=minibatch_size,
+                                  shuffle=shuffle_batch_per_epoch and num_epochs > 1,
+                                  num_total_minibatches=num_total_minibatches)
+
     def _make_batch_if_necessary(self, training_data):
+        if isinstance(training_data.batch, Rollout):
+            config = self.config.get_config_for_module(DEFAULT_MODULE_ID)
+            columns, obs_rows = rollout_batch(training_data.batch, self._gaze_module(DEFAULT_MODULE_ID), config.gamma,
+                                              config.lambda_, self._device)
+            self._rollout_obs_rows = {DEFAULT_MODULE_ID: obs_rows}
+            training_data = copy.copy(training_data)
+            training_data.batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)},
+                                                  env_steps=len(columns[Columns.REWARDS]))
         batch = super()._make_batch_if_necessary(training_data)
         for module_id, module_batch in batch.policy_batches.items():
             config = self.config.get_config_for_module(module_id)

@@ -139,3 +139,72 @@ class _Function(TorchFunctionMode):
         if name in _HOST_READS:
             self.counter.syncs.setdefault(self.counter._sections[-1], Counter())[f"Tensor.{name}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+class HostCopies:
+    """Context manager counting the host copies of a block of data (a rollout's observations) that the
+    code inside makes, for ``nbytes`` the block's size::
+
+        with HostCopies(obs.nbytes) as copies:
+            ...
+        copies.torch, copies.numpy   # int each
+
+    ``torch``: aten operations whose output is a new CPU tensor storage of at least ``nbytes`` of
+    ``dtype`` (default uint8, the observations' own: the encoder's float input is its work, not a
+    copy of them; a view, or a result in a storage an input already had, is no copy). ``numpy``: the largest number
+    of such blocks numpy held at once beyond what it held on entry (``tracemalloc``'s peak of the
+    allocations numpy reports to it, over ``nbytes``, rounded down): a chain of copies, each made
+    from the one before, counts every link; copies made and freed one after the other count once.
+    """
+
+    def __init__(self, nbytes: int, dtype: torch.dtype = torch.uint8) -> None:
+        self.nbytes, self.dtype = nbytes, dtype
+        self.torch = 0
+        self.numpy = 0
+        self._stack = contextlib.ExitStack()
+        self._was_tracing = False
+        self._start = 0
+
+    def __enter__(self) -> HostCopies:
+        import tracemalloc
+
+        self._was_tracing = tracemalloc.is_tracing()
+        if not self._was_tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._start = tracemalloc.get_traced_memory()[0]
+        self._stack.enter_context(_Allocations(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import tracemalloc
+
+        self._stack.close()
+        peak = tracemalloc.get_traced_memory()[1]
+        if not self._was_tracing:
+            tracemalloc.stop()
+        self.numpy = int((peak - self._start) // self.nbytes)
+
+
+class _Allocations(TorchDispatchMode):
+    def __init__(self, copies: HostCopies):
+        super().__init__()
+        self.copies = copies
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        self.copies.torch += sum(1 for t in _tensors(out) if t.device.type == "cpu" and t.dtype == self.copies.dtype
+                                 and t.untyped_storage().nbytes() >= self.copies.nbytes
+                                 and t.untyped_storage().data_ptr() not in inputs)
+        return out
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    if isinstance(x, dict):
+        return [t for item in x.values() for t in _tensors(item)]
+    return []

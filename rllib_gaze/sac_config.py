@@ -40,6 +40,7 @@ class GazeSACConfig(GazeConfigMixin, SACConfig):
 
     ALLOWED_RETURNS = ("value_target", "value")
     ALLOWED_MININGS = ("memory",)   # replayed rows carry no episode chunks
+    ALLOWED_ROLLOUTS = ("episodes",)   # rollout="device" hands PPO's on-policy fragment to its update
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or GazeSAC)

@@ -30,6 +30,13 @@ def test_both_sides_train_the_same_module_on_cpu(ray_session, arm, capsys):
     assert ("PPO's loss only" in out) == (arm != "ppo")
 
 
+def test_the_device_rollout_side_next_to_the_episodes_one(ray_session, capsys):
+    report = loop.main(TINY + ["--rollout", "both"])
+    _check(report)
+    assert report["rllib-device"]["module"] == report["rllib"]["module"]
+    assert "single / rllib-device:" in capsys.readouterr().out
+
+
 def test_the_rllib_side_with_a_remote_env_runner(ray_session):
     _check(loop.main(TINY + ["--env-runners", "1"]))
 
@@ -37,3 +44,8 @@ def test_the_rllib_side_with_a_remote_env_runner(ray_session):
 @pytest.mark.gpu
 def test_both_sides_on_cuda(ray_session):
     _check(loop.main(TINY + ["--device", "cuda"]))
+
+
+@pytest.mark.gpu
+def test_the_device_rollout_on_cuda(ray_session):
+    _check(loop.main(TINY + ["--device", "cuda", "--rollout", "both"]))
