@@ -45,9 +45,12 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import pstats
 import statistics
 import time
+from collections import defaultdict
 
 import numpy as np
 import ray
@@ -241,10 +244,16 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         print(f"  single: the {args.arm} arm's network with PPO's loss only (no contrastive loss, no gaze optimizer)",
               flush=True)
     report = {side.name: {"module": side.module, "iterations": []} for side in sides}
+    profiles = {side.name: cProfile.Profile() for side in sides} if args.profile else {}
     try:
         for i in range(args.warmup + args.iterations):
             for side in sides if i % 2 == 0 else sides[::-1]:
+                profile = profiles.get(side.name) if i >= args.warmup else None
+                if profile:
+                    profile.enable()
                 it = side.iteration() | {"timed": i >= args.warmup}
+                if profile:
+                    profile.disable()
                 report[side.name]["iterations"].append(it)
                 print(f"{'warm-up' if i < args.warmup else 'iteration'} {i + 1:3d}  {side.name:12s} {it['steps']:6d} "
                       f"steps {it['seconds']:7.2f} s  loss {it['loss']:8.4f}  return {it['return']:7.2f}", flush=True)
@@ -254,7 +263,43 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         if own_ray:
             ray.shutdown()
     _print_table(report, args.iterations)
+    if profiles:
+        _print_profiles(profiles, args.iterations, args.profile)
     return report
+
+
+# Where a profiled function's own time goes, by the file it is in (first match wins); C functions
+# (filename "~") by the name cProfile gives them.
+_PLACES = (("torch", ("/torch/", "torch.", "torch._C")), ("env", ("/rllib_gaze/envs/",)),
+           ("rllib_gaze", ("/rllib_gaze/",)), ("ray/rllib", ("/ray/",)), ("numpy", ("/numpy/", "numpy.")),
+           ("tree", ("/tree/",)), ("benchmark", ("loop.py",)))
+
+
+def _place(filename: str, function: str) -> str:
+    where = function if filename == "~" else filename
+    return next((place for place, marks in _PLACES if any(mark in where for mark in marks)), "python, other")
+
+
+def _print_profiles(profiles: dict[str, cProfile.Profile], iterations: int, top: int) -> None:
+    """Per side: the profiled ms per iteration by where the time is spent (cProfile's own time of each
+    function, grouped by its file), then the ``top`` functions by cumulative time. cProfile slows
+    Python-heavy code more than the torch kernels it calls: read shares and differences, not rates."""
+    print(f"\ncProfile, ms per timed iteration (own time by place; {iterations} iteration(s) each side):")
+    for name, profile in profiles.items():
+        stats = pstats.Stats(profile).stats
+        own = defaultdict(float)
+        for (filename, _, function), (_, _, tottime, _, _) in stats.items():
+            own[_place(filename, function)] += tottime
+        total = sum(own.values())
+        ranked = sorted(own.items(), key=lambda kv: -kv[1])
+        parts = ", ".join(f"{place} {1e3 * t / iterations:.0f}" for place, t in ranked)
+        print(f"  {name:12s} {1e3 * total / iterations:7.0f}: {parts}")
+    for name, profile in profiles.items():
+        print(f"\n{name}: the {top} functions of most cumulative time, ms per iteration")
+        rows = sorted(pstats.Stats(profile).stats.items(), key=lambda kv: -kv[1][3])[:top]
+        for (filename, line, function), (_, calls, _, cumtime, _) in rows:
+            where = function if filename == "~" else f"{'/'.join(filename.split('/')[-2:])}:{line} {function}"
+            print(f"  {1e3 * cumtime / iterations:8.1f}  {calls / iterations:8.1f} calls  {where}")
 
 
 def _mean(values: list[float]) -> float:
@@ -303,7 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                         help="RLlib side(s): episodes (default), rollout='device' (sampling in this process), or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also cProfile each side's timed iterations: own time by place and the TOP functions "
+                             "by cumulative time (the profiler slows the Python-heavy side more)")
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile={args.profile}: must be >= 0 (the number of functions listed; 0: no profile)")
     for name in ("iterations", "num_envs", "rollout_length", "num_minibatches", "num_epochs", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")

@@ -30,11 +30,24 @@ def test_both_sides_train_the_same_module_on_cpu(ray_session, arm, capsys):
     assert ("PPO's loss only" in out) == (arm != "ppo")
 
 
-def test_the_device_rollout_side_next_to_the_episodes_one(ray_session, capsys):
-    report = loop.main(TINY + ["--rollout", "both"])
+def test_the_device_rollout_side_next_to_the_episodes_one_profiled(ray_session, capsys):
+    report = loop.main(TINY + ["--rollout", "both", "--profile", "5"])
     _check(report)
     assert report["rllib-device"]["module"] == report["rllib"]["module"]
-    assert "single / rllib-device:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "single / rllib-device:" in out
+    profile = out.split("cProfile, ms per timed iteration")[1]
+    for side in ("rllib", "rllib-device", "single"):   # each side's own time by place, torch's among them
+        (line,) = [line for line in profile.splitlines() if line.split()[:1] == [side]]
+        assert "torch " in line and "env " in line, line
+        assert f"{side}: the 5 functions of most cumulative time" in profile
+    assert "loop.py" in profile.split("rllib: the 5 functions")[1]   # the timed iteration is the top entry
+
+
+def test_a_negative_profile_length_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        loop.main(TINY + ["--profile", "-1"])
+    assert "--profile=-1: must be >= 0" in capsys.readouterr().err
 
 
 def test_the_rllib_side_with_a_remote_env_runner(ray_session):
