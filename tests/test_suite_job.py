@@ -18,9 +18,10 @@ from rllib_gaze.results import result_rows
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loopback_cluster():
-    """A head (1 CPU) and one worker node (1 CPU) on 127.0.0.1, each a `ray start --block` process
+    """A head (1 CPU) and one worker node (1 CPU) on 127.0.0.1, shared by this module's tests (the plan,
+    which starts no trial, runs first), each a `ray start --block` process
     we stop ourselves (never `ray stop`, which would kill every Ray on the machine). Its own
     --temp-dir keeps /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
@@ -65,6 +66,23 @@ def _alive_nodes(address: str) -> int:
         return 0
 
 
+def test_plan_via_ray_job_submit_plans_for_the_cluster_it_joins_and_starts_no_trial(loopback_cluster):
+    address, client, env = loopback_cluster
+    command = [RAY, "job", "submit", "--address", address, "--submission-id", "smoke-plan", "--",
+               sys.executable, os.path.join(ROOT, "tune_configs", "maniskill_suite.py"), "--preset", "smoke", "--plan"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    logs = client.get_job_logs("smoke-plan")
+    assert run.returncode == 0 and str(client.get_job_status("smoke-plan")) == "SUCCEEDED", logs[-5000:]
+    assert "[plan] cluster: the Ray cluster at RAY_ADDRESS=" in logs and "2 node(s) up now" in logs
+    # the smoke trials sample in their own process (1 CPU each); the head and the worker node have 1 CPU each
+    assert "[plan] smoke (ppo): 8 trials" in logs and logs.count("4 trial(s) ask for 1 CPU and 0 GPU") == 2
+    assert "at once on that cluster: 2 trial(s)" in logs and "[plan] smoke (sac): 2 trials" in logs
+
+    from ray.util.state import list_actors
+
+    assert not list_actors(address=address, filters=[("class_name", "=", "GazePPO")], limit=10)
+
+
 def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
     address, client, env = loopback_cluster
     storage = tmp_path / "results"
@@ -102,20 +120,3 @@ def test_smoke_suite_via_ray_job_submit_spreads_trials_over_both_nodes(loopback_
     nodes = {actor.node_id for actor in list_actors(address=address, filters=[("class_name", "=", "GazePPO")],
                                                     detail=True, limit=1000)}
     assert len(nodes) == 2, f"trials ran on {len(nodes)} node(s)"
-
-
-def test_plan_via_ray_job_submit_plans_for_the_cluster_it_joins_and_starts_no_trial(loopback_cluster):
-    address, client, env = loopback_cluster
-    command = [RAY, "job", "submit", "--address", address, "--submission-id", "smoke-plan", "--",
-               sys.executable, os.path.join(ROOT, "tune_configs", "maniskill_suite.py"), "--preset", "smoke", "--plan"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    logs = client.get_job_logs("smoke-plan")
-    assert run.returncode == 0 and str(client.get_job_status("smoke-plan")) == "SUCCEEDED", logs[-5000:]
-    assert "[plan] cluster: the Ray cluster at RAY_ADDRESS=" in logs and "2 node(s) up now" in logs
-    # the smoke trials sample in their own process (1 CPU each); the head and the worker node have 1 CPU each
-    assert "[plan] smoke (ppo): 8 trials" in logs and logs.count("4 trial(s) ask for 1 CPU and 0 GPU") == 2
-    assert "at once on that cluster: 2 trial(s)" in logs and "[plan] smoke (sac): 2 trials" in logs
-
-    from ray.util.state import list_actors
-
-    assert not list_actors(address=address, filters=[("class_name", "=", "GazePPO")], limit=10)
