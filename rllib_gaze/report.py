@@ -184,13 +184,18 @@ SUITE_KEYS = {"task", "arm", "seed"}  # what the suite puts in every trial's con
 
 
 def _trials(experiment_dir: str) -> list[tuple[str, dict]]:
-    """``(directory name, params.json)`` of every Tune trial in ``experiment_dir``, by name."""
+    """``(directory name, params.json)`` of every Tune trial in ``experiment_dir``, by name. A trial whose
+    params.json is still empty or half written (Tune is creating it while a live experiment is read)
+    has no results yet and is left out."""
     trials = []
     for name in sorted(os.listdir(experiment_dir)):
         params_file = os.path.join(experiment_dir, name, "params.json")
         if os.path.exists(params_file):
             with open(params_file) as f:
-                trials.append((name, json.load(f)))
+                try:
+                    trials.append((name, json.load(f)))
+                except json.JSONDecodeError:
+                    continue
     return trials
 
 

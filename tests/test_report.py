@@ -54,6 +54,8 @@ def experiment(tmp_path):
                tail='{"training_iteration": 99, "num_env_st')  # a line cut short by a killed driver
     _trial(tmp_path, "clutter_ppo_seed7", {"task": "clutter", "arm": "ppo", "seed": 7},
            [{"training_iteration": 1, "num_env_steps_sampled_lifetime": 500}])  # not evaluated yet
+    (tmp_path / "clutter_gaze_seed8").mkdir()  # a trial Tune is creating: its params.json not written yet
+    (tmp_path / "clutter_gaze_seed8" / "params.json").write_text("")
     return tmp_path
 
 
