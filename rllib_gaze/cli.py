@@ -28,6 +28,7 @@ import time
 from rllib_gaze import GazePPOConfig
 from rllib_gaze.arms import ALGORITHMS, ARMS, TARGET_ARMS, algorithm
 from rllib_gaze.plan import NODE_KINDS, cluster_nodes, parse_cluster, plan_lines
+from rllib_gaze.results import trial_params
 from rllib_gaze.suite import (
     PRESETS,
     SAC_PRESET_ARMS,
@@ -232,11 +233,7 @@ def _experiment_algo(path: str, preset: Preset | None, given: str) -> str:
     if preset is not None:
         return experiment_algorithm(preset.arms)
     if "://" not in path and os.path.isdir(path):
-        for trial in sorted(os.listdir(path)):
-            params = os.path.join(path, trial, "params.json")
-            if os.path.exists(params):
-                with open(params) as f:
-                    return algorithm(json.load(f).get("arm", ""))
+        return next((algorithm(params.get("arm", "")) for _, params in trial_params(path)), given)
     return given
 
 

@@ -58,6 +58,7 @@ from rllib_gaze.results import (
     evaluation_success,
     gaze_param_key,
     result_rows,
+    trial_params,
 )
 
 BOOTSTRAP_DRAWS = 2000
@@ -160,7 +161,7 @@ def load_curves(experiment_dir: str, until: float | None = None, seeds: tuple[in
         raise FileNotFoundError(f"experiment dir {experiment_dir!r} does not exist")
     curves: dict[tuple[str, str], Curve] = {}
     notes = []
-    trials = _trials(experiment_dir)
+    trials = trial_params(experiment_dir)
     if not trials:
         raise FileNotFoundError(f"no Tune trials (directories with params.json) in {experiment_dir!r}")
     for name, params in trials:
@@ -183,27 +184,11 @@ def load_curves(experiment_dir: str, until: float | None = None, seeds: tuple[in
 SUITE_KEYS = {"task", "arm", "seed"}  # what the suite puts in every trial's config
 
 
-def _trials(experiment_dir: str) -> list[tuple[str, dict]]:
-    """``(directory name, params.json)`` of every Tune trial in ``experiment_dir``, by name. A trial whose
-    params.json is still empty or half written (Tune is creating it while a live experiment is read)
-    has no results yet and is left out."""
-    trials = []
-    for name in sorted(os.listdir(experiment_dir)):
-        params_file = os.path.join(experiment_dir, name, "params.json")
-        if os.path.exists(params_file):
-            with open(params_file) as f:
-                try:
-                    trials.append((name, json.load(f)))
-                except json.JSONDecodeError:
-                    continue
-    return trials
-
-
 def trial_failures(experiment_dir: str) -> list[str]:
     """One line per trial that raised (Tune wrote ``error.txt``): how often, whether Tune's restarts
     got it to its last iteration, and the last line of its last error (the exception and message)."""
     lines = []
-    for name, params in _trials(experiment_dir):
+    for name, params in trial_params(experiment_dir):
         error_file = os.path.join(experiment_dir, name, "error.txt")
         if not os.path.exists(error_file):
             continue
@@ -408,7 +393,7 @@ def learner_series(experiment_dir: str, until: float | None = None,
     """``(task, arm) -> seed -> [(env steps, {DIAGNOSIS or GAZE_TRACE metric: value})]`` from every suite
     trial."""
     out: dict[tuple[str, str], dict[int, list[tuple[int, dict]]]] = {}
-    for name, params in _trials(experiment_dir):
+    for name, params in trial_params(experiment_dir):
         if not SUITE_KEYS <= params.keys() or (seeds is not None and int(params["seed"]) not in seeds):
             continue
         rows = []

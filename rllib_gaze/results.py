@@ -50,6 +50,22 @@ def gaze_param_key(param: str, stat: str) -> str:
     return f"gaze_{param}_{stat}"
 
 
+def trial_params(experiment_dir: str) -> list[tuple[str, dict]]:
+    """``(directory name, params.json)`` of every Tune trial in ``experiment_dir``, by name. A trial whose
+    params.json is still empty or half written (Tune is creating it while a live experiment is read,
+    or its driver was killed then) has no results yet and is left out."""
+    trials = []
+    for name in sorted(os.listdir(experiment_dir)):
+        params_file = os.path.join(experiment_dir, name, "params.json")
+        if os.path.exists(params_file):
+            with open(params_file) as f:
+                try:
+                    trials.append((name, json.load(f)))
+                except json.JSONDecodeError:
+                    continue
+    return trials
+
+
 def result_rows(result_file: str) -> list[dict]:
     """The rows of a trial's ``result.json`` (one JSON object per line; none if it does not exist)."""
     rows = []

@@ -51,3 +51,13 @@ def test_the_experiment_keeps_its_preset_for_resume_locally_and_behind_a_uri(tmp
     assert saved_preset(folder) is None
     save_preset(folder, PRESETS["local"])
     assert saved_preset(folder) == PRESETS["local"]
+
+
+def test_resume_without_a_saved_preset_takes_the_algorithm_from_a_written_trial(tmp_path):
+    from rllib_gaze.cli import _experiment_algo
+
+    (tmp_path / "a_sac_seed0").mkdir()   # the driver was killed while Tune created this trial
+    (tmp_path / "a_sac_seed0" / "params.json").write_text("")
+    (tmp_path / "b_sac_seed1").mkdir()
+    (tmp_path / "b_sac_seed1" / "params.json").write_text('{"arm": "sac"}')
+    assert _experiment_algo(str(tmp_path), None, "ppo") == "sac"
