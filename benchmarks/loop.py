@@ -284,19 +284,19 @@ def _print_profiles(profiles: dict[str, cProfile.Profile], iterations: int, top:
     """Per side: the profiled ms per iteration by where the time is spent (cProfile's own time of each
     function, grouped by its file), then the ``top`` functions by cumulative time. cProfile slows
     Python-heavy code more than the torch kernels it calls: read shares and differences, not rates."""
+    stats = {name: pstats.Stats(profile).stats for name, profile in profiles.items()}
     print(f"\ncProfile, ms per timed iteration (own time by place; {iterations} iteration(s) each side):")
-    for name, profile in profiles.items():
-        stats = pstats.Stats(profile).stats
+    for name, functions in stats.items():
         own = defaultdict(float)
-        for (filename, _, function), (_, _, tottime, _, _) in stats.items():
+        for (filename, _, function), (_, _, tottime, _, _) in functions.items():
             own[_place(filename, function)] += tottime
         total = sum(own.values())
         ranked = sorted(own.items(), key=lambda kv: -kv[1])
         parts = ", ".join(f"{place} {1e3 * t / iterations:.0f}" for place, t in ranked)
         print(f"  {name:12s} {1e3 * total / iterations:7.0f}: {parts}")
-    for name, profile in profiles.items():
+    for name, functions in stats.items():
         print(f"\n{name}: the {top} functions of most cumulative time, ms per iteration")
-        rows = sorted(pstats.Stats(profile).stats.items(), key=lambda kv: -kv[1][3])[:top]
+        rows = sorted(functions.items(), key=lambda kv: -kv[1][3])[:top]
         for (filename, line, function), (_, calls, _, cumtime, _) in rows:
             where = function if filename == "~" else f"{'/'.join(filename.split('/')[-2:])}:{line} {function}"
             print(f"  {1e3 * cumtime / iterations:8.1f}  {calls / iterations:8.1f} calls  {where}")

@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def loopback_cluster():
     """A head (1 CPU) and one worker node (1 CPU) on 127.0.0.1, shared by this module's tests (the plan,
-    which starts no trial, runs first), each a `ray start --block` process
-    we stop ourselves (never `ray stop`, which would kill every Ray on the machine). Its own
-    --temp-dir keeps /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
+    which starts no trial, runs first), each a `ray start --block` process we stop ourselves (never
+    `ray stop`, which would kill every Ray on the machine). Its own --temp-dir keeps
+    /tmp/ray/ray_current_cluster, which a bare ray.init() reads, untouched."""
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
     gcs, dashboard, client = free_ports(3)  # client: Ray Client's port, 10001 unless given
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
